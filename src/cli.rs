@@ -1,0 +1,315 @@
+//! The command line: `run`, `demo`, `simulate` and `topology describe|apply`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, TopologyConfig};
+use crate::demo::{self, DemoOptions};
+use crate::kafka::apply_topology;
+use crate::sim::{self, Fleet, FleetConfig, Publish};
+use crate::topology::Topology;
+
+/// twinflow keeps a live digital twin of every asset on Kafka.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TWINFLOW_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where the topology files are.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TopologyArgs {
+    /// Topic declarations.
+    #[arg(long, default_value = "topology/topics.toml")]
+    pub topics: PathBuf,
+    /// Twin model and rules.
+    #[arg(long, default_value = "topology/vehicle.toml")]
+    pub model: PathBuf,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the pipeline against real brokers.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run everything in one process on an embedded Kafka-protocol cluster.
+    Demo {
+        /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C without it.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Simulated vehicles.
+        #[arg(long, default_value_t = 2000)]
+        assets: usize,
+        /// Readings per second.
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        /// Simulator seed.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Fraction of malformed readings.
+        #[arg(long, default_value_t = 0.005)]
+        malformed: f64,
+        /// HTTP endpoint.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Keep the store here instead of a temporary directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Topology files.
+        #[command(flatten)]
+        topology: TopologyArgs,
+    },
+    /// Write simulated fleet telemetry to real brokers.
+    Simulate {
+        /// Bootstrap servers.
+        #[arg(long)]
+        brokers: String,
+        /// Telemetry topic.
+        #[arg(long, default_value = "telemetry")]
+        topic: String,
+        /// Simulated vehicles.
+        #[arg(long, default_value_t = 1000)]
+        assets: usize,
+        /// Readings per second; 0 for as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Stop after this many readings.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Seed; the same seed and start give the same records.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Fraction of malformed readings.
+        #[arg(long, default_value_t = 0.0)]
+        malformed: f64,
+        /// Event time of the first reading (RFC 3339); now by default.
+        #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+        start: Option<std::time::SystemTime>,
+        /// Simulated time between two readings of one vehicle; by default, paced by the rate.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// Extra librdkafka producer properties, `key=value`.
+        #[arg(long = "property", short = 'X')]
+        properties: Vec<String>,
+        /// Topology files.
+        #[command(flatten)]
+        topology: TopologyArgs,
+    },
+    /// Show or create the topics.
+    Topology {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+}
+
+/// `topology` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum TopologyAction {
+    /// Print the processing graph and the topics.
+    Describe {
+        /// Topology files.
+        #[command(flatten)]
+        topology: TopologyArgs,
+    },
+    /// Create missing topics with their configs; report existing ones that differ.
+    Apply {
+        /// Configuration file (TOML): the brokers and topology paths.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+/// Cancels the returned token on the first SIGINT or SIGTERM; exits at once on the second.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n > 0 {
+                eprintln!("Second signal: exiting at once.");
+                std::process::exit(130);
+            }
+            t.cancel();
+        }
+    });
+    token
+}
+
+impl Cli {
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// Whatever stopped it, with context.
+    pub async fn run(self) -> Result<()> {
+        match self.command {
+            Command::Run { config } => {
+                let config = Config::load(&config)?;
+                let app = App::build(&config)?;
+                tracing::info!(http = %app.http_addr(), "twinflow running.");
+                app.run(shutdown_on_signals()).await
+            }
+            Command::Demo {
+                duration,
+                assets,
+                rate,
+                seed,
+                malformed,
+                http,
+                state_dir,
+                topology,
+            } => {
+                let opts = DemoOptions {
+                    duration,
+                    assets,
+                    rate,
+                    seed,
+                    malformed,
+                    http,
+                    state_dir,
+                    topology: TopologyConfig {
+                        topics: topology.topics,
+                        model: topology.model,
+                    },
+                };
+                demo::run(opts, shutdown_on_signals()).await
+            }
+            Command::Simulate {
+                brokers,
+                topic,
+                assets,
+                rate,
+                count,
+                duration,
+                seed,
+                malformed,
+                start,
+                interval,
+                properties,
+                topology,
+            } => {
+                let topology = Topology::load(&topology.topics, &topology.model)?;
+                let mut client = rdkafka::ClientConfig::new();
+                client.set("bootstrap.servers", &brokers);
+                for p in &properties {
+                    let (k, v) = p
+                        .split_once('=')
+                        .with_context(|| format!("--property {p}: expected key=value"))?;
+                    client.set(k, v);
+                }
+                let interval_ms = match interval {
+                    Some(i) => i.as_millis() as i64,
+                    None if rate > 0 => ((assets as u64 * 1000) / rate).max(1) as i64,
+                    None => 1000,
+                };
+                let start_ms = start.map_or_else(
+                    || SystemClock.now_ms(),
+                    |s| {
+                        s.duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64)
+                    },
+                );
+                let fleet = Fleet::new(
+                    FleetConfig {
+                        assets,
+                        seed,
+                        malformed,
+                        start_ms,
+                        interval_ms,
+                    },
+                    &topology.codec,
+                )?;
+                let publish = Publish {
+                    client,
+                    topic,
+                    rate,
+                    count,
+                    duration,
+                };
+                let stop = std::sync::Arc::new(AtomicBool::new(false));
+                let s = stop.clone();
+                let token = shutdown_on_signals();
+                tokio::spawn(async move {
+                    token.cancelled().await;
+                    s.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                let stats =
+                    tokio::task::spawn_blocking(move || sim::publish(fleet, &publish, &stop))
+                        .await??;
+                println!(
+                    "sent {} readings ({} malformed), {} not delivered",
+                    stats.sent, stats.malformed, stats.failed
+                );
+                if stats.failed > 0 {
+                    bail!("{} readings were not delivered", stats.failed);
+                }
+                Ok(())
+            }
+            Command::Topology {
+                action: TopologyAction::Describe { topology },
+            } => {
+                print!(
+                    "{}",
+                    Topology::load(&topology.topics, &topology.model)?.describe()
+                );
+                Ok(())
+            }
+            Command::Topology {
+                action: TopologyAction::Apply { config },
+            } => {
+                let config = Config::load(&config)?;
+                let topology = Topology::load(&config.topology.topics, &config.topology.model)?;
+                let reports =
+                    apply_topology(&config.kafka.admin_config(), &topology.topics).await?;
+                for r in &reports {
+                    println!("{r}");
+                }
+                if reports.iter().any(|r| r.is_mismatch()) {
+                    bail!("some topics differ from the topology; fix them or the topology");
+                }
+                Ok(())
+            }
+        }
+    }
+}

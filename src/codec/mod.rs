@@ -1,0 +1,474 @@
+//! Encoding and decoding: telemetry in (Avro or JSON), twins and alert events out (Avro), and
+//! JSON views of twins for the HTTP API.
+//!
+//! Avro goes through plans built once from the model's schemas (see [`schema`]): the hot path
+//! reads and writes bytes directly, with no generic `Value` tree and no allocation beyond the
+//! output buffer and string properties. Tests check every byte against the reference
+//! `apache-avro` crate. Values are plain Avro datums without a Confluent header; keys are the
+//! asset id as UTF-8, so any Avro library reads the topics with just the files in `schemas/`.
+//!
+//! This module knows nothing of Kafka or RocksDB.
+
+pub mod avro;
+mod schema;
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+pub use schema::SchemaProperty;
+use schema::{Plans, PropType, ReadingField, TimeUnit, TwinField};
+
+use crate::error::{Error, Result};
+use crate::rules::{AlertEvent, RuleSet};
+use crate::twin::{ActiveAlert, Prop, PropKind, Reading, Severity, Status, Twin, Value};
+use avro::{Cursor, put_bool, put_double, put_float, put_long, put_str};
+
+/// The wire format of an input topic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A plain Avro datum written with the model's telemetry schema.
+    #[default]
+    Avro,
+    /// One JSON object with the telemetry schema's field names.
+    Json,
+}
+
+/// The schema of alert events; fixed for every model.
+pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert_event.avsc");
+
+/// Encoders and decoders for one model.
+#[derive(Clone, Debug)]
+pub struct Codec {
+    plans: Plans,
+    by_name: HashMap<String, usize>,
+}
+
+fn decode_err(field: &str, e: String) -> Error {
+    Error::Decode(format!("field '{field}': {e}"))
+}
+
+impl Codec {
+    /// Builds the codec from the telemetry and twin schemas (JSON text).
+    ///
+    /// # Errors
+    /// `Error::Config` when the schemas cannot describe a twin (see [`schema`]).
+    pub fn new(telemetry_schema: &str, twin_schema: &str) -> Result<Codec> {
+        let plans = Plans::build(telemetry_schema, twin_schema)?;
+        let by_name = plans
+            .properties
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        Ok(Codec { plans, by_name })
+    }
+
+    /// The model's properties, in telemetry schema order.
+    pub fn properties(&self) -> &[SchemaProperty] {
+        &self.plans.properties
+    }
+
+    fn name(&self, index: usize) -> &str {
+        &self.plans.properties[index].name
+    }
+
+    /// Decodes one input record into `out` (cleared first).
+    ///
+    /// # Errors
+    /// `Error::Decode` saying which field was wrong and how.
+    pub fn decode_reading(&self, format: Format, bytes: &[u8], out: &mut Reading) -> Result<()> {
+        out.clear();
+        match format {
+            Format::Avro => self.decode_avro_reading(bytes, out),
+            Format::Json => self.decode_json_reading(bytes, out),
+        }
+    }
+
+    fn decode_avro_reading(&self, bytes: &[u8], out: &mut Reading) -> Result<()> {
+        let mut c = Cursor::new(bytes);
+        for field in &self.plans.reading {
+            match field {
+                ReadingField::AssetId => {
+                    let s = c.str().map_err(|e| decode_err("asset_id", e))?;
+                    out.asset_id.push_str(s);
+                }
+                ReadingField::EventTime(unit) => {
+                    let t = c.long().map_err(|e| decode_err("event_time", e))?;
+                    out.event_time = match unit {
+                        TimeUnit::Millis => t,
+                        TimeUnit::Micros => t.div_euclid(1000),
+                    };
+                }
+                ReadingField::Property(index, ty) => {
+                    if let Some(v) =
+                        read_prop(&mut c, *ty).map_err(|e| decode_err(self.name(*index), e))?
+                    {
+                        out.values.push((*index, v));
+                    }
+                }
+            }
+        }
+        if c.remaining() != 0 {
+            return Err(Error::Decode(format!(
+                "{} bytes left after the record: not written with the telemetry schema",
+                c.remaining()
+            )));
+        }
+        Ok(())
+    }
+
+    fn decode_json_reading(&self, bytes: &[u8], out: &mut Reading) -> Result<()> {
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Decode(format!("not a JSON object: {e}")))?;
+        let mut has_time = false;
+        for (key, value) in &object {
+            match key.as_str() {
+                "asset_id" => match value {
+                    serde_json::Value::String(s) => out.asset_id.push_str(s),
+                    _ => return Err(decode_err("asset_id", "must be a string".into())),
+                },
+                "event_time" => {
+                    out.event_time = json_time(value).map_err(|e| decode_err("event_time", e))?;
+                    has_time = true;
+                }
+                name => {
+                    // Unknown keys are ignored, as Avro resolution ignores unknown writer fields.
+                    let Some(&index) = self.by_name.get(name) else {
+                        continue;
+                    };
+                    if let Some(v) = json_prop(value, self.plans.properties[index].kind)
+                        .map_err(|e| decode_err(name, e))?
+                    {
+                        out.values.push((index, v));
+                    }
+                }
+            }
+        }
+        if out.asset_id.is_empty() && !object.contains_key("asset_id") {
+            return Err(decode_err("asset_id", "missing".into()));
+        }
+        if !has_time {
+            return Err(decode_err("event_time", "missing".into()));
+        }
+        out.values.sort_by_key(|(i, _)| *i);
+        Ok(())
+    }
+
+    /// Appends `reading` as an Avro telemetry datum: what devices and the simulator write.
+    pub fn encode_reading(&self, reading: &Reading, buf: &mut Vec<u8>) {
+        for field in &self.plans.reading {
+            match field {
+                ReadingField::AssetId => put_str(buf, &reading.asset_id),
+                ReadingField::EventTime(TimeUnit::Millis) => put_long(buf, reading.event_time),
+                ReadingField::EventTime(TimeUnit::Micros) => {
+                    put_long(buf, reading.event_time * 1000)
+                }
+                ReadingField::Property(index, ty) => {
+                    let value = reading
+                        .values
+                        .iter()
+                        .find(|(i, _)| i == index)
+                        .map(|(_, v)| v);
+                    write_prop(buf, *ty, value);
+                }
+            }
+        }
+    }
+
+    /// Appends `twin` as an Avro datum of the twin schema: the changelog value and the stored
+    /// form of a twin.
+    pub fn encode_twin(&self, twin: &Twin, buf: &mut Vec<u8>) {
+        for field in &self.plans.twin {
+            match field {
+                TwinField::AssetId => put_str(buf, &twin.asset_id),
+                TwinField::Version => put_long(buf, twin.version),
+                TwinField::EventTime => put_long(buf, twin.event_time),
+                TwinField::LastSeen => put_long(buf, twin.last_seen),
+                TwinField::Status(symbols) => put_long(buf, symbols[status_index(twin.status)]),
+                TwinField::Property(index, ty) => {
+                    write_prop(buf, *ty, twin.props[*index].as_ref().map(|p| &p.value))
+                }
+                TwinField::PropertyTimes => {
+                    let known = twin.props.iter().filter(|p| p.is_some()).count();
+                    if known > 0 {
+                        put_long(buf, known as i64);
+                        for (index, prop) in twin.props.iter().enumerate() {
+                            if let Some(prop) = prop {
+                                put_str(buf, self.name(index));
+                                put_long(buf, prop.time);
+                            }
+                        }
+                    }
+                    put_long(buf, 0);
+                }
+                TwinField::ActiveAlerts(severities) => {
+                    if !twin.alerts.is_empty() {
+                        put_long(buf, twin.alerts.len() as i64);
+                        for a in &twin.alerts {
+                            put_str(buf, &a.alert_id);
+                            put_str(buf, &a.code);
+                            put_long(buf, severities[severity_index(a.severity)]);
+                            put_double(buf, a.value);
+                            put_double(buf, a.threshold);
+                            put_long(buf, a.raised_at);
+                        }
+                    }
+                    put_long(buf, 0);
+                }
+            }
+        }
+    }
+
+    /// Decodes a twin written by [`Codec::encode_twin`] (from the store or the changelog).
+    ///
+    /// # Errors
+    /// `Error::Decode` when the bytes are not a twin of this model.
+    pub fn decode_twin(&self, bytes: &[u8]) -> Result<Twin> {
+        let mut c = Cursor::new(bytes);
+        let mut twin = Twin {
+            asset_id: String::new(),
+            version: 0,
+            event_time: 0,
+            last_seen: 0,
+            status: Status::Active,
+            props: vec![None; self.plans.properties.len()],
+            alerts: Vec::new(),
+        };
+        let mut times: Vec<(usize, i64)> = Vec::new();
+        for field in &self.plans.twin {
+            let ctx = |name: &'static str| move |e: String| decode_err(name, e);
+            match field {
+                TwinField::AssetId => twin.asset_id = c.str().map_err(ctx("asset_id"))?.to_owned(),
+                TwinField::Version => twin.version = c.long().map_err(ctx("version"))?,
+                TwinField::EventTime => twin.event_time = c.long().map_err(ctx("event_time"))?,
+                TwinField::LastSeen => twin.last_seen = c.long().map_err(ctx("last_seen"))?,
+                TwinField::Status(symbols) => {
+                    let s = c.long().map_err(ctx("status"))?;
+                    let at = symbols
+                        .iter()
+                        .position(|x| *x == s)
+                        .ok_or_else(|| decode_err("status", format!("unknown symbol {s}")))?;
+                    twin.status = Status::ALL[at];
+                }
+                TwinField::Property(index, ty) => {
+                    let v = read_prop(&mut c, *ty).map_err(|e| decode_err(self.name(*index), e))?;
+                    twin.props[*index] = v.map(|value| Prop { value, time: 0 });
+                }
+                TwinField::PropertyTimes => loop {
+                    let n = c.block_count().map_err(ctx("property_times"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    for _ in 0..n {
+                        let name = c.str().map_err(ctx("property_times"))?;
+                        let t = c.long().map_err(ctx("property_times"))?;
+                        if let Some(&index) = self.by_name.get(name) {
+                            times.push((index, t));
+                        }
+                    }
+                },
+                TwinField::ActiveAlerts(severities) => loop {
+                    let n = c.block_count().map_err(ctx("active_alerts"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    for _ in 0..n {
+                        let alert_id = c.str().map_err(ctx("active_alerts"))?.to_owned();
+                        let code = c.str().map_err(ctx("active_alerts"))?.to_owned();
+                        let s = c.long().map_err(ctx("active_alerts"))?;
+                        let at = severities
+                            .iter()
+                            .position(|x| *x == s)
+                            .ok_or_else(|| decode_err("severity", format!("unknown symbol {s}")))?;
+                        twin.alerts.push(ActiveAlert {
+                            alert_id,
+                            code,
+                            severity: Severity::ALL[at],
+                            value: c.double().map_err(ctx("active_alerts"))?,
+                            threshold: c.double().map_err(ctx("active_alerts"))?,
+                            raised_at: c.long().map_err(ctx("active_alerts"))?,
+                        });
+                    }
+                },
+            }
+        }
+        if c.remaining() != 0 {
+            return Err(Error::Decode(format!(
+                "{} bytes left after the twin",
+                c.remaining()
+            )));
+        }
+        for (index, t) in times {
+            if let Some(p) = twin.props[index].as_mut() {
+                p.time = t;
+            }
+        }
+        Ok(twin)
+    }
+
+    /// The twin as JSON, with the same field names as the twin schema and RFC 3339 times.
+    pub fn twin_json(&self, twin: &Twin) -> serde_json::Value {
+        let mut properties = serde_json::Map::new();
+        let mut times = serde_json::Map::new();
+        for (index, prop) in twin.props.iter().enumerate() {
+            let name = self.name(index).to_owned();
+            match prop {
+                Some(p) => {
+                    properties.insert(name.clone(), value_json(&p.value));
+                    times.insert(name, rfc3339(p.time).into());
+                }
+                None => {
+                    properties.insert(name, serde_json::Value::Null);
+                }
+            }
+        }
+        let alerts: Vec<_> = twin
+            .alerts
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "alert_id": a.alert_id, "code": a.code, "severity": a.severity,
+                    "value": a.value, "threshold": a.threshold, "raised_at": rfc3339(a.raised_at),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "asset_id": twin.asset_id,
+            "version": twin.version,
+            "event_time": rfc3339(twin.event_time),
+            "last_seen": rfc3339(twin.last_seen),
+            "status": twin.status,
+            "properties": properties,
+            "property_times": times,
+            "active_alerts": alerts,
+        })
+    }
+}
+
+/// Appends an alert event as an Avro datum of [`ALERT_SCHEMA`].
+pub fn encode_alert(event: &AlertEvent, asset_id: &str, rules: &RuleSet, buf: &mut Vec<u8>) {
+    let rule = &rules.rules[event.rule];
+    put_str(buf, &event.alert_id);
+    put_str(buf, asset_id);
+    put_str(buf, &rule.code);
+    put_long(buf, severity_index(rule.severity) as i64);
+    put_long(buf, event.state as i64);
+    put_str(buf, &rule.property_name);
+    put_str(buf, rule.op.symbol());
+    put_double(buf, event.value);
+    put_double(buf, rule.threshold);
+    put_long(buf, event.event_time);
+    put_long(buf, event.raised_at);
+    put_long(buf, event.twin_version);
+}
+
+/// Formats epoch milliseconds as RFC 3339 (UTC).
+pub fn rfc3339(millis: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn status_index(s: Status) -> usize {
+    Status::ALL
+        .iter()
+        .position(|x| *x == s)
+        .expect("ALL lists every status")
+}
+
+fn severity_index(s: Severity) -> usize {
+    Severity::ALL
+        .iter()
+        .position(|x| *x == s)
+        .expect("ALL lists every severity")
+}
+
+fn read_prop(c: &mut Cursor<'_>, ty: PropType) -> avro::ReadResult<Option<Value>> {
+    if let Some(n) = ty.nullable {
+        let branch = c.long()?;
+        if branch == n.null_branch {
+            return Ok(None);
+        }
+        if branch != n.value_branch {
+            return Err(format!("invalid union branch {branch}"));
+        }
+    }
+    Ok(Some(match ty.kind {
+        PropKind::Double => Value::Double(c.double()?),
+        PropKind::Float => Value::Double(f64::from(c.float()?)),
+        PropKind::Int => Value::Long(i64::from(c.int()?)),
+        PropKind::Long => Value::Long(c.long()?),
+        PropKind::Bool => Value::Bool(c.bool()?),
+        PropKind::Str => Value::Str(c.str()?.into()),
+    }))
+}
+
+fn write_prop(buf: &mut Vec<u8>, ty: PropType, value: Option<&Value>) {
+    match (ty.nullable, value) {
+        (Some(n), None) => return put_long(buf, n.null_branch),
+        (Some(n), Some(_)) => put_long(buf, n.value_branch),
+        (None, _) => {}
+    }
+    match (ty.kind, value) {
+        (PropKind::Double, Some(Value::Double(v))) => put_double(buf, *v),
+        (PropKind::Float, Some(Value::Double(v))) => put_float(buf, *v as f32),
+        (PropKind::Int | PropKind::Long, Some(Value::Long(v))) => put_long(buf, *v),
+        (PropKind::Bool, Some(Value::Bool(v))) => put_bool(buf, *v),
+        (PropKind::Str, Some(Value::Str(v))) => put_str(buf, v),
+        // A required field without a value (only possible for readings built by hand):
+        // write the type's zero so the datum stays valid.
+        (PropKind::Double, _) => put_double(buf, 0.0),
+        (PropKind::Float, _) => put_float(buf, 0.0),
+        (PropKind::Int | PropKind::Long, _) => put_long(buf, 0),
+        (PropKind::Bool, _) => put_bool(buf, false),
+        (PropKind::Str, _) => put_str(buf, ""),
+    }
+}
+
+fn json_time(v: &serde_json::Value) -> Result<i64, String> {
+    match v {
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .ok_or_else(|| format!("{n} is not whole epoch milliseconds")),
+        serde_json::Value::String(s) => {
+            let t = humantime::parse_rfc3339_weak(s).map_err(|e| format!("'{s}': {e}"))?;
+            let d = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| format!("'{s}' is before 1970"))?;
+            Ok(d.as_millis() as i64)
+        }
+        _ => Err("must be epoch milliseconds or an RFC 3339 string".into()),
+    }
+}
+
+fn json_prop(v: &serde_json::Value, kind: PropKind) -> Result<Option<Value>, String> {
+    use serde_json::Value as J;
+    Ok(Some(match (kind, v) {
+        (_, J::Null) => return Ok(None),
+        (PropKind::Double | PropKind::Float, J::Number(n)) => {
+            Value::Double(n.as_f64().ok_or("not a number")?)
+        }
+        (PropKind::Int, J::Number(n)) => {
+            let v = n.as_i64().ok_or("not a whole number")?;
+            i32::try_from(v).map_err(|_| format!("{v} does not fit an int"))?;
+            Value::Long(v)
+        }
+        (PropKind::Long, J::Number(n)) => Value::Long(n.as_i64().ok_or("not a whole number")?),
+        (PropKind::Bool, J::Bool(b)) => Value::Bool(*b),
+        (PropKind::Str, J::String(s)) => Value::Str(s.as_str().into()),
+        (kind, other) => return Err(format!("expected {kind:?}, found {other}")),
+    }))
+}
+
+fn value_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Double(x) => serde_json::json!(x),
+        Value::Long(x) => serde_json::json!(x),
+        Value::Bool(x) => serde_json::json!(x),
+        Value::Str(x) => serde_json::json!(x),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,360 @@
+//! The configuration tree: a TOML file plus `TWINFLOW_` environment overrides.
+//!
+//! `Config` is plain data with defaults; [`Config::load`] parses it, refusing unknown keys
+//! with the full key path, and [`Config::validate`] checks the relationships between values
+//! before anything starts. Nothing reads configuration by string key at run time.
+//!
+//! Environment overrides: `TWINFLOW_<SECTION>__<KEY>=value` sets `<section>.<key>`, e.g.
+//! `TWINFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092`. Under `kafka.librdkafka`, underscores
+//! stand for the dots of librdkafka property names:
+//! `TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD=...` sets `sasl.password`, so secrets need not
+//! be written into the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Kafka connection and client settings.
+    pub kafka: KafkaConfig,
+    /// Where the topic and model files are.
+    #[serde(default)]
+    pub topology: TopologyConfig,
+    /// The local state store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Batching and caching of the processing loop.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The HTTP endpoint (metrics, health, twins).
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// Kafka settings shared by every client twinflow creates.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port...]`.
+    pub bootstrap_servers: String,
+    /// Consumer group of the pipeline; instances with the same group share the partitions.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Any librdkafka property, applied to every client (security settings go here).
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (e.g. `fetch.wait.max.ms`).
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only (e.g. `linger.ms`).
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+/// Which kind of client a config is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The pipeline's group consumer.
+    Consumer,
+    /// The pipeline's producer.
+    Producer,
+    /// Admin and tooling clients.
+    Admin,
+}
+
+fn default_group() -> String {
+    "twinflow".into()
+}
+
+/// Paths of the topology files, relative to the working directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    /// Topic declarations.
+    pub topics: PathBuf,
+    /// Twin model and rules.
+    pub model: PathBuf,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        TopologyConfig {
+            topics: "topology/topics.toml".into(),
+            model: "topology/vehicle.toml".into(),
+        }
+    }
+}
+
+/// The RocksDB store.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory of the instance's database.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: "state".into(),
+        }
+    }
+}
+
+/// The processing loop.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Most records per batch and partition: one store write and one metrics update each.
+    pub batch_max_records: usize,
+    /// Decoded twins kept in memory per partition.
+    pub twin_cache_per_partition: usize,
+    /// How long to back off before replaying after a transient failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_max_records: 2000,
+            twin_cache_per_partition: 100_000,
+            retry_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The HTTP endpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on; loopback unless you mean to expose it.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: ([127, 0, 0, 1], 8080).into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies the `TWINFLOW_` environment overrides and validates the result.
+    ///
+    /// # Errors
+    /// `Error::Config` naming the file and the key path of anything unknown or invalid.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text, std::env::vars())
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses configuration text with the given environment.
+    ///
+    /// # Errors
+    /// A message naming the offending key.
+    pub fn from_toml(
+        text: &str,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> Result<Config, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        for (name, value) in env {
+            // Only `TWINFLOW_<SECTION>__<KEY>` names configuration; other `TWINFLOW_` variables
+            // (such as TWINFLOW_LOG_FORMAT) belong to the command line.
+            let Some(rest) = name.strip_prefix("TWINFLOW_").filter(|r| r.contains("__")) else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+            apply_override(&mut table, &path, value).map_err(|e| format!("{name}: {e}"))?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| format!("key `{}`: {}", e.path(), e.inner()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks relationships between values.
+    ///
+    /// # Errors
+    /// A message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err("key `kafka.bootstrap_servers`: must not be empty".into());
+        }
+        if self.pipeline.batch_max_records == 0 {
+            return Err("key `pipeline.batch_max_records`: must be at least 1".into());
+        }
+        if self.pipeline.twin_cache_per_partition < self.pipeline.batch_max_records {
+            return Err(format!(
+                "key `pipeline.twin_cache_per_partition`: must be at least batch_max_records ({}), since a batch keeps its twins in memory",
+                self.pipeline.batch_max_records
+            ));
+        }
+        let passthrough = || {
+            self.kafka
+                .librdkafka
+                .keys()
+                .chain(self.kafka.consumer.keys())
+                .chain(self.kafka.producer.keys())
+        };
+        for key in [
+            "bootstrap.servers",
+            "group.id",
+            "enable.auto.offset.store",
+            "isolation.level",
+        ] {
+            if passthrough().any(|k| k == key) {
+                return Err(format!(
+                    "key `kafka.librdkafka.\"{key}\"`: twinflow sets this itself; use the typed setting instead"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_override(table: &mut toml::Table, path: &[String], value: String) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut at = table;
+    for (i, part) in parents.iter().enumerate() {
+        at = at
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is not a table", path[..=i].join(".")))?;
+        if i == 1
+            && path[0] == "kafka"
+            && matches!(part.as_str(), "librdkafka" | "consumer" | "producer")
+        {
+            // librdkafka property names use dots; env names cannot.
+            let key = path[i + 1..].join("_").replace('_', ".");
+            at.insert(key, toml::Value::String(value));
+            return Ok(());
+        }
+    }
+    // Typed keys: numbers and booleans as such, everything else as a string.
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table() && !v.is_array())
+        .unwrap_or(toml::Value::String(value));
+    at.insert(last.clone(), parsed);
+    Ok(())
+}
+
+impl KafkaConfig {
+    /// Writes the servers and the passthrough properties for `role` into `c`, over whatever
+    /// defaults `c` already holds.
+    pub fn apply(&self, c: &mut ClientConfig, role: Role) {
+        c.set("bootstrap.servers", &self.bootstrap_servers);
+        let own = match role {
+            Role::Consumer => Some(&self.consumer),
+            Role::Producer => Some(&self.producer),
+            Role::Admin => None,
+        };
+        for (k, v) in self.librdkafka.iter().chain(own.into_iter().flatten()) {
+            c.set(k, v);
+        }
+    }
+
+    /// A client config for admin and tooling clients.
+    pub fn admin_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        self.apply(&mut c, Role::Admin);
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[kafka]\nbootstrap_servers = \"localhost:9092\"\n";
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        Config::from_toml(
+            text,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        assert_eq!(c.kafka.group_id, "twinflow");
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.pipeline.retry_backoff, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse(
+            &format!("{MINIMAL}[pipeline]\nbatch_max_recrods = 5\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("batch_max_recrods"), "{err}");
+        let err = parse(
+            &format!("{MINIMAL}[pipeline]\nretry_backoff = \"soon\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("pipeline.retry_backoff"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = parse(
+            MINIMAL,
+            &[
+                ("TWINFLOW_KAFKA__BOOTSTRAP_SERVERS", "b1:9092,b2:9092"),
+                ("TWINFLOW_PIPELINE__BATCH_MAX_RECORDS", "500"),
+                ("TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD", "s3cret"),
+                ("OTHER", "ignored"),
+                ("TWINFLOW_LOG_FORMAT", "json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.bootstrap_servers, "b1:9092,b2:9092");
+        assert_eq!(c.pipeline.batch_max_records, 500);
+        assert_eq!(c.kafka.librdkafka["sasl.password"], "s3cret");
+        let err = parse(MINIMAL, &[("TWINFLOW_PIPELINE__BATCH_MAX_RECORDS", "many")]).unwrap_err();
+        assert!(err.contains("pipeline.batch_max_records"), "{err}");
+    }
+
+    #[test]
+    fn the_reference_config_is_valid() {
+        let text = include_str!("../docker/twinflow.toml");
+        let c = parse(text, &[]).unwrap();
+        assert_eq!(c.kafka.bootstrap_servers, "kafka:9092");
+    }
+
+    #[test]
+    fn relationships_are_checked_up_front() {
+        let err = parse(
+            &format!("{MINIMAL}[pipeline]\nbatch_max_records = 0\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("batch_max_records"), "{err}");
+        let err = parse(
+            &format!("{MINIMAL}[kafka.librdkafka]\n\"group.id\" = \"x\"\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("group.id"), "{err}");
+    }
+}

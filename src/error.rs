@@ -1,0 +1,94 @@
+//! The library's error type and what each error tells the caller to do.
+//!
+//! Every failure the hot loop can meet is an [`Error`] variant named for what failed, and
+//! [`Error::disposition`] is the single place that decides whether it is bad data to skip,
+//! a transient failure to retry, or a reason to stop. The worker matches on that, never on
+//! variants.
+
+use thiserror::Error;
+
+/// What the pipeline does next after an [`Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Bad input: count it, dead-letter it, advance past it.
+    Skip,
+    /// Transient Kafka or IO failure: back off and replay from the last committed position.
+    Retry,
+    /// Configuration, a corrupt store or a fatal client error: stop and exit non-zero.
+    Fatal,
+}
+
+/// A library error.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A record's bytes could not be decoded with the input schema.
+    #[error("cannot decode record: {0}")]
+    Decode(String),
+    /// A record decoded but broke a rule of the model (range, key, required field).
+    #[error("invalid reading: {0}")]
+    Invalid(String),
+    /// The local RocksDB store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// A stored twin could not be decoded: the store is corrupt or was written by another model.
+    #[error("corrupt store: {0}")]
+    CorruptStore(String),
+    /// Kafka failed in a way that may pass.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The configuration, topology or schemas are wrong.
+    #[error("config: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// What the caller should do about this error.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Error::Decode(_) | Error::Invalid(_) => Disposition::Skip,
+            Error::Store(_) => Disposition::Retry,
+            Error::Kafka(e) => match e.rdkafka_error_code() {
+                Some(code) if is_fatal_kafka(code) => Disposition::Fatal,
+                _ => Disposition::Retry,
+            },
+            Error::CorruptStore(_) | Error::Config(_) => Disposition::Fatal,
+        }
+    }
+
+    /// The bounded reason label used in metrics and dead-letter headers.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Decode(_) => "decode",
+            Error::Invalid(_) => "invalid",
+            Error::Store(_) => "store",
+            Error::CorruptStore(_) => "corrupt_store",
+            Error::Kafka(_) => "kafka",
+            Error::Config(_) => "config",
+        }
+    }
+}
+
+fn is_fatal_kafka(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Fatal
+            | C::Fenced
+            | C::InvalidProducerEpoch
+            | C::ProducerFenced
+            | C::TopicAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::UnknownTopicOrPartition
+    )
+}
+
+/// Result with the library [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<rocksdb::Error> for Error {
+    fn from(e: rocksdb::Error) -> Self {
+        Error::Store(e.into_string())
+    }
+}

@@ -1,0 +1,43 @@
+//! twinflow: a Kafka-native stream processor that keeps a live digital twin of every asset.
+//!
+//! # Layout
+//! - [`config`]: the configuration tree, defaults, environment overrides, validation.
+//! - [`topology`]: topics, twin model and rules, loaded from `topology/` and `schemas/`.
+//! - [`twin`]: the twin, readings and the merge (pure).
+//! - [`rules`]: edge-triggered alert rules (pure).
+//! - [`codec`]: Avro/JSON decoding and encoding, driven by the model's schemas.
+//! - [`store`]: the RocksDB state store: twins and input positions per partition.
+//! - [`kafka`]: consumer with rebalance hand-off, partition streams, emitter, topic admin.
+//! - [`pipeline`]: the coordinator and the partition workers' hot loop.
+//! - [`metrics`]: Prometheus metrics on the instance's own registry.
+//! - [`api`]: the HTTP endpoint (metrics, health, twins).
+//! - [`app`]: config → build → run.
+//! - [`clock`]: processing time, controllable in tests.
+//! - [`embedded`]: the in-process Kafka-protocol cluster of the demo and tests.
+//! - [`sim`]: the fleet simulator.
+//! - [`demo`]: `twinflow demo`.
+//! - [`cli`]: the command line.
+//! - [`error`]: the library error and its dispositions.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod codec;
+pub mod config;
+pub mod demo;
+pub mod embedded;
+pub mod error;
+pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
+pub mod rules;
+pub mod sim;
+pub mod store;
+pub mod topology;
+pub mod twin;
+
+pub use app::App;
+pub use config::Config;
+pub use error::{Disposition, Error};

@@ -1,0 +1,284 @@
+//! Prometheus metrics: every family registered once on the instance's own registry, and
+//! per-partition handles with their label values resolved up front.
+//!
+//! Names follow `twinflow_<noun>_<unit>[_total]`; labels come from bounded sets only
+//! (partition numbers, rule codes, fixed reasons), never from asset ids.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::rules::{AlertState, RuleSet};
+
+/// Why a record was skipped on purpose.
+pub const SKIP_REASONS: [&str; 2] = ["duplicate", "stale"];
+/// Why a record was dead-lettered.
+pub const DEAD_LETTER_REASONS: [&str; 4] = ["decode", "invalid", "key_mismatch", "empty"];
+
+/// The metric families of one instance.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    consumed: IntCounterVec,
+    updates: IntCounterVec,
+    twins_created: IntCounterVec,
+    skipped: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    alerts: IntCounterVec,
+    batch_seconds: HistogramVec,
+    commit_seconds: HistogramVec,
+    replays: IntCounterVec,
+    next_offset: IntGaugeVec,
+    /// Partitions this instance currently owns.
+    pub assigned_partitions: IntGauge,
+    /// Approximate size of the local store.
+    pub store_bytes: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)
+        .expect("metric names are static and valid");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("each family registers once");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+    let buckets =
+        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets are valid");
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &["partition"],
+    )
+    .expect("metric names are static and valid");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("each family registers once");
+    h
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("metric names are static and valid");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("each family registers once");
+    g
+}
+
+impl Metrics {
+    /// Registers every family on `registry`.
+    pub fn new(registry: Registry) -> Metrics {
+        let r = &registry;
+        let next_offset = IntGaugeVec::new(
+            Opts::new(
+                "twinflow_input_next_offset",
+                "Next input offset to process, per partition.",
+            ),
+            &["partition"],
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(next_offset.clone()))
+            .expect("each family registers once");
+        Metrics {
+            consumed: counter(
+                r,
+                "twinflow_records_consumed_total",
+                "Input records read.",
+                &["partition"],
+            ),
+            updates: counter(
+                r,
+                "twinflow_twin_updates_total",
+                "Twin changes written to the changelog.",
+                &["partition"],
+            ),
+            twins_created: counter(
+                r,
+                "twinflow_twins_created_total",
+                "Twins seen for the first time.",
+                &["partition"],
+            ),
+            skipped: counter(
+                r,
+                "twinflow_records_skipped_total",
+                "Input records skipped on purpose (changed nothing).",
+                &["reason"],
+            ),
+            dead_lettered: counter(
+                r,
+                "twinflow_records_dead_lettered_total",
+                "Input records sent to the dead-letter topic.",
+                &["reason"],
+            ),
+            alerts: counter(
+                r,
+                "twinflow_alerts_emitted_total",
+                "Alert events emitted.",
+                &["rule", "state"],
+            ),
+            batch_seconds: histogram(
+                r,
+                "twinflow_batch_duration_seconds",
+                "Time to process, emit and commit one batch.",
+            ),
+            commit_seconds: histogram(
+                r,
+                "twinflow_store_commit_duration_seconds",
+                "Time to write one batch to the store.",
+            ),
+            replays: counter(
+                r,
+                "twinflow_replays_total",
+                "Batches abandoned after a transient failure and replayed from the store's position.",
+                &["partition"],
+            ),
+            next_offset,
+            assigned_partitions: gauge(
+                r,
+                "twinflow_assigned_partitions",
+                "Input partitions owned by this instance.",
+            ),
+            store_bytes: gauge(
+                r,
+                "twinflow_store_size_bytes",
+                "Approximate bytes in the local store.",
+            ),
+            registry,
+        }
+    }
+
+    /// The registry, for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Handles for one partition's worker.
+    pub fn partition(&self, partition: i32, rules: &RuleSet) -> PartitionMetrics {
+        let p = partition.to_string();
+        PartitionMetrics {
+            consumed: self.consumed.with_label_values(&[&p]),
+            updates: self.updates.with_label_values(&[&p]),
+            twins_created: self.twins_created.with_label_values(&[&p]),
+            skipped: SKIP_REASONS.map(|r| self.skipped.with_label_values(&[r])),
+            dead_lettered: DEAD_LETTER_REASONS.map(|r| self.dead_lettered.with_label_values(&[r])),
+            alerts: rules
+                .rules
+                .iter()
+                .map(|rule| {
+                    [AlertState::Raised, AlertState::Cleared].map(|s| {
+                        self.alerts
+                            .with_label_values(&[rule.code.as_str(), s.symbol()])
+                    })
+                })
+                .collect(),
+            batch_seconds: self.batch_seconds.with_label_values(&[&p]),
+            commit_seconds: self.commit_seconds.with_label_values(&[&p]),
+            replays: self.replays.with_label_values(&[&p]),
+            next_offset: self.next_offset.with_label_values(&[&p]),
+        }
+    }
+
+    /// Sum of a counter family over all label values: for progress displays and tests.
+    pub fn total(&self, name: &str) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| {
+                f.get_metric()
+                    .iter()
+                    .map(|m| m.get_counter().value() as u64)
+            })
+            .sum()
+    }
+
+    /// The value of one labelled counter: for tests.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| {
+                labels.iter().all(|(k, v)| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == *k && l.value() == *v)
+                })
+            })
+            .map(|m| m.get_counter().value() as u64)
+            .sum()
+    }
+}
+
+/// Pre-resolved handles of one partition; the worker counts locally and adds once per batch.
+pub struct PartitionMetrics {
+    pub(crate) consumed: IntCounter,
+    pub(crate) updates: IntCounter,
+    pub(crate) twins_created: IntCounter,
+    pub(crate) skipped: [IntCounter; SKIP_REASONS.len()],
+    pub(crate) dead_lettered: [IntCounter; DEAD_LETTER_REASONS.len()],
+    /// Per rule: `[raised, cleared]`.
+    pub(crate) alerts: Vec<[IntCounter; 2]>,
+    pub(crate) batch_seconds: Histogram,
+    pub(crate) commit_seconds: Histogram,
+    pub(crate) replays: IntCounter,
+    pub(crate) next_offset: IntGauge,
+}
+
+/// Counts gathered during one batch.
+#[derive(Default)]
+pub struct BatchCounts {
+    pub(crate) consumed: u64,
+    pub(crate) updates: u64,
+    pub(crate) twins_created: u64,
+    pub(crate) skipped: [u64; SKIP_REASONS.len()],
+    pub(crate) dead_lettered: [u64; DEAD_LETTER_REASONS.len()],
+    /// `(rule, state)` pairs, in emission order.
+    pub(crate) alerts: Vec<(usize, AlertState)>,
+}
+
+impl BatchCounts {
+    /// Twin changes in the batch.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Counts a skip by its reason label.
+    pub fn skip(&mut self, reason: &str) {
+        let i = SKIP_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("skip reasons are from SKIP_REASONS");
+        self.skipped[i] += 1;
+    }
+
+    /// Counts a dead-lettered record by its reason label.
+    pub fn dead_letter(&mut self, reason: &str) {
+        let i = DEAD_LETTER_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .expect("dead-letter reasons are from DEAD_LETTER_REASONS");
+        self.dead_lettered[i] += 1;
+    }
+}
+
+impl PartitionMetrics {
+    /// Publishes a committed batch's counts.
+    pub fn publish(&self, c: &BatchCounts) {
+        self.consumed.inc_by(c.consumed);
+        self.updates.inc_by(c.updates);
+        self.twins_created.inc_by(c.twins_created);
+        for (h, n) in self.skipped.iter().zip(c.skipped) {
+            h.inc_by(n);
+        }
+        for (h, n) in self.dead_lettered.iter().zip(c.dead_lettered) {
+            h.inc_by(n);
+        }
+        for (rule, state) in &c.alerts {
+            self.alerts[*rule][*state as usize].inc();
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The processor: one partition's record logic, synchronous and free of Kafka IO, so the
+//! worker, the benchmarks and the tests run the same code.
+//!
+//! For each input record it decodes, validates, merges into the twin, evaluates the rules
+//! and stages the outputs (changelog twin, alert events or a dead letter) and the store
+//! writes of the batch. The worker emits what was staged and commits.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use rdkafka::message::{BorrowedHeaders, Headers};
+
+use crate::codec::encode_alert;
+use crate::error::{Error, Result};
+use crate::metrics::BatchCounts;
+use crate::rules::AlertEvent;
+use crate::store::{PartitionStore, StoreBatch};
+use crate::topology::Topology;
+use crate::twin::{Reading, Twin};
+
+/// Where an output record goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The twin changelog, same partition number as the input.
+    Changelog,
+    /// The alert topic.
+    Alerts,
+    /// The dead-letter topic.
+    DeadLetter,
+}
+
+/// One staged output record; its bytes live in [`Outputs::buf`].
+#[derive(Debug)]
+pub struct Output {
+    /// Destination.
+    pub target: Target,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+    /// Headers (dead letters only).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The output records of a batch, sharing one buffer.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    buf: Vec<u8>,
+    /// The records, in emission order.
+    pub records: Vec<Output>,
+}
+
+impl Outputs {
+    fn push(
+        &mut self,
+        target: Target,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Vec<(String, Vec<u8>)>,
+    ) {
+        let k = key.map(|k| self.append(k));
+        let p = payload.map(|p| self.append(p));
+        self.records.push(Output {
+            target,
+            key: k,
+            payload: p,
+            headers,
+        });
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        start..self.buf.len()
+    }
+
+    /// Key and value of a record.
+    pub fn bytes(&self, o: &Output) -> (Option<&[u8]>, Option<&[u8]>) {
+        (
+            o.key.clone().map(|r| &self.buf[r]),
+            o.payload.clone().map(|r| &self.buf[r]),
+        )
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.records.clear();
+    }
+}
+
+/// One input record.
+pub struct Input<'a> {
+    /// Record key (should be the asset id).
+    pub key: Option<&'a [u8]>,
+    /// Record value.
+    pub payload: Option<&'a [u8]>,
+    /// Input topic.
+    pub topic: &'a str,
+    /// Input offset.
+    pub offset: i64,
+    /// Original headers, copied onto a dead letter.
+    pub headers: Option<&'a BorrowedHeaders>,
+}
+
+/// What a batch accumulates.
+pub struct Batch {
+    /// Twins to write (and, at commit, the position).
+    pub store: StoreBatch,
+    /// Counts for the metrics.
+    pub counts: BatchCounts,
+    /// Records to emit before the commit.
+    pub outputs: Outputs,
+    /// Offset after the last record processed.
+    pub next_offset: Option<i64>,
+}
+
+/// The record logic of one partition.
+pub struct Processor {
+    topology: Arc<Topology>,
+    store: PartitionStore,
+    partition: i32,
+    /// Decoded twins; between batches every entry equals the store.
+    cache: HashMap<String, Twin>,
+    cache_limit: usize,
+    reading: Reading,
+    alerts: Vec<AlertEvent>,
+    scratch: Vec<u8>,
+}
+
+impl Processor {
+    /// A processor of `partition`, keeping up to `cache_limit` decoded twins.
+    pub fn new(topology: Arc<Topology>, store: PartitionStore, cache_limit: usize) -> Self {
+        Processor {
+            partition: store.partition(),
+            topology,
+            store,
+            cache: HashMap::new(),
+            cache_limit,
+            reading: Reading::default(),
+            alerts: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A new, empty batch starting after `next_offset`.
+    pub fn batch(&mut self, next_offset: Option<i64>) -> Batch {
+        self.evict();
+        Batch {
+            store: self.store.batch(),
+            counts: BatchCounts::default(),
+            outputs: Outputs::default(),
+            next_offset,
+        }
+    }
+
+    /// Forgets the cached twins (after a failed batch: the store is the truth).
+    pub fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Processes one record at processing time `now` into `batch`.
+    ///
+    /// Bad input is dead-lettered and counted, never returned as an error.
+    ///
+    /// # Errors
+    /// Only store failures (`Retry`) and corrupt stored twins (`Fatal`).
+    pub fn process(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
+        batch.next_offset = Some(input.offset + 1);
+        batch.counts.consumed += 1;
+        let topology = self.topology.clone();
+
+        let Some(payload) = input.payload else {
+            return Ok(self.dead_letter(input, batch, "empty", "decode", "record has no value"));
+        };
+        if let Err(e) = topology.codec.decode_reading(
+            topology.topics.telemetry_format(),
+            payload,
+            &mut self.reading,
+        ) {
+            return Ok(self.dead_letter(input, batch, "decode", "decode", &e.to_string()));
+        }
+        if let Err(why) = topology.model.validate(&self.reading) {
+            return Ok(self.dead_letter(input, batch, "invalid", "validate", &why));
+        }
+        if input.key != Some(self.reading.asset_id.as_bytes()) {
+            let why = match input.key {
+                None => "record has no key; the key must be the asset id".to_owned(),
+                Some(k) => format!(
+                    "key '{}' differs from asset_id '{}'; the key must be the asset id",
+                    String::from_utf8_lossy(k),
+                    self.reading.asset_id
+                ),
+            };
+            return Ok(self.dead_letter(input, batch, "key_mismatch", "validate", &why));
+        }
+
+        let id = self.reading.asset_id.as_str();
+        if !self.cache.contains_key(id) {
+            let twin = match self.store.twin(id)? {
+                Some(bytes) => topology.codec.decode_twin(&bytes).map_err(|e| {
+                    Error::CorruptStore(format!("twin {id} in partition {}: {e}", self.partition))
+                })?,
+                None => Twin::new(id, &topology.model),
+            };
+            self.cache.insert(id.to_owned(), twin);
+        }
+        let twin = self.cache.get_mut(id).expect("inserted above");
+        let change = match twin.apply(&topology.model, &self.reading, now) {
+            Ok(change) => change,
+            Err(unchanged) => {
+                batch.counts.skip(unchanged.reason());
+                return Ok(());
+            }
+        };
+        self.alerts.clear();
+        topology.rules.evaluate(twin, &change, &mut self.alerts);
+        self.scratch.clear();
+        topology.codec.encode_twin(twin, &mut self.scratch);
+
+        batch.counts.updates += 1;
+        batch.counts.twins_created += u64::from(change.created);
+        batch.store.put_twin(id, &self.scratch);
+        batch.outputs.push(
+            Target::Changelog,
+            Some(id.as_bytes()),
+            Some(&self.scratch),
+            Vec::new(),
+        );
+        for event in &self.alerts {
+            self.scratch.clear();
+            encode_alert(event, id, &topology.rules, &mut self.scratch);
+            batch.outputs.push(
+                Target::Alerts,
+                Some(id.as_bytes()),
+                Some(&self.scratch),
+                Vec::new(),
+            );
+            batch.counts.alerts.push((event.rule, event.state));
+        }
+        Ok(())
+    }
+
+    /// Stages the record, untouched, for the dead-letter topic with why in its headers.
+    fn dead_letter(
+        &mut self,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        reason: &str,
+        stage: &str,
+        message: &str,
+    ) {
+        batch.counts.dead_letter(reason);
+        let mut headers: Vec<(String, Vec<u8>)> = input
+            .headers
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (key, value) in [
+            ("twinflow.error.reason", reason.to_owned()),
+            ("twinflow.error.stage", stage.to_owned()),
+            ("twinflow.error.message", message.to_owned()),
+            ("twinflow.source.topic", input.topic.to_owned()),
+            ("twinflow.source.partition", self.partition.to_string()),
+            ("twinflow.source.offset", input.offset.to_string()),
+        ] {
+            headers.push((key.to_owned(), value.into_bytes()));
+        }
+        batch
+            .outputs
+            .push(Target::DeadLetter, input.key, input.payload, headers);
+    }
+
+    /// Keeps the cache within its bound. Called between batches, when every cached twin
+    /// equals its stored copy, so dropping any of them loses nothing.
+    fn evict(&mut self) {
+        if self.cache.len() <= self.cache_limit {
+            return;
+        }
+        let excess = self.cache.len() - self.cache_limit * 9 / 10;
+        let victims: Vec<String> = self.cache.keys().take(excess).cloned().collect();
+        for k in victims {
+            self.cache.remove(&k);
+        }
+    }
+}

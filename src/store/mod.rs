@@ -1,0 +1,296 @@
+//! The local state: twins and input positions of the assigned partitions, in one RocksDB
+//! database per instance.
+//!
+//! Key layout (kind byte first, then big-endian fields, so keys sort as tuples):
+//!
+//! | kind | key                                   | value                               |
+//! |------|---------------------------------------|-------------------------------------|
+//! | 0x01 | `01 · partition u32 · asset_id utf-8` | twin, Avro datum of the twin schema |
+//! | 0x02 | `02 · partition u32 · topic utf-8`    | next input offset to read, i64 BE   |
+//!
+//! Kind bytes are never reused; retired kinds stay listed here.
+//!
+//! Invariant: twins and the input position of a batch land in one `WriteBatch`, so after any
+//! crash the stored twins are exactly those implied by the stored position. Writes skip fsync:
+//! a machine crash may lose the newest batches, and then loses their position with them,
+//! so replay from Kafka recomputes them.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use crate::error::{Error, Result};
+
+const KIND_TWIN: u8 = 0x01;
+const KIND_OFFSET: u8 = 0x02;
+
+/// The instance's RocksDB database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB cannot open it, for example because another process holds
+    /// its lock.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&block);
+        let db = DB::open(&opts, path).map_err(|e| {
+            Error::Store(format!("opening {}: {}", path.display(), e.into_string()))
+        })?;
+        Ok(Store { db: Arc::new(db) })
+    }
+
+    /// The view of one input partition's state.
+    pub fn partition(&self, partition: i32) -> PartitionStore {
+        PartitionStore {
+            db: self.db.clone(),
+            partition: partition as u32,
+        }
+    }
+
+    /// Approximate size of the live data on disk, in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.db
+            .property_int_value("rocksdb.live-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            + self
+                .db
+                .property_int_value("rocksdb.cur-size-all-mem-tables")
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+    }
+}
+
+/// One partition's twins and input position.
+#[derive(Clone)]
+pub struct PartitionStore {
+    db: Arc<DB>,
+    partition: u32,
+}
+
+fn key(kind: u8, partition: u32, tail: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + tail.len());
+    k.push(kind);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(tail);
+    k
+}
+
+impl PartitionStore {
+    /// The partition number.
+    pub fn partition(&self) -> i32 {
+        self.partition as i32
+    }
+
+    /// The stored twin of `asset_id`, as written by `Codec::encode_twin`.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn twin(&self, asset_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(key(KIND_TWIN, self.partition, asset_id.as_bytes()))?)
+    }
+
+    /// The next offset of `topic` to read: everything before it is applied.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails; `Error::CorruptStore` for a malformed value.
+    pub fn next_offset(&self, topic: &str) -> Result<Option<i64>> {
+        match self
+            .db
+            .get(key(KIND_OFFSET, self.partition, topic.as_bytes()))?
+        {
+            None => Ok(None),
+            Some(v) => {
+                let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                    Error::CorruptStore(format!(
+                        "offset of {topic}/{} has {} bytes",
+                        self.partition,
+                        v.len()
+                    ))
+                })?;
+                Ok(Some(i64::from_be_bytes(bytes)))
+            }
+        }
+    }
+
+    /// Up to `limit` twins whose asset id sorts after `after`, in asset id order.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = key(KIND_TWIN, self.partition, b"");
+        let start = key(KIND_TWIN, self.partition, after.unwrap_or("").as_bytes());
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() == limit {
+                break;
+            }
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if after == Some(id.as_str()) {
+                continue;
+            }
+            out.push((id, v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Number of twins stored for this partition (a full scan: for tests and tools).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn count(&self) -> Result<usize> {
+        let prefix = key(KIND_TWIN, self.partition, b"");
+        let mut n = 0;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A batch to fill with twins and a position.
+    pub fn batch(&self) -> StoreBatch {
+        StoreBatch {
+            batch: WriteBatch::default(),
+            partition: self.partition,
+        }
+    }
+
+    /// Writes a batch atomically (without fsync; see the module doc).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn commit(&self, batch: StoreBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self.db.write_opt(batch.batch, &opts)?)
+    }
+}
+
+/// Twins and a position to write together.
+pub struct StoreBatch {
+    batch: WriteBatch,
+    partition: u32,
+}
+
+impl StoreBatch {
+    /// Stores a twin (bytes from `Codec::encode_twin`).
+    pub fn put_twin(&mut self, asset_id: &str, twin: &[u8]) {
+        self.batch
+            .put(key(KIND_TWIN, self.partition, asset_id.as_bytes()), twin);
+    }
+
+    /// Records that every offset of `topic` before `next` is applied.
+    pub fn set_next_offset(&mut self, topic: &str, next: i64) {
+        self.batch.put(
+            key(KIND_OFFSET, self.partition, topic.as_bytes()),
+            next.to_be_bytes(),
+        );
+    }
+
+    /// Number of writes in the batch.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twins_and_position_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let p = store.partition(3);
+            let mut b = p.batch();
+            b.put_twin("truck-1", b"one");
+            b.put_twin("truck-2", b"two");
+            b.set_next_offset("telemetry", 42);
+            p.commit(b).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let p = store.partition(3);
+        assert_eq!(p.twin("truck-1").unwrap().as_deref(), Some(&b"one"[..]));
+        assert_eq!(p.next_offset("telemetry").unwrap(), Some(42));
+        assert_eq!(p.count().unwrap(), 2);
+        assert_eq!(
+            store.partition(2).twin("truck-1").unwrap(),
+            None,
+            "partitions are separate"
+        );
+        assert_eq!(store.partition(4).next_offset("telemetry").unwrap(), None);
+    }
+
+    #[test]
+    fn scan_pages_in_asset_order_within_the_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for part in [1, 2] {
+            let p = store.partition(part);
+            let mut b = p.batch();
+            for id in ["c", "a", "b", "d"] {
+                b.put_twin(&format!("{id}{part}"), id.as_bytes());
+            }
+            p.commit(b).unwrap();
+        }
+        let p = store.partition(1);
+        let first: Vec<_> = p
+            .scan(None, 2)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(first, ["a1", "b1"]);
+        let next: Vec<_> = p
+            .scan(Some("b1"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(next, ["c1", "d1"]);
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_directory_fails_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path())
+            .err()
+            .expect("lock held")
+            .to_string();
+        assert!(err.contains("lock"), "{err}");
+    }
+}

@@ -1,0 +1,387 @@
+//! The topology: which topics exist, what the twin model is and which rules apply, loaded
+//! from `topology/*.toml` and the schemas they name, and checked as a whole before anything
+//! connects to Kafka.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::codec::{Codec, Format};
+use crate::error::{Error, Result};
+use crate::rules::{Op, Rule, RuleSet};
+use crate::twin::{ActiveWhen, Model, PropertyDef, Severity};
+
+/// One topic declaration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Replication factor.
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+    /// Wire format; only meaningful for the telemetry topic.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Topic configs (`cleanup.policy`, `retention.ms`, ...).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// The four topics of a pipeline.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    /// Input readings.
+    pub telemetry: TopicSpec,
+    /// Full twins after each change (compacted).
+    pub changelog: TopicSpec,
+    /// Alert transitions.
+    pub alerts: TopicSpec,
+    /// Records that could not be applied.
+    pub dead_letter: TopicSpec,
+}
+
+impl Topics {
+    /// All four, input first.
+    pub fn all(&self) -> [&TopicSpec; 4] {
+        [
+            &self.telemetry,
+            &self.changelog,
+            &self.alerts,
+            &self.dead_letter,
+        ]
+    }
+
+    /// The telemetry topic's wire format.
+    pub fn telemetry_format(&self) -> Format {
+        self.telemetry.format.unwrap_or_default()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelFile {
+    telemetry_schema: PathBuf,
+    twin_schema: PathBuf,
+    status: Option<StatusFile>,
+    #[serde(default)]
+    properties: BTreeMap<String, BoundsFile>,
+    #[serde(default)]
+    rules: Vec<RuleFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusFile {
+    active_property: String,
+    active_above: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BoundsFile {
+    min: Option<f64>,
+    max: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    code: String,
+    severity: Severity,
+    property: String,
+    op: Op,
+    threshold: f64,
+}
+
+/// Everything the pipeline needs to know about its data.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// The topics.
+    pub topics: Topics,
+    /// The twin model.
+    pub model: Model,
+    /// The alert rules.
+    pub rules: RuleSet,
+    /// Encoders and decoders for the model's schemas.
+    pub codec: Codec,
+    /// Path of the twin schema (for `describe`).
+    pub twin_schema: PathBuf,
+    /// Path of the telemetry schema (for `describe`).
+    pub telemetry_schema: PathBuf,
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = read(path)?;
+    toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+impl Topology {
+    /// Loads the topic file and the model file (whose schema paths are relative to it).
+    ///
+    /// # Errors
+    /// `Error::Config` naming the file and what is wrong in it.
+    pub fn load(topics: &Path, model: &Path) -> Result<Topology> {
+        let topics: Topics = parse_toml(topics)?;
+        let file: ModelFile = parse_toml(model)?;
+        let base = model.parent().unwrap_or(Path::new("."));
+        let telemetry_schema = base.join(&file.telemetry_schema);
+        let twin_schema = base.join(&file.twin_schema);
+        let codec = Codec::new(&read(&telemetry_schema)?, &read(&twin_schema)?)
+            .map_err(|e| Error::Config(format!("{}: {e}", model.display())))?;
+        let t = Self::assemble(topics, file, codec, telemetry_schema, twin_schema)
+            .map_err(|e| Error::Config(format!("{}: {e}", model.display())))?;
+        Ok(t)
+    }
+
+    fn assemble(
+        topics: Topics,
+        file: ModelFile,
+        codec: Codec,
+        telemetry_schema: PathBuf,
+        twin_schema: PathBuf,
+    ) -> Result<Topology, String> {
+        let mut properties: Vec<PropertyDef> = codec
+            .properties()
+            .iter()
+            .map(|p| PropertyDef {
+                name: p.name.clone(),
+                kind: p.kind,
+                min: None,
+                max: None,
+            })
+            .collect();
+        let numeric = |name: &str, what: &str, props: &[PropertyDef]| -> Result<usize, String> {
+            let i = props.iter().position(|p| p.name == name).ok_or_else(|| {
+                format!("{what} names '{name}', which is not a property of the telemetry schema")
+            })?;
+            if !props[i].kind.is_numeric() {
+                return Err(format!("{what} names '{name}', which is not numeric"));
+            }
+            Ok(i)
+        };
+        for (name, b) in &file.properties {
+            let i = numeric(name, &format!("[properties.{name}]"), &properties)?;
+            properties[i].min = b.min;
+            properties[i].max = b.max;
+        }
+        let active_when = match &file.status {
+            Some(s) => Some(ActiveWhen {
+                property: numeric(&s.active_property, "status.active_property", &properties)?,
+                above: s.active_above,
+            }),
+            None => None,
+        };
+        let mut codes = HashSet::new();
+        let mut rules = Vec::new();
+        for r in file.rules {
+            if !codes.insert(r.code.clone()) {
+                return Err(format!("rule code {} is used twice", r.code));
+            }
+            if !r.threshold.is_finite() {
+                return Err(format!(
+                    "rule {}: threshold must be a finite number",
+                    r.code
+                ));
+            }
+            let property = numeric(&r.property, &format!("rule {}", r.code), &properties)?;
+            rules.push(Rule {
+                code: r.code,
+                severity: r.severity,
+                property,
+                property_name: r.property,
+                op: r.op,
+                threshold: r.threshold,
+            });
+        }
+        for spec in topics.all() {
+            if spec.partitions < 1 || spec.replication_factor < 1 {
+                return Err(format!(
+                    "topic {}: partitions and replication_factor must be at least 1",
+                    spec.name
+                ));
+            }
+        }
+        if topics.changelog.partitions != topics.telemetry.partitions {
+            return Err(format!(
+                "changelog {} has {} partitions but telemetry {} has {}: they must be equal, \
+                 since the twins of input partition p are written to changelog partition p",
+                topics.changelog.name,
+                topics.changelog.partitions,
+                topics.telemetry.name,
+                topics.telemetry.partitions
+            ));
+        }
+        if topics
+            .changelog
+            .config
+            .get("cleanup.policy")
+            .is_none_or(|p| !p.contains("compact"))
+        {
+            return Err(format!(
+                "changelog {} must have cleanup.policy = \"compact\"",
+                topics.changelog.name
+            ));
+        }
+        let names: HashSet<_> = topics.all().iter().map(|t| t.name.as_str()).collect();
+        if names.len() != 4 {
+            return Err("the four topics must have four different names".into());
+        }
+        Ok(Topology {
+            topics,
+            model: Model {
+                properties,
+                active_when,
+            },
+            rules: RuleSet { rules },
+            codec,
+            telemetry_schema,
+            twin_schema,
+        })
+    }
+
+    /// A human-readable account of the processing graph and the topics.
+    pub fn describe(&self) -> String {
+        let t = &self.topics;
+        let mut s = String::new();
+        let _ = writeln!(s, "Processing graph");
+        let _ = writeln!(
+            s,
+            "  {} ({:?}, {} partitions)\n    -> decode ({}) -> validate -> merge into twin (RocksDB, per partition)\n    -> rules ({}) -> outputs:",
+            t.telemetry.name,
+            t.telemetry_format(),
+            t.telemetry.partitions,
+            self.telemetry_schema.display(),
+            self.rules.rules.len()
+        );
+        let _ = writeln!(
+            s,
+            "       {}   full twin after each change ({})",
+            t.changelog.name,
+            self.twin_schema.display()
+        );
+        let _ = writeln!(
+            s,
+            "       {}   RAISED / CLEARED alert events (schemas/alert_event.avsc)",
+            t.alerts.name
+        );
+        let _ = writeln!(
+            s,
+            "       {}   records that could not be applied, reason in headers",
+            t.dead_letter.name
+        );
+        let _ = writeln!(s, "\nModel properties");
+        for p in &self.model.properties {
+            let _ = writeln!(
+                s,
+                "  {:<20} {:?}{}",
+                p.name,
+                p.kind,
+                match (p.min, p.max) {
+                    (None, None) => String::new(),
+                    (min, max) => format!(
+                        "  valid {}..{}",
+                        min.map_or("".into(), |v| v.to_string()),
+                        max.map_or("".into(), |v| v.to_string())
+                    ),
+                }
+            );
+        }
+        let _ = writeln!(s, "\nRules");
+        for r in &self.rules.rules {
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<8} {} {} {}",
+                r.code,
+                r.severity,
+                r.property_name,
+                r.op.symbol(),
+                r.threshold
+            );
+        }
+        let _ = writeln!(s, "\nTopics");
+        for spec in t.all() {
+            let config: Vec<_> = spec
+                .config
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<20} partitions={} replication={} {}",
+                spec.name,
+                spec.partitions,
+                spec.replication_factor,
+                config.join(" ")
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    #[test]
+    fn shipped_topologies_load() {
+        for model in ["vehicle", "pump"] {
+            let t = Topology::load(
+                &root().join("topology/topics.toml"),
+                &root().join(format!("topology/{model}.toml")),
+            )
+            .unwrap();
+            assert!(!t.rules.rules.is_empty());
+            assert!(t.describe().contains(&t.topics.changelog.name));
+        }
+    }
+
+    #[test]
+    fn mismatched_partition_counts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = std::fs::read_to_string(root().join("topology/topics.toml")).unwrap();
+        let path = dir.path().join("topics.toml");
+        std::fs::write(
+            &path,
+            topics.replacen("partitions = 4", "partitions = 8", 1),
+        )
+        .unwrap();
+        let err = Topology::load(&path, &root().join("topology/vehicle.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be equal"), "{err}");
+    }
+
+    #[test]
+    fn rules_on_unknown_properties_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = std::fs::read_to_string(root().join("topology/vehicle.toml"))
+            .unwrap()
+            .replace("../schemas", &root().join("schemas").display().to_string())
+            .replace("property = \"speed_kmh\"", "property = \"velocity\"");
+        let path = dir.path().join("vehicle.toml");
+        std::fs::write(&path, model).unwrap();
+        let err = Topology::load(&root().join("topology/topics.toml"), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'velocity'"), "{err}");
+    }
+}

@@ -1,0 +1,157 @@
+//! Against a separate broker process (noida-db): topic admin with configs, the full pipeline,
+//! and outside consumers (Python confluent-kafka + fastavro) reading the outputs with nothing
+//! but `schemas/`.
+
+mod common;
+
+use common::{NOIDA_CLIENT, Noida, TestPipeline, root, vehicle_topology, venv};
+use twinflow::kafka::{TopicReport, apply_topology};
+use twinflow::sim::{Fleet, FleetConfig, Kind};
+use twinflow::twin::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_apply_pipeline_and_python_consumers() {
+    let broker = Noida::start();
+    let mut p = TestPipeline::new(&broker.bootstrap, vehicle_topology(), &NOIDA_CLIENT);
+    let admin = p.config().kafka.admin_config();
+
+    // Topology apply creates the four topics with their configs, then finds them as declared.
+    let created = apply_topology(&admin, &p.topology.topics).await.unwrap();
+    assert_eq!(
+        created
+            .iter()
+            .filter(|r| matches!(r, TopicReport::Created(_)))
+            .count(),
+        4,
+        "{created:?}"
+    );
+    let again = apply_topology(&admin, &p.topology.topics).await.unwrap();
+    assert!(
+        again.iter().all(|r| matches!(r, TopicReport::Unchanged(_))),
+        "cleanup.policy=compact and the rest as declared: {again:?}"
+    );
+    let mut drifted = p.topology.topics.clone();
+    drifted.alerts.partitions = 2;
+    drifted
+        .changelog
+        .config
+        .insert("cleanup.policy".into(), "delete".into());
+    let reports = apply_topology(&admin, &drifted).await.unwrap();
+    let mismatches: Vec<_> = reports
+        .iter()
+        .filter(|r| r.is_mismatch())
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(mismatches.len(), 2, "{reports:?}");
+    assert!(
+        mismatches
+            .iter()
+            .any(|m| m.contains("has 4 partitions, declared 2")),
+        "{mismatches:?}"
+    );
+    assert!(
+        mismatches
+            .iter()
+            .any(|m| m.contains("cleanup.policy is compact, declared delete")),
+        "{mismatches:?}"
+    );
+
+    // The pipeline over it, fed by the simulator (with malformed records).
+    p.start();
+    let config = FleetConfig {
+        assets: 40,
+        seed: 3,
+        malformed: 0.02,
+        start_ms: 1_790_000_000_000,
+        interval_ms: 30_000,
+    };
+    let mut fleet = Fleet::new(config, &p.topology.codec).unwrap();
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    let mut malformed = 0;
+    for _ in 0..3000 {
+        if fleet.next_record(&mut key, &mut value) != Kind::Reading {
+            malformed += 1;
+        }
+        p.send_raw(Some(&key), Some(&value)).await;
+    }
+    p.wait_consumed(3000).await;
+    let m = p.metrics();
+    let updates = m.total("twinflow_twin_updates_total");
+    let alerts = m.total("twinflow_alerts_emitted_total");
+    assert_eq!(m.total("twinflow_records_dead_lettered_total"), malformed);
+    assert_eq!(
+        updates + m.total("twinflow_records_skipped_total") + malformed,
+        3000
+    );
+    assert!(alerts > 0, "the simulated fleet breaches rules");
+    let raised_expected = m.counter("twinflow_alerts_emitted_total", &[("state", "RAISED")]);
+
+    // What twinflow says the twins are.
+    let ours = p.changelog(updates as usize);
+    p.stop().await;
+
+    // A Python consumer decodes both topics with only the shipped schemas.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(venv().join("bin/python"))
+            .arg(root().join("tests/python/read_outputs.py"))
+            .args([
+                "--bootstrap",
+                &broker.bootstrap,
+                "--changelog",
+                "twin-changelog",
+                "--alerts",
+                "twin-alerts",
+            ])
+            .arg("--twin-schema")
+            .arg(root().join("schemas/vehicle_twin.avsc"))
+            .arg("--alert-schema")
+            .arg(root().join("schemas/alert_event.avsc"))
+            .args([
+                "--expect-changelog",
+                &updates.to_string(),
+                "--expect-alerts",
+                &alerts.to_string(),
+                "--timeout",
+                "60",
+            ])
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "read_outputs.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["changelog_records"], updates);
+    assert_eq!(doc["alert_records"], alerts);
+    let twins = doc["twins"].as_object().unwrap();
+    let temperature = p.topology.model.property("temperature_c").unwrap();
+    let mut checked = 0;
+    for twin in ours.iter().filter(|t| {
+        ours.iter()
+            .all(|o| o.asset_id != t.asset_id || o.version <= t.version)
+    }) {
+        let py = &twins[&twin.asset_id];
+        assert_eq!(py["version"], twin.version, "{}", twin.asset_id);
+        assert_eq!(py["status"], twin.status.symbol());
+        assert_eq!(py["event_time"], twin.event_time);
+        let expected = twin.value(temperature).and_then(Value::as_f64);
+        assert_eq!(py["temperature_c"].as_f64(), expected);
+        assert_eq!(
+            py["active_alerts"].as_array().unwrap().len(),
+            twin.alerts.len()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, twins.len());
+    let raised = doc["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "RAISED")
+        .count() as u64;
+    assert_eq!(raised, raised_expected);
+}

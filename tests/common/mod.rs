@@ -1,0 +1,404 @@
+//! Shared test vocabulary: a pipeline on a real Kafka-protocol broker (the embedded mock
+//! cluster, or a noida-db process), readings in, decoded outputs back.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use twinflow::App;
+use twinflow::clock::{Clock, ManualClock};
+use twinflow::config::{
+    Config, HttpConfig, KafkaConfig, PipelineConfig, StoreConfig, TopologyConfig,
+};
+use twinflow::metrics::Metrics;
+use twinflow::topology::Topology;
+use twinflow::twin::{Reading, Twin, Value};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn vehicle_topology() -> TopologyConfig {
+    TopologyConfig {
+        topics: root().join("topology/topics.toml"),
+        model: root().join("topology/vehicle.toml"),
+    }
+}
+
+/// A running (or stopped) twinflow instance with its own store directory.
+pub struct TestPipeline {
+    pub bootstrap: String,
+    pub topology: Topology,
+    pub topology_paths: TopologyConfig,
+    pub state: TempDir,
+    pub clock: ManualClock,
+    pub group: String,
+    pub extra: BTreeMap<String, String>,
+    pub metrics: Option<Metrics>,
+    pub http: Option<std::net::SocketAddr>,
+    running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    producer: FutureProducer,
+}
+
+impl TestPipeline {
+    /// A stopped pipeline on `bootstrap` with the given topology; `extra` librdkafka
+    /// properties go to every client.
+    pub fn new(bootstrap: &str, topology_paths: TopologyConfig, extra: &[(&str, &str)]) -> Self {
+        let topology =
+            Topology::load(&topology_paths.topics, &topology_paths.model).expect("topology loads");
+        let extra: BTreeMap<String, String> = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut pc = ClientConfig::new();
+        pc.set("bootstrap.servers", bootstrap).set("linger.ms", "0");
+        for (k, v) in &extra {
+            pc.set(k, v);
+        }
+        TestPipeline {
+            bootstrap: bootstrap.into(),
+            topology,
+            topology_paths,
+            state: tempfile::tempdir().unwrap(),
+            clock: ManualClock::at(1_800_000_000_000),
+            group: format!("twinflow-test-{}", std::process::id()),
+            extra,
+            metrics: None,
+            http: None,
+            running: None,
+            producer: pc.create().unwrap(),
+        }
+    }
+
+    pub fn config(&self) -> Config {
+        let mut consumer = BTreeMap::new();
+        consumer.insert("fetch.wait.max.ms".into(), "10".into());
+        consumer.insert("session.timeout.ms".into(), "6000".into());
+        Config {
+            kafka: KafkaConfig {
+                bootstrap_servers: self.bootstrap.clone(),
+                group_id: self.group.clone(),
+                librdkafka: self.extra.clone(),
+                consumer,
+                producer: BTreeMap::from([("linger.ms".into(), "1".into())]),
+            },
+            topology: self.topology_paths.clone(),
+            store: StoreConfig {
+                path: self.state.path().join("store"),
+            },
+            pipeline: PipelineConfig {
+                batch_max_records: 500,
+                ..PipelineConfig::default()
+            },
+            http: HttpConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+            },
+        }
+    }
+
+    /// Starts the instance.
+    pub fn start(&mut self) {
+        assert!(self.running.is_none(), "already running");
+        let app = App::build_with_clock(&self.config(), Arc::new(self.clock.clone()))
+            .expect("app builds");
+        self.metrics = Some(app.metrics());
+        self.http = Some(app.http_addr());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run(stop.clone()));
+        self.running = Some((stop, task));
+    }
+
+    /// Stops the instance cleanly and waits for it.
+    pub async fn stop(&mut self) {
+        let (stop, task) = self.running.take().expect("running");
+        stop.cancel();
+        task.await.unwrap().expect("clean stop");
+    }
+
+    /// Sends raw bytes to the telemetry topic.
+    pub async fn send_raw(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        let mut r: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topology.topics.telemetry.name);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = payload {
+            r = r.payload(p);
+        }
+        self.producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .expect("delivered");
+    }
+
+    /// Sends a reading, keyed by its asset id. `values` are `(property name, value)`.
+    pub async fn send(&self, asset: &str, event_time: i64, values: &[(&str, f64)]) {
+        let bytes = self.encode(asset, event_time, values);
+        self.send_raw(Some(asset.as_bytes()), Some(&bytes)).await;
+    }
+
+    pub fn encode(&self, asset: &str, event_time: i64, values: &[(&str, f64)]) -> Vec<u8> {
+        let codec = &self.topology.codec;
+        let mut reading = Reading {
+            asset_id: asset.into(),
+            event_time,
+            values: Vec::new(),
+        };
+        for (name, v) in values {
+            let i = self
+                .topology
+                .model
+                .property(name)
+                .unwrap_or_else(|| panic!("no property {name}"));
+            reading.values.push((i, Value::Double(*v)));
+        }
+        reading.values.sort_by_key(|(i, _)| *i);
+        let mut bytes = Vec::new();
+        codec.encode_reading(&reading, &mut bytes);
+        bytes
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        self.metrics.as_ref().expect("started once")
+    }
+
+    /// Reads `n` records of `topic` from the beginning, failing after `timeout`.
+    pub fn read(&self, topic: &str, n: usize, timeout: Duration) -> Vec<OwnedMessage> {
+        read_topic(&self.bootstrap, &self.extra, topic, n, timeout)
+    }
+
+    /// The changelog, decoded, in partition/offset order.
+    pub fn changelog(&self, n: usize) -> Vec<Twin> {
+        let topic = &self.topology.topics.changelog.name;
+        self.read(topic, n, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let twin = self
+                    .topology
+                    .codec
+                    .decode_twin(m.payload().unwrap())
+                    .expect("changelog decodes");
+                assert_eq!(
+                    m.key(),
+                    Some(twin.asset_id.as_bytes()),
+                    "changelog key is the asset id"
+                );
+                twin
+            })
+            .collect()
+    }
+
+    /// The alert topic, decoded with apache-avro against schemas/alert_event.avsc.
+    pub fn alerts(&self, n: usize) -> Vec<BTreeMap<String, apache_avro::types::Value>> {
+        let schema = apache_avro::Schema::parse_str(twinflow::codec::ALERT_SCHEMA).unwrap();
+        let topic = &self.topology.topics.alerts.name;
+        self.read(topic, n, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let v = avro_read(&schema, m.payload().unwrap());
+                let apache_avro::types::Value::Record(fields) = v else {
+                    panic!("alert is a record")
+                };
+                fields.into_iter().collect()
+            })
+            .collect()
+    }
+
+    /// Waits (polling the instance's own metrics) until it has consumed `n` records.
+    pub async fn wait_consumed(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.metrics().total("twinflow_records_consumed_total");
+            if got >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumed {got} of {n} records in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+/// Reads `n` records of `topic` (all partitions, from the beginning) without a group.
+pub fn read_topic(
+    bootstrap: &str,
+    extra: &BTreeMap<String, String>,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<OwnedMessage> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("enable.auto.commit", "false")
+        .set("group.id", "reader");
+    c.set("fetch.wait.max.ms", "10");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "read {} of {n} records of {topic}",
+            out.len()
+        );
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.unwrap().detach());
+        }
+    }
+    // Anything beyond n that is already there is a test failure too: give it a moment.
+    while let Some(m) = consumer.poll(Duration::from_millis(300)) {
+        out.push(m.unwrap().detach());
+    }
+    out.sort_by_key(|m| (m.partition(), m.offset()));
+    out
+}
+
+pub fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
+pub fn number(v: &apache_avro::types::Value) -> f64 {
+    match v {
+        apache_avro::types::Value::Double(x) => *x,
+        apache_avro::types::Value::Long(x) | apache_avro::types::Value::TimestampMillis(x) => {
+            *x as f64
+        }
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
+pub fn text(v: &apache_avro::types::Value) -> String {
+    match v {
+        apache_avro::types::Value::String(s) => s.clone(),
+        apache_avro::types::Value::Enum(_, s) => s.clone(),
+        other => panic!("not text: {other:?}"),
+    }
+}
+
+/// Writes a copy of a directory tree (for topologies modified by a test).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A noida-db broker process (see the README's test section), on a free loopback port with a
+/// fresh data directory; killed on drop.
+pub struct Noida {
+    child: std::process::Child,
+    pub bootstrap: String,
+    _dir: TempDir,
+}
+
+/// librdkafka settings every client talking to noida-db needs: it ignores fetch size limits
+/// and may answer with the whole backlog at once.
+pub const NOIDA_CLIENT: [(&str, &str); 1] = [("receive.message.max.bytes", "2147483647")];
+
+pub fn venv() -> PathBuf {
+    root().join(".venv")
+}
+
+impl Noida {
+    pub fn start() -> Noida {
+        let lib = venv().join("lib");
+        let bin = std::fs::read_dir(&lib)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("site-packages/noida_db/noida-db"))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| {
+                panic!(
+                    "noida-db is not installed under {}: run `bash .ci/setup`",
+                    lib.display()
+                )
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .args([
+                "start",
+                "--only",
+                "kafka",
+                "--kafka-port",
+                &port.to_string(),
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("noida-db starts");
+        let bootstrap = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&bootstrap).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "noida-db did not listen on {bootstrap} within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Noida {
+            child,
+            bootstrap,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Noida {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Decodes an Avro datum with the reference implementation.
+pub fn avro_read(schema: &apache_avro::Schema, bytes: &[u8]) -> apache_avro::types::Value {
+    apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .unwrap()
+        .read_value(&mut &bytes[..])
+        .expect("decodes with the reference implementation")
+}

@@ -1,0 +1,289 @@
+//! The pipeline end to end on the embedded Kafka-protocol cluster (librdkafka's mock
+//! cluster, spoken to over TCP) with RocksDB on disk.
+
+mod common;
+
+use common::{TestPipeline, header, number, text, vehicle_topology};
+use rdkafka::Message;
+use twinflow::embedded::EmbeddedKafka;
+use twinflow::twin::{Status, Value};
+
+fn cluster() -> (EmbeddedKafka, TestPipeline) {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
+    for spec in p.topology.topics.all() {
+        kafka.create_topic(&spec.name, spec.partitions).unwrap();
+    }
+    (kafka, p)
+}
+
+fn prop(t: &twinflow::twin::Twin, p: &TestPipeline, name: &str) -> Option<f64> {
+    t.value(p.topology.model.property(name).unwrap())
+        .and_then(Value::as_f64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_become_twins_and_edge_triggered_alerts() {
+    let (_kafka, mut p) = cluster();
+    p.start();
+    let t0 = 1_790_000_000_000;
+    p.send(
+        "reefer-1",
+        t0,
+        &[
+            ("lat", 52.1),
+            ("lng", 4.3),
+            ("speed_kmh", 60.0),
+            ("temperature_c", 4.0),
+            ("battery_pct", 80.0),
+        ],
+    )
+    .await;
+    p.send("reefer-1", t0 + 1000, &[("temperature_c", 9.5)])
+        .await; // breach: RAISED
+    p.send(
+        "reefer-1",
+        t0 + 2000,
+        &[("temperature_c", 10.0), ("speed_kmh", 0.0)],
+    )
+    .await; // still breached: nothing
+    p.send("reefer-1", t0 + 3000, &[("temperature_c", 6.0)])
+        .await; // recovered: CLEARED
+    p.send(
+        "truck-2",
+        t0,
+        &[("speed_kmh", 131.0), ("battery_pct", 12.0)],
+    )
+    .await; // two alerts at once
+
+    let twins = p.changelog(5);
+    let reefer: Vec<_> = twins.iter().filter(|t| t.asset_id == "reefer-1").collect();
+    assert_eq!(
+        reefer.iter().map(|t| t.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    let last = reefer[3];
+    assert_eq!(prop(last, &p, "temperature_c"), Some(6.0));
+    assert_eq!(
+        prop(last, &p, "lat"),
+        Some(52.1),
+        "absent properties keep their value"
+    );
+    assert_eq!(prop(last, &p, "battery_pct"), Some(80.0));
+    assert_eq!(last.status, Status::Idle, "speed 0 means idle");
+    assert_eq!(last.event_time, t0 + 3000);
+    assert_eq!(
+        reefer[1].alerts.len(),
+        1,
+        "the twin carries its raised alert"
+    );
+    assert!(last.alerts.is_empty());
+
+    let alerts = p.alerts(4);
+    let reefer_alerts: Vec<_> = alerts
+        .iter()
+        .filter(|a| text(&a["asset_id"]) == "reefer-1")
+        .collect();
+    let states: Vec<_> = reefer_alerts
+        .iter()
+        .map(|a| (text(&a["code"]), text(&a["state"]), number(&a["value"])))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("TEMP_BREACH".into(), "RAISED".into(), 9.5),
+            ("TEMP_BREACH".into(), "CLEARED".into(), 6.0)
+        ]
+    );
+    assert_eq!(reefer_alerts[0]["alert_id"], reefer_alerts[1]["alert_id"]);
+    assert_eq!(number(&reefer_alerts[0]["threshold"]), 8.0);
+    assert_eq!(number(&reefer_alerts[0]["event_time"]), (t0 + 1000) as f64);
+    assert_eq!(number(&reefer_alerts[1]["twin_version"]), 4.0);
+    let mut truck: Vec<_> = alerts
+        .iter()
+        .filter(|a| text(&a["asset_id"]) == "truck-2")
+        .map(|a| text(&a["code"]))
+        .collect();
+    truck.sort();
+    assert_eq!(truck, ["LOW_BATTERY", "SPEED_BREACH"]);
+
+    let m = p.metrics();
+    assert_eq!(
+        m.counter(
+            "twinflow_alerts_emitted_total",
+            &[("rule", "TEMP_BREACH"), ("state", "RAISED")]
+        ),
+        1
+    );
+    assert_eq!(
+        m.counter(
+            "twinflow_alerts_emitted_total",
+            &[("rule", "TEMP_BREACH"), ("state", "CLEARED")]
+        ),
+        1
+    );
+    assert_eq!(m.total("twinflow_twin_updates_total"), 5);
+
+    // The HTTP endpoint serves the twin from the store.
+    let body: serde_json::Value =
+        reqwest::get(format!("http://{}/twins/reefer-1", p.http.unwrap()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(body["properties"]["temperature_c"], 6.0);
+    assert_eq!(body["status"], "IDLE");
+    let missing = reqwest::get(format!("http://{}/twins/nope", p.http.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_records_land_in_the_dead_letter_topic_with_reasons() {
+    let (_kafka, mut p) = cluster();
+    p.start();
+    let good = p.encode("van-1", 1_790_000_000_000, &[("speed_kmh", 10.0)]);
+    let out_of_range = p.encode("van-1", 1_790_000_000_001, &[("lat", 123.0)]);
+    p.send_raw(Some(b"van-1"), Some(b"\x02\xff\xff garbage"))
+        .await;
+    p.send_raw(Some(b"van-1"), Some(&good[..good.len() - 3]))
+        .await;
+    p.send_raw(Some(b"van-1"), Some(&out_of_range)).await;
+    p.send_raw(Some(b"someone-else"), Some(&good)).await;
+    p.send_raw(None, Some(&good)).await;
+    p.send_raw(Some(b"van-1"), None).await;
+    p.send_raw(Some(b"van-1"), Some(&good)).await;
+    p.send_raw(Some(b"van-1"), Some(&good)).await; // exact duplicate: a counted skip
+
+    let dead = p.read(
+        &p.topology.topics.dead_letter.name,
+        6,
+        std::time::Duration::from_secs(30),
+    );
+    let reasons: Vec<_> = dead
+        .iter()
+        .map(|m| header(m, "twinflow.error.reason").unwrap())
+        .collect();
+    let mut sorted = reasons.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "decode",
+            "decode",
+            "empty",
+            "invalid",
+            "key_mismatch",
+            "key_mismatch"
+        ]
+    );
+    let invalid = dead
+        .iter()
+        .find(|m| header(m, "twinflow.error.reason") == Some("invalid"))
+        .unwrap();
+    assert!(
+        header(invalid, "twinflow.error.message")
+            .unwrap()
+            .contains("lat = 123"),
+        "the message says what was wrong"
+    );
+    assert_eq!(header(invalid, "twinflow.error.stage"), Some("validate"));
+    assert_eq!(header(invalid, "twinflow.source.topic"), Some("telemetry"));
+    assert!(
+        header(invalid, "twinflow.source.offset")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok()
+    );
+    assert_eq!(
+        invalid.payload(),
+        Some(&out_of_range[..]),
+        "the original bytes are kept"
+    );
+
+    assert_eq!(
+        p.changelog(1).len(),
+        1,
+        "the good reading still becomes a twin"
+    );
+    p.wait_consumed(8).await;
+    let m = p.metrics();
+    let consumed = m.total("twinflow_records_consumed_total");
+    let accounted = m.total("twinflow_twin_updates_total")
+        + m.total("twinflow_records_skipped_total")
+        + m.total("twinflow_records_dead_lettered_total");
+    assert_eq!(
+        (consumed, accounted),
+        (8, 8),
+        "every record is an update, a skip or a dead letter"
+    );
+    assert_eq!(
+        m.counter("twinflow_records_skipped_total", &[("reason", "duplicate")]),
+        1
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_the_store_without_loss_or_repeats() {
+    let (_kafka, mut p) = cluster();
+    p.start();
+    let t0 = 1_790_000_000_000;
+    for i in 0..200 {
+        p.send(
+            &format!("truck-{}", i % 20),
+            t0 + i,
+            &[("speed_kmh", 50.0 + (i % 7) as f64)],
+        )
+        .await;
+    }
+    p.wait_consumed(200).await;
+    p.stop().await;
+
+    for i in 200..300 {
+        p.send(
+            &format!("truck-{}", i % 20),
+            t0 + i,
+            &[("battery_pct", 90.0 - (i % 5) as f64)],
+        )
+        .await;
+    }
+    p.start();
+    p.wait_consumed(100).await;
+    let twins = p.changelog(300);
+    assert_eq!(
+        twins.len(),
+        300,
+        "no reading applied twice after the restart"
+    );
+    let mut versions: Vec<_> = twins
+        .iter()
+        .map(|t| (t.asset_id.clone(), t.version))
+        .collect();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(versions.len(), 300, "every (asset, version) appears once");
+    let last = twins
+        .iter()
+        .filter(|t| t.asset_id == "truck-0")
+        .max_by_key(|t| t.version)
+        .unwrap();
+    assert_eq!(
+        last.version, 15,
+        "state survived: versions continue after the restart"
+    );
+    assert!(
+        last.value(p.topology.model.property("speed_kmh").unwrap())
+            .is_some(),
+        "speed from before the restart kept"
+    );
+    assert_eq!(
+        p.metrics().total("twinflow_records_consumed_total"),
+        100,
+        "the restart read only new records"
+    );
+    p.stop().await;
+}
