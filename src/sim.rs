@@ -162,7 +162,7 @@ impl Fleet {
                     speeder: rng.gen_bool(0.15),
                     temp: reefer.then(|| rng.gen_range(2.0..5.0)),
                     excursion_left: 0,
-                    battery: rng.gen_range(30.0..100.0),
+                    battery: rng.gen_range(10.0..100.0),
                     recharge_below: rng.gen_range(8.0..22.0),
                     silent_left: 0,
                     ticks: 0,
