@@ -1,6 +1,5 @@
 //! The command line: `run`, `demo`, `simulate` and `topology describe|apply`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
@@ -44,17 +43,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where the topology files are.
-#[derive(clap::Args, Debug, Clone)]
-pub struct TopologyArgs {
-    /// Topic declarations.
-    #[arg(long, default_value = "topology/topics.toml")]
-    pub topics: PathBuf,
-    /// Twin model and rules.
-    #[arg(long, default_value = "topology/vehicle.toml")]
-    pub model: PathBuf,
-}
-
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -65,32 +53,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Run everything in one process on an embedded Kafka-protocol cluster.
-    Demo {
-        /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C without it.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        duration: Option<Duration>,
-        /// Simulated vehicles.
-        #[arg(long, default_value_t = 2000)]
-        assets: usize,
-        /// Readings per second.
-        #[arg(long, default_value_t = 5000)]
-        rate: u64,
-        /// Simulator seed.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Fraction of malformed readings.
-        #[arg(long, default_value_t = 0.005)]
-        malformed: f64,
-        /// HTTP endpoint.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        /// Keep the store here instead of a temporary directory.
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Topology files.
-        #[command(flatten)]
-        topology: TopologyArgs,
-    },
+    Demo(DemoOptions),
     /// Write simulated fleet telemetry to real brokers.
     Simulate {
         /// Bootstrap servers.
@@ -128,7 +91,7 @@ pub enum Command {
         properties: Vec<String>,
         /// Topology files.
         #[command(flatten)]
-        topology: TopologyArgs,
+        topology: TopologyConfig,
     },
     /// Show or create the topics.
     Topology {
@@ -145,7 +108,7 @@ pub enum TopologyAction {
     Describe {
         /// Topology files.
         #[command(flatten)]
-        topology: TopologyArgs,
+        topology: TopologyConfig,
     },
     /// Create missing topics with their configs; report existing ones that differ.
     Apply {
@@ -190,31 +153,7 @@ impl Cli {
                 tracing::info!(http = %app.http_addr(), "twinflow running.");
                 app.run(shutdown_on_signals()).await
             }
-            Command::Demo {
-                duration,
-                assets,
-                rate,
-                seed,
-                malformed,
-                http,
-                state_dir,
-                topology,
-            } => {
-                let opts = DemoOptions {
-                    duration,
-                    assets,
-                    rate,
-                    seed,
-                    malformed,
-                    http,
-                    state_dir,
-                    topology: TopologyConfig {
-                        topics: topology.topics,
-                        model: topology.model,
-                    },
-                };
-                demo::run(opts, shutdown_on_signals()).await
-            }
+            Command::Demo(opts) => demo::run(opts, shutdown_on_signals()).await,
             Command::Simulate {
                 brokers,
                 topic,

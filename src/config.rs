@@ -75,13 +75,16 @@ fn default_group() -> String {
     "twinflow".into()
 }
 
-/// Paths of the topology files, relative to the working directory.
-#[derive(Clone, Debug, Deserialize)]
+/// Paths of the topology files, relative to the working directory (also the command
+/// line's `--topics` and `--model`).
+#[derive(Clone, Debug, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopologyConfig {
     /// Topic declarations.
+    #[arg(long, default_value = "topology/topics.toml")]
     pub topics: PathBuf,
     /// Twin model and rules.
+    #[arg(long, default_value = "topology/vehicle.toml")]
     pub model: PathBuf,
 }
 

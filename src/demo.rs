@@ -18,25 +18,33 @@ use crate::embedded::EmbeddedKafka;
 use crate::sim::{self, Fleet, FleetConfig, Publish};
 use crate::topology::Topology;
 
-/// What the demo runs.
-#[derive(Clone, Debug)]
+/// What the demo runs (the options of `twinflow demo`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct DemoOptions {
-    /// Stop after this long; `None` runs until Ctrl-C.
+    /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C without it.
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
     /// Simulated vehicles.
+    #[arg(long, default_value_t = 2000)]
     pub assets: usize,
     /// Readings per second.
+    #[arg(long, default_value_t = 5000)]
     pub rate: u64,
     /// Simulator seed.
+    #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Fraction of malformed readings.
+    #[arg(long, default_value_t = 0.005)]
     pub malformed: f64,
     /// HTTP endpoint.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
-    /// Topology files.
-    pub topology: TopologyConfig,
-    /// Store directory; a temporary one when `None`.
+    /// Keep the store here instead of a temporary directory.
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Topology files.
+    #[command(flatten)]
+    pub topology: TopologyConfig,
 }
 
 /// Runs the demo until `shutdown` or the duration.
