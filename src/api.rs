@@ -72,6 +72,11 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             "no partitions assigned yet",
         )
+    } else if !s.coordinator.ready() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "restoring twins from the changelog",
+        )
     } else {
         Json(serde_json::json!({ "ready": true, "partitions": assigned })).into_response()
     }

@@ -9,16 +9,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::consumer::Consumer as _;
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::Producer as _;
 use rdkafka::{ClientConfig, Message, Offset};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Role};
+use crate::config::{Config, Guarantee, Role};
+use crate::kafka::OutputProducer;
 use crate::kafka::{Consumer, RebalanceContext};
 use crate::metrics::Metrics;
-use crate::pipeline::{Coordinator, Handler, Shared};
+use crate::pipeline::{Committer, Coordinator, Failure, Handler, Shared};
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -41,6 +42,7 @@ const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
 /// A built, not yet running, twinflow instance.
 pub struct App {
     shared: Arc<Shared>,
+    committer: Arc<Committer>,
     coordinator: Arc<Coordinator>,
     consumer: Arc<Consumer>,
     listener: std::net::TcpListener,
@@ -70,24 +72,50 @@ impl App {
         })?;
         let store = Store::open(&config.store.path).context("opening the store")?;
 
+        let settings = &config.processing;
+        let exactly_once = settings.guarantee == Guarantee::ExactlyOnce;
         let mut producer_config = ClientConfig::new();
         for (k, v) in PRODUCER_DEFAULTS {
             producer_config.set(k, v);
         }
+        if exactly_once {
+            let id = settings.transactional_id.clone().unwrap_or_else(|| {
+                default_transactional_id(&config.kafka.group_id, &config.store.path)
+            });
+            // A restarted instance with the same id fences its previous incarnation and
+            // aborts its open transaction at once; a dead one's is aborted after this long.
+            producer_config
+                .set("transactional.id", &id)
+                .set("transaction.timeout.ms", "10000");
+        }
         config.kafka.apply(&mut producer_config, Role::Producer);
-        let producer: FutureProducer = producer_config.create().context("creating the producer")?;
+        let producer = OutputProducer::new(&producer_config, &topology.topics.changelog.name)
+            .context("creating the producer")?;
+        if exactly_once {
+            let p = producer.inner();
+            p.init_transactions(Duration::from_secs(60))
+                .context("initialising transactions")?;
+            p.begin_transaction()
+                .context("beginning the first transaction")?;
+        }
+        let mut restore_client = ClientConfig::new();
+        config.kafka.apply(&mut restore_client, Role::Consumer);
 
         let telemetry = topology.topics.telemetry.name.clone();
         let shared = Arc::new(Shared {
             topology: Arc::new(topology),
             store,
             metrics: Metrics::new(prometheus::Registry::new()),
-            settings: config.pipeline.clone(),
+            settings: settings.clone(),
             clock,
             producer,
+            restore_client,
+            failure: Failure::default(),
         });
+        let committer = Arc::new(Committer::new(shared.clone()));
         let coordinator = Arc::new(Coordinator::new(
             shared.clone(),
+            committer.clone(),
             tokio::runtime::Handle::current(),
         ));
 
@@ -98,8 +126,19 @@ impl App {
         config.kafka.apply(&mut consumer_config, Role::Consumer);
         consumer_config
             .set("group.id", &config.kafka.group_id)
-            // The store owns the position; the group offset is stored only after a commit.
-            .set("enable.auto.offset.store", "false");
+            // Group offsets are stored only after a commit (or sent in the transaction).
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "isolation.level",
+                if exactly_once {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            );
+        if exactly_once {
+            consumer_config.set("enable.auto.commit", "false");
+        }
         let context = RebalanceContext::new(Arc::new(Handler(coordinator.clone())));
         let consumer: Arc<Consumer> = Arc::new(
             consumer_config
@@ -107,6 +146,7 @@ impl App {
                 .context("creating the consumer")?,
         );
         RebalanceContext::attach(&consumer);
+        committer.attach(&consumer);
         consumer
             .subscribe(&[&telemetry])
             .with_context(|| format!("subscribing to {telemetry}"))?;
@@ -118,6 +158,7 @@ impl App {
             .context("configuring the HTTP listener")?;
         Ok(App {
             shared,
+            committer,
             coordinator,
             consumer,
             listener,
@@ -144,10 +185,13 @@ impl App {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let App {
             shared,
+            committer,
             coordinator,
             consumer,
             listener,
         } = self;
+        let committing = CancellationToken::new();
+        let committer_task = tokio::spawn(committer.clone().run(committing.clone()));
         let listener =
             tokio::net::TcpListener::from_std(listener).context("starting the HTTP endpoint")?;
         let http_stop = CancellationToken::new();
@@ -166,7 +210,7 @@ impl App {
                 .context("starting the consumer thread")?
         };
 
-        let failed = coordinator.failed();
+        let failed = shared.failure.token();
         tokio::select! {
             _ = shutdown.cancelled() => tracing::info!("Shutting down."),
             _ = failed.cancelled() => {}
@@ -178,7 +222,10 @@ impl App {
             .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?;
         http_stop.cancel();
         http.await.context("joining the HTTP endpoint")??;
-        if let Some(e) = coordinator.take_failure() {
+        // The poller committed and closed everything; stop the periodic commits.
+        committing.cancel();
+        committer_task.await.context("joining the committer")?;
+        if let Some(e) = shared.failure.take() {
             return Err(e).context("a partition worker failed");
         }
         tracing::info!("Stopped cleanly.");
@@ -220,4 +267,12 @@ fn poll_consumer(consumer: Arc<Consumer>, coordinator: &Coordinator, stop: &Atom
     // Dropping the last handle closes the consumer: it revokes (nothing left to drain),
     // commits the stored offsets and leaves the group.
     drop(consumer);
+}
+
+/// A transactional id unique per instance and stable across its restarts: the group plus a
+/// hash of the store path (an instance is its store).
+fn default_transactional_id(group: &str, store: &std::path::Path) -> String {
+    let path = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_owned());
+    let hash = xxhash_rust::xxh3::xxh3_64(path.to_string_lossy().as_bytes());
+    format!("twinflow-{group}-{hash:016x}")
 }

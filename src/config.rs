@@ -32,9 +32,9 @@ pub struct Config {
     /// The local state store.
     #[serde(default)]
     pub store: StoreConfig,
-    /// Batching and caching of the processing loop.
+    /// Guarantees, commits, batching and caching of the processing loop.
     #[serde(default)]
-    pub pipeline: PipelineConfig,
+    pub processing: ProcessingConfig,
     /// The HTTP endpoint (metrics, health, twins).
     #[serde(default)]
     pub http: HttpConfig,
@@ -113,25 +113,52 @@ impl Default for StoreConfig {
     }
 }
 
+/// Processing guarantees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Outputs are delivered before state and position are committed: a crash replays the
+    /// uncommitted tail, re-emitting identical records (same twin versions and alert ids).
+    #[default]
+    AtLeastOnce,
+    /// Outputs and input offsets commit in one Kafka transaction; `read_committed`
+    /// consumers see each effect once.
+    ExactlyOnce,
+}
+
 /// The processing loop.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    /// Most records per batch and partition: one store write and one metrics update each.
+pub struct ProcessingConfig {
+    /// At-least-once or exactly-once.
+    pub guarantee: Guarantee,
+    /// How often outputs, state and positions are committed (a transaction under
+    /// exactly-once). Shorter means lower end-to-end latency for read_committed readers.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Most records per batch and partition between two looks at the commit gate.
     pub batch_max_records: usize,
     /// Decoded twins kept in memory per partition.
     pub twin_cache_per_partition: usize,
     /// How long to back off before replaying after a transient failure.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// Transactional id under exactly-once. It must be stable across restarts of an
+    /// instance (so a restart fences its previous incarnation and aborts its open
+    /// transaction at once) and unique per instance. Default: derived from the group id and
+    /// the store path.
+    pub transactional_id: Option<String>,
 }
 
-impl Default for PipelineConfig {
+impl Default for ProcessingConfig {
     fn default() -> Self {
-        PipelineConfig {
+        ProcessingConfig {
+            guarantee: Guarantee::AtLeastOnce,
+            commit_interval: Duration::from_millis(100),
             batch_max_records: 2000,
             twin_cache_per_partition: 100_000,
             retry_backoff: Duration::from_millis(500),
+            transactional_id: None,
         }
     }
 }
@@ -196,13 +223,16 @@ impl Config {
         if self.kafka.bootstrap_servers.trim().is_empty() {
             return Err("key `kafka.bootstrap_servers`: must not be empty".into());
         }
-        if self.pipeline.batch_max_records == 0 {
-            return Err("key `pipeline.batch_max_records`: must be at least 1".into());
+        if self.processing.commit_interval.is_zero() {
+            return Err("key `processing.commit_interval`: must be longer than 0".into());
         }
-        if self.pipeline.twin_cache_per_partition < self.pipeline.batch_max_records {
+        if self.processing.batch_max_records == 0 {
+            return Err("key `processing.batch_max_records`: must be at least 1".into());
+        }
+        if self.processing.twin_cache_per_partition < self.processing.batch_max_records {
             return Err(format!(
-                "key `pipeline.twin_cache_per_partition`: must be at least batch_max_records ({}), since a batch keeps its twins in memory",
-                self.pipeline.batch_max_records
+                "key `processing.twin_cache_per_partition`: must be at least batch_max_records ({}), since a batch keeps its twins in memory",
+                self.processing.batch_max_records
             ));
         }
         let passthrough = || {
@@ -299,23 +329,23 @@ mod tests {
         let c = parse(MINIMAL, &[]).unwrap();
         assert_eq!(c.kafka.group_id, "twinflow");
         assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.pipeline.retry_backoff, Duration::from_millis(500));
+        assert_eq!(c.processing.retry_backoff, Duration::from_millis(500));
     }
 
     #[test]
     fn unknown_keys_are_named() {
         let err = parse(
-            &format!("{MINIMAL}[pipeline]\nbatch_max_recrods = 5\n"),
+            &format!("{MINIMAL}[processing]\nbatch_max_recrods = 5\n"),
             &[],
         )
         .unwrap_err();
         assert!(err.contains("batch_max_recrods"), "{err}");
         let err = parse(
-            &format!("{MINIMAL}[pipeline]\nretry_backoff = \"soon\"\n"),
+            &format!("{MINIMAL}[processing]\nretry_backoff = \"soon\"\n"),
             &[],
         )
         .unwrap_err();
-        assert!(err.contains("pipeline.retry_backoff"), "{err}");
+        assert!(err.contains("processing.retry_backoff"), "{err}");
     }
 
     #[test]
@@ -324,7 +354,7 @@ mod tests {
             MINIMAL,
             &[
                 ("TWINFLOW_KAFKA__BOOTSTRAP_SERVERS", "b1:9092,b2:9092"),
-                ("TWINFLOW_PIPELINE__BATCH_MAX_RECORDS", "500"),
+                ("TWINFLOW_PROCESSING__BATCH_MAX_RECORDS", "500"),
                 ("TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD", "s3cret"),
                 ("OTHER", "ignored"),
                 ("TWINFLOW_LOG_FORMAT", "json"),
@@ -332,10 +362,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.kafka.bootstrap_servers, "b1:9092,b2:9092");
-        assert_eq!(c.pipeline.batch_max_records, 500);
+        assert_eq!(c.processing.batch_max_records, 500);
         assert_eq!(c.kafka.librdkafka["sasl.password"], "s3cret");
-        let err = parse(MINIMAL, &[("TWINFLOW_PIPELINE__BATCH_MAX_RECORDS", "many")]).unwrap_err();
-        assert!(err.contains("pipeline.batch_max_records"), "{err}");
+        let err = parse(
+            MINIMAL,
+            &[("TWINFLOW_PROCESSING__BATCH_MAX_RECORDS", "many")],
+        )
+        .unwrap_err();
+        assert!(err.contains("processing.batch_max_records"), "{err}");
     }
 
     #[test]
@@ -348,7 +382,7 @@ mod tests {
     #[test]
     fn relationships_are_checked_up_front() {
         let err = parse(
-            &format!("{MINIMAL}[pipeline]\nbatch_max_records = 0\n"),
+            &format!("{MINIMAL}[processing]\nbatch_max_records = 0\n"),
             &[],
         )
         .unwrap_err();

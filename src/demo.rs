@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, HttpConfig, KafkaConfig, PipelineConfig, StoreConfig, TopologyConfig};
+use crate::config::{
+    Config, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
+};
 use crate::embedded::EmbeddedKafka;
 use crate::sim::{self, Fleet, FleetConfig, Publish};
 use crate::topology::Topology;
@@ -75,7 +77,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         },
         topology: opts.topology.clone(),
         store: StoreConfig { path: state },
-        pipeline: PipelineConfig::default(),
+        processing: ProcessingConfig::default(),
         http: HttpConfig { listen: opts.http },
     };
     config.validate().map_err(anyhow::Error::msg)?;

@@ -39,6 +39,9 @@ pub enum Error {
     /// The configuration, topology or schemas are wrong.
     #[error("config: {0}")]
     Config(String),
+    /// The instance cannot go on safely (for example, its transaction cannot be aborted).
+    #[error("{0}")]
+    Fatal(String),
 }
 
 impl Error {
@@ -47,11 +50,20 @@ impl Error {
         match self {
             Error::Decode(_) | Error::Invalid(_) => Disposition::Skip,
             Error::Store(_) => Disposition::Retry,
+            // A transaction error says itself whether it is fatal (fenced, broken producer)
+            // or can be aborted and replayed.
+            Error::Kafka(rdkafka::error::KafkaError::Transaction(e)) => {
+                if e.is_fatal() {
+                    Disposition::Fatal
+                } else {
+                    Disposition::Retry
+                }
+            }
             Error::Kafka(e) => match e.rdkafka_error_code() {
                 Some(code) if is_fatal_kafka(code) => Disposition::Fatal,
                 _ => Disposition::Retry,
             },
-            Error::CorruptStore(_) | Error::Config(_) => Disposition::Fatal,
+            Error::CorruptStore(_) | Error::Config(_) | Error::Fatal(_) => Disposition::Fatal,
         }
     }
 
@@ -64,6 +76,7 @@ impl Error {
             Error::CorruptStore(_) => "corrupt_store",
             Error::Kafka(_) => "kafka",
             Error::Config(_) => "config",
+            Error::Fatal(_) => "fatal",
         }
     }
 }

@@ -27,8 +27,15 @@ pub struct Metrics {
     dead_lettered: IntCounterVec,
     alerts: IntCounterVec,
     batch_seconds: HistogramVec,
-    commit_seconds: HistogramVec,
     replays: IntCounterVec,
+    commit_outcomes: IntCounterVec,
+    /// Time to make one commit durable (deliveries or transaction, then the store).
+    pub commit_seconds: Histogram,
+    restored: IntCounterVec,
+    restore_remaining: IntGaugeVec,
+    restore_seconds: prometheus::GaugeVec,
+    /// Partitions being restored from the changelog right now.
+    pub restoring_partitions: IntGauge,
     next_offset: IntGaugeVec,
     /// Partitions this instance currently owns.
     pub assigned_partitions: IntGauge,
@@ -121,12 +128,65 @@ impl Metrics {
             batch_seconds: histogram(
                 r,
                 "twinflow_batch_duration_seconds",
-                "Time to process, emit and commit one batch.",
+                "Time to process and send one batch.",
             ),
-            commit_seconds: histogram(
+            commit_outcomes: counter(
                 r,
-                "twinflow_store_commit_duration_seconds",
-                "Time to write one batch to the store.",
+                "twinflow_commits_total",
+                "Commits (transactions under exactly-once) by outcome: committed, or aborted and replayed.",
+                &["outcome"],
+            ),
+            commit_seconds: {
+                let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)
+                    .expect("static buckets are valid");
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "twinflow_commit_duration_seconds",
+                        "Time to make one commit durable, store write included.",
+                    )
+                    .buckets(buckets),
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(h.clone()))
+                    .expect("each family registers once");
+                h
+            },
+            restored: counter(
+                r,
+                "twinflow_restore_records_total",
+                "Changelog records applied to the store by restores.",
+                &["partition"],
+            ),
+            restore_remaining: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "twinflow_restore_remaining_records",
+                        "Changelog records a running restore has still to read.",
+                    ),
+                    &["partition"],
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(g.clone()))
+                    .expect("each family registers once");
+                g
+            },
+            restore_seconds: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(
+                        "twinflow_restore_duration_seconds",
+                        "Duration of the last restore of a partition.",
+                    ),
+                    &["partition"],
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(g.clone()))
+                    .expect("each family registers once");
+                g
+            },
+            restoring_partitions: gauge(
+                r,
+                "twinflow_restoring_partitions",
+                "Partitions being restored from the changelog.",
             ),
             replays: counter(
                 r,
@@ -147,6 +207,22 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// The counter of committed (`true`) or aborted commits.
+    pub fn commits(&self, committed: bool) -> IntCounter {
+        self.commit_outcomes
+            .with_label_values(&[if committed { "committed" } else { "aborted" }])
+    }
+
+    /// Handles for one partition's restore: records applied, records remaining, duration.
+    pub fn restore(&self, partition: i32) -> (IntCounter, IntGauge, prometheus::Gauge) {
+        let p = partition.to_string();
+        (
+            self.restored.with_label_values(&[&p]),
+            self.restore_remaining.with_label_values(&[&p]),
+            self.restore_seconds.with_label_values(&[&p]),
+        )
     }
 
     /// The registry, for `/metrics`.
@@ -174,7 +250,6 @@ impl Metrics {
                 })
                 .collect(),
             batch_seconds: self.batch_seconds.with_label_values(&[&p]),
-            commit_seconds: self.commit_seconds.with_label_values(&[&p]),
             replays: self.replays.with_label_values(&[&p]),
             next_offset: self.next_offset.with_label_values(&[&p]),
         }
@@ -223,7 +298,6 @@ pub struct PartitionMetrics {
     /// Per rule: `[raised, cleared]`.
     pub(crate) alerts: Vec<[IntCounter; 2]>,
     pub(crate) batch_seconds: Histogram,
-    pub(crate) commit_seconds: Histogram,
     pub(crate) replays: IntCounter,
     pub(crate) next_offset: IntGauge,
 }

@@ -1,37 +1,109 @@
-//! The emitter: enqueues output records and keeps their delivery futures, so a batch can
-//! wait for every one of its outputs before its state and position are committed.
+//! The output producer: one per instance, shared by the partition workers, optionally
+//! transactional.
+//!
+//! Workers only enqueue. Its delivery callback records what a commit needs to know: whether
+//! any record failed since the last commit, and the offset of the last changelog record per
+//! partition (the store remembers it, so a restore reads only the tail after it).
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::{ClientConfig, ClientContext, Message};
 
 use crate::error::{Error, Result};
 
-/// One worker's view of the shared producer.
-pub struct Emitter {
-    producer: FutureProducer,
-    pending: Vec<DeliveryFuture>,
+/// What the deliveries since the last commit came to.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    /// The first delivery error, if any.
+    pub failure: Option<KafkaError>,
+    /// Number of failed deliveries.
+    pub failed: u64,
+    /// Per changelog partition, the offset after the last delivered record.
+    pub changelog_next: BTreeMap<i32, i64>,
 }
 
-impl Emitter {
-    /// An emitter on `producer` (a cheap clone of the instance's producer).
-    pub fn new(producer: FutureProducer) -> Self {
-        Emitter {
-            producer,
-            pending: Vec::new(),
+/// Delivery bookkeeping, read and reset at each commit.
+pub struct Tracking {
+    changelog: String,
+    state: Mutex<Deliveries>,
+}
+
+impl ClientContext for Tracking {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka producer error.");
+    }
+}
+
+impl ProducerContext for Tracking {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut state = self.state.lock().expect("delivery state lock");
+        match result {
+            Ok(m) if m.topic() == self.changelog => {
+                let next = state.changelog_next.entry(m.partition()).or_insert(0);
+                *next = (*next).max(m.offset() + 1);
+            }
+            Ok(_) => {}
+            Err((error, _)) => {
+                state.failed += 1;
+                state.failure.get_or_insert_with(|| error.clone());
+            }
         }
     }
+}
 
-    /// Enqueues one record. When librdkafka's queue is full, waits for the deliveries
-    /// already pending and tries again.
+/// The instance's producer of changelog, alert and dead-letter records.
+pub struct OutputProducer {
+    producer: ThreadedProducer<Tracking>,
+}
+
+impl OutputProducer {
+    /// Creates the producer; `changelog` is the topic whose offsets are tracked.
     ///
     /// # Errors
-    /// `Error::Kafka` when the record cannot be enqueued, or a pending delivery failed while
-    /// making room.
+    /// When librdkafka refuses the configuration.
+    pub fn new(config: &ClientConfig, changelog: &str) -> Result<OutputProducer> {
+        let context = Tracking {
+            changelog: changelog.to_owned(),
+            state: Mutex::new(Deliveries::default()),
+        };
+        Ok(OutputProducer {
+            producer: config.create_with_context(context)?,
+        })
+    }
+
+    /// The underlying producer, for flushes and transactions.
+    pub fn inner(&self) -> &ThreadedProducer<Tracking> {
+        &self.producer
+    }
+
+    /// What happened since the last call, resetting it.
+    pub fn take_deliveries(&self) -> Deliveries {
+        std::mem::take(
+            &mut *self
+                .producer
+                .context()
+                .state
+                .lock()
+                .expect("delivery state lock"),
+        )
+    }
+
+    /// Enqueues one record; when librdkafka's queue is full, waits briefly and tries again.
+    ///
+    /// # Errors
+    /// `Error::Kafka` when the record cannot be enqueued (for example, a fatal producer
+    /// error or a transaction that must be aborted).
     pub async fn send(
-        &mut self,
+        &self,
         topic: &str,
         partition: Option<i32>,
         key: Option<&[u8]>,
@@ -40,60 +112,19 @@ impl Emitter {
     ) -> Result<()> {
         let mut headers = headers;
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-            if let Some(k) = key {
-                record = record.key(k);
-            }
-            if let Some(p) = payload {
-                record = record.payload(p);
-            }
-            if let Some(p) = partition {
-                record = record.partition(p);
-            }
-            if let Some(h) = headers.take() {
-                record = record.headers(h);
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    self.pending.push(delivery);
-                    return Ok(());
-                }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            record.key = key;
+            record.payload = payload;
+            record.partition = partition;
+            record.headers = headers.take();
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
                     headers = record.headers;
-                    if self.pending.is_empty() {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    self.flush().await?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 Err((e, _)) => return Err(Error::Kafka(e)),
             }
         }
-    }
-
-    /// Records enqueued and not yet confirmed.
-    pub fn pending(&self) -> usize {
-        self.pending.len()
-    }
-
-    /// Waits until every pending record is delivered.
-    ///
-    /// # Errors
-    /// The first delivery error; every pending future is still awaited.
-    pub async fn flush(&mut self) -> Result<()> {
-        let mut first = None;
-        for delivery in self.pending.drain(..) {
-            let outcome = match delivery.await {
-                Ok(Ok(_)) => continue,
-                Ok(Err((e, _))) => Error::Kafka(e),
-                Err(_) => Error::Kafka(KafkaError::Canceled),
-            };
-            first.get_or_insert(outcome);
-        }
-        first.map_or(Ok(()), Err)
-    }
-
-    /// Forgets pending deliveries (after a failed batch, which will be replayed anyway).
-    pub fn abandon(&mut self) {
-        self.pending.clear();
     }
 }

@@ -1,5 +1,5 @@
 //! Kafka plumbing: the consumer whose rebalances become calls into the pipeline, async
-//! per-partition message streams, the emitter that tracks deliveries, and topic admin.
+//! per-partition message streams, the output producer that tracks deliveries, and topic admin.
 //!
 //! No business logic lives here: what to do on assign or revoke is the pipeline's
 //! [`RebalanceHandler`].
@@ -10,4 +10,4 @@ mod emitter;
 
 pub use admin::{TopicReport, apply_topology};
 pub use consumer::{Consumer, PartitionStream, RebalanceContext, RebalanceHandler, TopicPartition};
-pub use emitter::Emitter;
+pub use emitter::{Deliveries, OutputProducer};

@@ -2,8 +2,8 @@
 //!
 //! It is the consumer's [`RebalanceHandler`], so its methods run inside librdkafka's
 //! rebalance callback on the consumer's polling thread and may block: `revoke` returns only
-//! when the partitions' workers finished their batch, committed and stopped, which is what
-//! makes a hand-over lose nothing.
+//! when the partitions' workers finished their batch and their work is committed, which is
+//! what makes a hand-over lose nothing.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::committer::Committer;
 use super::worker::PartitionWorker;
+use crate::config::Guarantee;
 use crate::error::Error;
 use crate::kafka::{Consumer, PartitionStream, RebalanceHandler, TopicPartition};
 
@@ -26,22 +28,19 @@ struct Running {
 /// Owns the partition workers of one instance.
 pub struct Coordinator {
     shared: Arc<Shared>,
+    committer: Arc<Committer>,
     runtime: Handle,
     workers: Mutex<BTreeMap<i32, Running>>,
-    /// Cancelled when a worker fails fatally; the instance then stops.
-    failed: CancellationToken,
-    failure: Mutex<Option<Error>>,
 }
 
 impl Coordinator {
     /// A coordinator spawning workers on `runtime`.
-    pub fn new(shared: Arc<Shared>, runtime: Handle) -> Self {
+    pub fn new(shared: Arc<Shared>, committer: Arc<Committer>, runtime: Handle) -> Self {
         Coordinator {
             shared,
+            committer,
             runtime,
             workers: Mutex::new(BTreeMap::new()),
-            failed: CancellationToken::new(),
-            failure: Mutex::new(None),
         }
     }
 
@@ -55,48 +54,34 @@ impl Coordinator {
             .collect()
     }
 
-    /// Cancelled once a worker has failed fatally.
-    pub fn failed(&self) -> CancellationToken {
-        self.failed.clone()
-    }
-
-    /// The fatal error that stopped a worker, if any.
-    pub fn take_failure(&self) -> Option<Error> {
-        self.failure.lock().expect("failure lock").take()
-    }
-
-    fn fail(&self, error: Error) {
-        tracing::error!(%error, "Stopping: a partition worker failed.");
-        self.failure
-            .lock()
-            .expect("failure lock")
-            .get_or_insert(error);
-        self.failed.cancel();
+    /// Whether every assigned partition is restored and processing.
+    pub fn ready(&self) -> bool {
+        !self.assigned().is_empty() && self.shared.metrics.restoring_partitions.get() == 0
     }
 
     fn start(
-        self: &Arc<Self>,
+        &self,
         consumer: &Arc<Consumer>,
         topic: &str,
         partition: i32,
     ) -> Result<Offset, Error> {
-        let next = self.shared.store.partition(partition).next_offset(topic)?;
+        let stored = self.shared.store.partition(partition).next_offset(topic)?;
         let stream = PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
             Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
         })?;
+        let slot = self.committer.register(partition, topic);
         let worker = PartitionWorker::new(
             self.shared.clone(),
+            self.committer.clone(),
             consumer.clone(),
-            topic.to_owned(),
-            partition,
-            next,
+            slot,
         );
         let stop = CancellationToken::new();
-        let this = self.clone();
+        let shared = self.shared.clone();
         let token = stop.clone();
         let task = self.runtime.spawn(async move {
             if let Err(e) = worker.run(stream, token).await {
-                this.fail(e);
+                shared.failure.fail(e);
             }
         });
         let old = self
@@ -105,11 +90,19 @@ impl Coordinator {
             .expect("worker map lock")
             .insert(partition, Running { stop, task });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
-        tracing::info!(topic, partition, next_offset = ?next, "Partition worker started.");
-        Ok(next.map_or(Offset::Beginning, Offset::Offset))
+        // Where to start: under exactly-once the group offset, committed in the same
+        // transaction as the outputs, is the truth (the store may trail it after a crash, and
+        // the restore catches up). Under at-least-once the store's position, which is never
+        // ahead of what was delivered; the group offset if the store has none.
+        let offset = match (self.shared.settings.guarantee, stored) {
+            (Guarantee::AtLeastOnce, Some(next)) => Offset::Offset(next),
+            _ => Offset::Stored,
+        };
+        tracing::info!(topic, partition, ?offset, "Partition worker started.");
+        Ok(offset)
     }
 
-    /// Stops the workers of `partitions` and waits until they have committed and exited.
+    /// Stops the workers of `partitions`, waits until they finished their batch, and commits.
     pub fn stop(&self, partitions: &[i32]) {
         let running: Vec<(i32, Running)> = {
             let mut workers = self.workers.lock().expect("worker map lock");
@@ -126,9 +119,16 @@ impl Coordinator {
                 if let Err(e) = r.task.await {
                     tracing::error!(partition, error = %e, "Partition worker panicked.");
                 }
-                tracing::info!(partition, "Partition worker stopped.");
+            }
+            if let Err(e) = self.committer.commit().await {
+                // The partitions' uncommitted work is replayed by their next owner.
+                tracing::warn!(error = %e, "Commit before hand-over failed.");
             }
         });
+        for p in partitions {
+            self.committer.unregister(*p);
+            tracing::info!(partition = p, "Partition worker stopped.");
+        }
         self.update_gauge();
     }
 
@@ -144,7 +144,7 @@ impl Coordinator {
     }
 }
 
-/// The rebalance handler wraps an `Arc<Coordinator>` so workers can reach it.
+/// The rebalance handler wraps an `Arc<Coordinator>`.
 pub struct Handler(pub Arc<Coordinator>);
 
 impl RebalanceHandler for Handler {
@@ -155,7 +155,7 @@ impl RebalanceHandler for Handler {
                 |(topic, partition)| match self.0.start(consumer, topic, *partition) {
                     Ok(offset) => offset,
                     Err(e) => {
-                        self.0.fail(e);
+                        self.0.shared.failure.fail(e);
                         Offset::Invalid
                     }
                 },

@@ -1,28 +1,35 @@
-//! The processing pipeline: a coordinator that turns rebalances into partition workers, and
-//! the workers' hot loop.
+//! The processing pipeline: the coordinator that turns rebalances into partition workers,
+//! the workers' hot loop, the committer that makes their work durable, and restore.
 //!
-//! Record path, per partition and batch (see `ARCHITECTURE.md`):
-//! `stream → decode → validate → twin.apply → rules.evaluate → emit (changelog, alerts,
-//! dead letters) → await deliveries → store commit (twins + next offset, one WriteBatch) →
-//! consumer.store_offset (advisory) → metrics`.
+//! Record path (see `ARCHITECTURE.md`): `stream → decode → validate → twin.apply →
+//! rules.evaluate → send outputs (changelog, alerts, dead letters) → stage store writes`;
+//! every `processing.commit_interval` the committer stops the workers at a batch boundary,
+//! makes the outputs durable (delivered, or a committed transaction with the input offsets),
+//! and only then writes the staged twins and positions to RocksDB.
 
+mod committer;
 mod coordinator;
 pub mod processor;
+mod restore;
 mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::config::PipelineConfig;
+use crate::config::ProcessingConfig;
+use crate::error::Error;
+use crate::kafka::OutputProducer;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::topology::Topology;
 
+pub use committer::Committer;
 pub use coordinator::{Coordinator, Handler};
 
-/// What every worker of an instance shares.
+/// What every part of an instance shares.
 pub struct Shared {
     /// Topics, model, rules and codec.
     pub topology: Arc<Topology>,
@@ -30,10 +37,43 @@ pub struct Shared {
     pub store: Store,
     /// The instance's metrics.
     pub metrics: Metrics,
-    /// Batching and caching settings.
-    pub settings: PipelineConfig,
+    /// Guarantee, commit, batching and caching settings.
+    pub settings: ProcessingConfig,
     /// Processing time.
     pub clock: Arc<dyn Clock>,
     /// The instance's producer.
-    pub producer: FutureProducer,
+    pub producer: OutputProducer,
+    /// Client settings for the changelog readers of restores.
+    pub restore_client: ClientConfig,
+    /// The first fatal error; the instance stops when it is set.
+    pub failure: Failure,
+}
+
+/// The first fatal error of an instance, and a token cancelled when it happens.
+#[derive(Default)]
+pub struct Failure {
+    error: Mutex<Option<Error>>,
+    token: CancellationToken,
+}
+
+impl Failure {
+    /// Records a fatal error (the first one wins) and tells the instance to stop.
+    pub fn fail(&self, error: Error) {
+        tracing::error!(%error, "Stopping after a fatal error.");
+        self.error
+            .lock()
+            .expect("failure lock")
+            .get_or_insert(error);
+        self.token.cancel();
+    }
+
+    /// Cancelled once a fatal error happened.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// The fatal error, if any.
+    pub fn take(&self) -> Option<Error> {
+        self.error.lock().expect("failure lock").take()
+    }
 }

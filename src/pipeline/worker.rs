@@ -1,11 +1,14 @@
 //! The partition worker: the async shell around a [`Processor`] for one input partition.
 //!
+//! It restores the partition's twins from the changelog, then loops: wait for records, take
+//! the read side of the commit gate, process a batch into the partition's staged state, send
+//! the batch's outputs, release the gate. The [`Committer`] makes staged state durable.
+//!
 //! Invariants:
-//! - a batch's outputs are all delivered before its twins and next offset are committed, in
-//!   one store write; a crash in between replays the batch and re-emits the same outputs
-//!   (same twin versions, same alert ids): at-least-once, never loss;
-//! - only transient Kafka or store failures leave a batch; they rewind to the stored position
-//!   and the batch is processed again from committed state.
+//! - nothing reaches the store that Kafka has not made durable (see the committer);
+//! - when staged work was dropped (the committer's epoch moved), the worker forgets its cache
+//!   and seeks back to the stored position before processing anything else, so every input
+//!   record is applied exactly once to the committed state.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,110 +19,133 @@ use rdkafka::{Message, Offset};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::processor::{Batch, Input, Outputs, Processor, Target};
+use super::committer::{Committer, Slot};
+use super::processor::{Input, Outputs, Processor, Target};
+use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
-use crate::kafka::{Consumer, Emitter, PartitionStream};
-use crate::metrics::PartitionMetrics;
-use crate::store::PartitionStore;
+use crate::kafka::{Consumer, PartitionStream};
 
-/// Consecutive failed batches after which a transient failure counts as fatal.
+/// Consecutive failures after which a transient one counts as fatal.
 const MAX_REPLAYS: u32 = 10;
 
 /// One partition's worker.
 pub struct PartitionWorker {
     shared: Arc<Shared>,
+    committer: Arc<Committer>,
     consumer: Arc<Consumer>,
-    topic: String,
+    slot: Arc<Slot>,
     partition: i32,
-    store: PartitionStore,
     processor: Processor,
-    emitter: Emitter,
-    metrics: PartitionMetrics,
-    /// First offset not yet committed to the store; `None` until the first commit of a
-    /// partition with no stored position.
-    next_offset: Option<i64>,
+    /// Offset of the first record this worker saw: where it started, for rewinds before the
+    /// first commit of a partition the store has no position for.
+    start: Option<i64>,
+    /// Records below this offset are from before a rewind and are ignored.
+    floor: Option<i64>,
+    epoch: u64,
 }
 
 impl PartitionWorker {
-    /// A worker for `topic`/`partition`, starting at `next_offset` (the store's position).
+    /// A worker for the partition of `slot`.
     pub fn new(
         shared: Arc<Shared>,
+        committer: Arc<Committer>,
         consumer: Arc<Consumer>,
-        topic: String,
-        partition: i32,
-        next_offset: Option<i64>,
+        slot: Arc<Slot>,
     ) -> Self {
-        let store = shared.store.partition(partition);
-        let metrics = shared.metrics.partition(partition, &shared.topology.rules);
-        if let Some(next) = next_offset {
-            metrics.next_offset.set(next);
-        }
+        let store = shared.store.partition(slot.partition);
         PartitionWorker {
             processor: Processor::new(
                 shared.topology.clone(),
-                store.clone(),
+                store,
                 shared.settings.twin_cache_per_partition,
             ),
-            emitter: Emitter::new(shared.producer.clone()),
-            store,
-            metrics,
-            consumer,
-            topic,
-            partition,
-            next_offset,
+            partition: slot.partition,
+            epoch: committer.epoch(),
+            start: None,
+            floor: None,
             shared,
+            committer,
+            consumer,
+            slot,
         }
     }
 
-    /// Runs until `stop` is cancelled (after finishing the batch in flight) or a fatal error.
+    /// Restores, then processes until `stop` is cancelled (after finishing the batch in
+    /// flight) or a fatal error.
     ///
     /// # Errors
     /// A fatal error, or a transient one that kept failing `MAX_REPLAYS` times in a row.
     pub async fn run(mut self, stream: PartitionStream, stop: CancellationToken) -> Result<()> {
         let mut failures = 0u32;
-        let mut rewind = false;
         loop {
-            if rewind {
-                let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6) - 1);
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
-                }
-                match self.rewind().await {
-                    Ok(()) => rewind = false,
-                    Err(e) => failures = self.failed(e, failures)?,
-                }
-                continue;
+            let shared = self.shared.clone();
+            let partition = self.partition;
+            let restored = tokio::task::spawn_blocking(move || restore(&shared, partition))
+                .await
+                .map_err(|e| Error::Store(format!("restore task: {e}")))?;
+            match restored {
+                Ok(_) => break,
+                Err(e) => failures = self.retry(e, failures, &stop).await?,
             }
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+        }
+        self.floor = self
+            .shared
+            .store
+            .partition(self.partition)
+            .next_offset(&self.slot.topic)?;
+        loop {
             let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
                 m = stream.next() => m,
             };
+            let committer = self.committer.clone();
+            let gate = committer.gate().await;
+            if self.committer.epoch() != self.epoch {
+                // Staged work was dropped: this record may be ahead of the stored position.
+                drop(first);
+                drop(gate);
+                failures = match self.rewind().await {
+                    Ok(()) => 0,
+                    Err(e) => self.retry(e, failures, &stop).await?,
+                };
+                continue;
+            }
             let started = Instant::now();
-            match self.run_batch(first, &stream).await {
-                Ok(()) => {
-                    failures = 0;
-                    self.metrics
-                        .batch_seconds
-                        .observe(started.elapsed().as_secs_f64());
+            let outcome = self.run_batch(first, &stream).await;
+            drop(gate);
+            match outcome {
+                Ok(()) => self
+                    .slot
+                    .metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) if e.disposition() == Disposition::Retry => {
+                    // Everything uncommitted goes, for all partitions: under exactly-once this
+                    // partition's outputs share the transaction with the others'.
+                    self.committer.abort(&e.to_string()).await?;
+                    failures = self.retry(e, failures, &stop).await?;
                 }
-                Err(e) => {
-                    failures = self.failed(e, failures)?;
-                    rewind = true;
-                }
+                Err(e) => return Err(e),
             }
         }
     }
 
-    /// Decides whether a failure is retried (returning the new failure count) or stops the
-    /// worker.
-    fn failed(&self, e: Error, failures: u32) -> Result<u32> {
+    /// Counts a transient failure and backs off, or gives up.
+    async fn retry(&self, e: Error, failures: u32, stop: &CancellationToken) -> Result<u32> {
         if e.disposition() != Disposition::Retry || failures >= MAX_REPLAYS {
             return Err(e);
         }
-        self.metrics.replays.inc();
-        tracing::warn!(error = %e, partition = self.partition, attempt = failures + 1, "Batch failed; replaying from the stored position.");
+        self.slot.metrics.replays.inc();
+        tracing::warn!(error = %e, partition = self.partition, attempt = failures + 1, "Partition failed; retrying from the stored position.");
+        let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6));
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
+        }
         Ok(failures + 1)
     }
 
@@ -128,16 +154,24 @@ impl PartitionWorker {
         first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
         stream: &PartitionStream,
     ) -> Result<()> {
-        let mut batch = self.processor.batch(self.next_offset);
+        let staged = self.slot.staged.lock().expect("slot lock").take();
+        // Nothing staged means the last commit took everything, so the cache is clean.
+        let mut batch = staged.unwrap_or_else(|| self.processor.batch(None));
         let now = self.shared.clock.now_ms();
         let mut next = Some(first);
         let mut taken = 0;
+        let mut result = Ok(());
         // The messages borrow the stream; they are all processed before the first await.
         while let Some(m) = next.take() {
-            let m = m?;
-            // Offsets below the stored position were applied already (a fetch from before a
-            // rewind); everything else is processed.
-            if self.next_offset.is_none_or(|n| m.offset() >= n) {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            self.start.get_or_insert(m.offset());
+            if self.floor.is_none_or(|f| m.offset() >= f) {
                 let input = Input {
                     key: m.key(),
                     payload: m.payload(),
@@ -145,7 +179,10 @@ impl PartitionWorker {
                     offset: m.offset(),
                     headers: m.headers(),
                 };
-                self.processor.process(&input, &mut batch, now)?;
+                if let Err(e) = self.processor.process(&input, &mut batch, now) {
+                    result = Err(e);
+                    break;
+                }
             }
             taken += 1;
             next = if taken < self.shared.settings.batch_max_records {
@@ -155,12 +192,16 @@ impl PartitionWorker {
             };
         }
         drop(next);
-        self.emit(&batch.outputs).await?;
-        self.commit(batch).await
+        if result.is_ok() {
+            result = self.send(&batch.outputs).await;
+        }
+        batch.outputs.clear();
+        *self.slot.staged.lock().expect("slot lock") = Some(batch);
+        result
     }
 
-    /// Sends the batch's outputs and waits until every one is delivered.
-    async fn emit(&mut self, outputs: &Outputs) -> Result<()> {
+    /// Sends a batch's outputs (the committer makes them durable).
+    async fn send(&self, outputs: &Outputs) -> Result<()> {
         let topics = &self.shared.topology.topics;
         for o in &outputs.records {
             let (key, payload) = outputs.bytes(o);
@@ -180,49 +221,29 @@ impl PartitionWorker {
                     (&topics.dead_letter.name, None, Some(headers))
                 }
             };
-            self.emitter
+            self.shared
+                .producer
                 .send(topic, partition, key, payload, headers)
                 .await?;
-        }
-        self.emitter.flush().await
-    }
-
-    /// Commits the batch's twins and position together, then publishes its metrics.
-    async fn commit(&mut self, mut batch: Batch) -> Result<()> {
-        let Some(next) = batch.next_offset.filter(|n| Some(*n) != self.next_offset) else {
-            return Ok(());
-        };
-        batch.store.set_next_offset(&self.topic, next);
-        let started = Instant::now();
-        let store = self.store.clone();
-        let writes = batch.store;
-        tokio::task::spawn_blocking(move || store.commit(writes))
-            .await
-            .map_err(|e| Error::Store(format!("store commit task: {e}")))??;
-        self.metrics
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.next_offset = Some(next);
-        self.metrics.publish(&batch.counts);
-        self.metrics.next_offset.set(next);
-        // Advisory only: the store owns the position. The group offset shows lag to tools.
-        // (librdkafka stores the given offset + 1: the last processed record is passed.)
-        if let Err(error) = self
-            .consumer
-            .store_offset(&self.topic, self.partition, next - 1)
-        {
-            tracing::debug!(%error, partition = self.partition, "Cannot store the group offset.");
         }
         Ok(())
     }
 
-    /// Drops in-memory state and seeks back to the stored position.
+    /// Forgets in-memory state and seeks back to the stored position.
     async fn rewind(&mut self) -> Result<()> {
-        self.emitter.abandon();
+        self.epoch = self.committer.epoch();
         self.processor.reset();
-        let offset = self.next_offset.map_or(Offset::Beginning, Offset::Offset);
+        self.slot.staged.lock().expect("slot lock").take();
+        let stored = self
+            .shared
+            .store
+            .partition(self.partition)
+            .next_offset(&self.slot.topic)?;
+        let target = stored.or(self.start);
+        self.floor = target;
+        let offset = target.map_or(Offset::Beginning, Offset::Offset);
         let consumer = self.consumer.clone();
-        let (topic, partition) = (self.topic.clone(), self.partition);
+        let (topic, partition) = (self.slot.topic.clone(), self.partition);
         tokio::task::spawn_blocking(move || {
             consumer.seek(&topic, partition, offset, Duration::from_secs(10))
         })

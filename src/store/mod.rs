@@ -7,13 +7,15 @@
 //! |------|---------------------------------------|-------------------------------------|
 //! | 0x01 | `01 · partition u32 · asset_id utf-8` | twin, Avro datum of the twin schema |
 //! | 0x02 | `02 · partition u32 · topic utf-8`    | next input offset to read, i64 BE   |
+//! | 0x03 | `03 · partition u32`                  | next changelog offset reflected, BE |
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
 //!
-//! Invariant: twins and the input position of a batch land in one `WriteBatch`, so after any
-//! crash the stored twins are exactly those implied by the stored position. Writes skip fsync:
-//! a machine crash may lose the newest batches, and then loses their position with them,
-//! so replay from Kafka recomputes them.
+//! Invariant: twins and the positions of a commit land in one `WriteBatch`, so after any
+//! crash the stored twins are exactly those implied by the stored positions: the input
+//! offset says where processing resumes, the changelog offset where a restore resumes.
+//! Writes skip fsync: a machine crash may lose the newest commits, and their positions with
+//! them, so replay and restore recompute them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use crate::error::{Error, Result};
 
 const KIND_TWIN: u8 = 0x01;
 const KIND_OFFSET: u8 = 0x02;
+const KIND_CHANGELOG: u8 = 0x03;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -111,18 +114,24 @@ impl PartitionStore {
     /// # Errors
     /// `Error::Store` when RocksDB fails; `Error::CorruptStore` for a malformed value.
     pub fn next_offset(&self, topic: &str) -> Result<Option<i64>> {
-        match self
-            .db
-            .get(key(KIND_OFFSET, self.partition, topic.as_bytes()))?
-        {
+        self.offset(key(KIND_OFFSET, self.partition, topic.as_bytes()))
+    }
+
+    /// The next changelog offset to restore from: every changelog record before it is
+    /// reflected in the stored twins.
+    ///
+    /// # Errors
+    /// As [`PartitionStore::next_offset`].
+    pub fn changelog_next(&self) -> Result<Option<i64>> {
+        self.offset(key(KIND_CHANGELOG, self.partition, b""))
+    }
+
+    fn offset(&self, k: Vec<u8>) -> Result<Option<i64>> {
+        match self.db.get(&k)? {
             None => Ok(None),
             Some(v) => {
                 let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
-                    Error::CorruptStore(format!(
-                        "offset of {topic}/{} has {} bytes",
-                        self.partition,
-                        v.len()
-                    ))
+                    Error::CorruptStore(format!("position {k:?} has {} bytes", v.len()))
                 })?;
                 Ok(Some(i64::from_be_bytes(bytes)))
             }
@@ -206,6 +215,18 @@ impl StoreBatch {
             .put(key(KIND_TWIN, self.partition, asset_id.as_bytes()), twin);
     }
 
+    /// Removes a twin (a changelog tombstone).
+    pub fn delete_twin(&mut self, asset_id: &str) {
+        self.batch
+            .delete(key(KIND_TWIN, self.partition, asset_id.as_bytes()));
+    }
+
+    /// Records that every changelog record before `next` is reflected in the twins.
+    pub fn set_changelog_next(&mut self, next: i64) {
+        self.batch
+            .put(key(KIND_CHANGELOG, self.partition, b""), next.to_be_bytes());
+    }
+
     /// Records that every offset of `topic` before `next` is applied.
     pub fn set_next_offset(&mut self, topic: &str, next: i64) {
         self.batch.put(
@@ -239,12 +260,14 @@ mod tests {
             b.put_twin("truck-1", b"one");
             b.put_twin("truck-2", b"two");
             b.set_next_offset("telemetry", 42);
+            b.set_changelog_next(7);
             p.commit(b).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let p = store.partition(3);
         assert_eq!(p.twin("truck-1").unwrap().as_deref(), Some(&b"one"[..]));
         assert_eq!(p.next_offset("telemetry").unwrap(), Some(42));
+        assert_eq!(p.changelog_next().unwrap(), Some(7));
         assert_eq!(p.count().unwrap(), 2);
         assert_eq!(
             store.partition(2).twin("truck-1").unwrap(),

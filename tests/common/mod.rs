@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use twinflow::App;
 use twinflow::clock::{Clock, ManualClock};
 use twinflow::config::{
-    Config, HttpConfig, KafkaConfig, PipelineConfig, StoreConfig, TopologyConfig,
+    Config, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
 };
 use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
@@ -95,9 +95,9 @@ impl TestPipeline {
             store: StoreConfig {
                 path: self.state.path().join("store"),
             },
-            pipeline: PipelineConfig {
+            processing: ProcessingConfig {
                 batch_max_records: 500,
-                ..PipelineConfig::default()
+                ..ProcessingConfig::default()
             },
             http: HttpConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
