@@ -142,12 +142,17 @@ impl PartitionStream {
     }
 
     /// The next message, waiting for it. Cancel-safe.
+    ///
+    /// librdkafka signals only the empty → non-empty transition of a queue, and not on
+    /// every path that fills one; like rdkafka's own stream consumer, the wait is therefore
+    /// bounded, so a missed signal costs at most `RECHECK`, never a wedged partition.
     pub async fn next(&self) -> KafkaResult<BorrowedMessage<'_>> {
+        const RECHECK: Duration = Duration::from_millis(100);
         loop {
             if let Some(m) = self.try_next() {
                 return m;
             }
-            self.ready.notified().await;
+            let _ = tokio::time::timeout(RECHECK, self.ready.notified()).await;
         }
     }
 }

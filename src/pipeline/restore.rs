@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::Shared;
 use crate::config::Guarantee;
@@ -38,7 +38,7 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<u64> {
     if shared.settings.guarantee == Guarantee::ExactlyOnce {
         config.set("isolation.level", "read_committed");
     }
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
     let start = from.unwrap_or(low).max(low);
     if start >= high {
@@ -114,6 +114,20 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<u64> {
     );
     Ok(total)
 }
+
+/// A consumer context that does not log the end of a partition, which a restore reads on
+/// purpose.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "Restore consumer error.");
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}
 
 /// Runs `f` when dropped.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {

@@ -96,6 +96,9 @@ impl PartitionWorker {
             .store
             .partition(self.partition)
             .next_offset(&self.slot.topic)?;
+        if let Some(next) = self.floor {
+            self.slot.metrics.next_offset.set(next);
+        }
         loop {
             let first = tokio::select! {
                 biased;
