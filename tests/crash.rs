@@ -426,14 +426,7 @@ fn exactly_once_is_exact_across_clean_restarts() {
     crash_loop("exactly_once", "TERM");
 }
 
-/// Not passing yet, so not run by default (`cargo test --release --test crash -- --ignored`).
-/// With SIGKILLs under exactly-once, the final twins hold the oracle's values, but some have
-/// fewer versions than the oracle (changes absorbed), and in longer runs a changelog
-/// partition's last stable offset stayed behind an unresolved transaction although every
-/// input offset was committed. Whether noida-db's recovery of interrupted transactions or
-/// twinflow is at fault is not pinned down yet; clean restarts are exact (above).
 #[test]
-#[ignore = "not passing yet: see the comment"]
 fn exactly_once_survives_a_crash_loop() {
     crash_loop("exactly_once", "KILL");
 }

@@ -52,6 +52,12 @@ impl ProducerContext for Tracking {
                 *next = (*next).max(m.offset() + 1);
             }
             Ok(_) => {}
+            // Records purged by an abort we asked for are not failures.
+            Err((error, _))
+                if matches!(
+                    error.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+                ) => {}
             Err((error, _)) => {
                 state.failed += 1;
                 state.failure.get_or_insert_with(|| error.clone());

@@ -200,7 +200,9 @@ impl Committer {
                 }
             }
             let d = shared.producer.take_deliveries();
-            if let Some(e) = d.failure {
+            // Under exactly-once the committed transaction is the verdict; under
+            // at-least-once a failed delivery means the outputs are not all there.
+            if let (Some(e), None) = (d.failure, &group) {
                 return Err(Error::Kafka(e));
             }
             if group.is_some() {
