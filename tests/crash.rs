@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use twinflow::kafka::apply_topology;
 use twinflow::pipeline::processor::{Input, Processor, Target};
 use twinflow::sim::{Fleet, FleetConfig};
@@ -105,23 +105,15 @@ fn alert_key(v: &AV) -> (String, String) {
 
 /// Every record of `topic`, read to its end, in partition/offset order.
 fn read_all(bootstrap: &str, topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = client(bootstrap)
-        .set("group.id", "crash-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let partitions = metadata.topics()[0].partitions().len();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let noida: BTreeMap<String, String> = NOIDA_CLIENT
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let settings = [
+        ("enable.partition.eof", "true"),
+        ("isolation.level", "read_committed"),
+    ];
+    let (consumer, partitions) = common::reader(bootstrap, &noida, topic, &settings);
     let (mut out, mut ended) = (Vec::new(), 0);
     let deadline = Instant::now() + Duration::from_secs(120);
     while ended < partitions {

@@ -242,25 +242,7 @@ pub fn read_topic(
     n: usize,
     timeout: Duration,
 ) -> Vec<OwnedMessage> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("enable.auto.commit", "false")
-        .set("group.id", "reader");
-    c.set("fetch.wait.max.ms", "10");
-    for (k, v) in extra {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.create().unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let partitions = metadata.topics()[0].partitions().len();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    let (consumer, _) = reader(bootstrap, extra, topic, &[]);
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < n {
@@ -279,6 +261,40 @@ pub fn read_topic(
     }
     out.sort_by_key(|m| (m.partition(), m.offset()));
     out
+}
+
+/// A group-less consumer assigned to every partition of `topic` from the beginning, with
+/// `settings` on top; returns it with the partition count.
+pub fn reader(
+    bootstrap: &str,
+    extra: &BTreeMap<String, String>,
+    topic: &str,
+    settings: &[(&str, &str)],
+) -> (BaseConsumer, usize) {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("enable.auto.commit", "false")
+        .set("group.id", "reader")
+        .set("fetch.wait.max.ms", "10");
+    for (k, v) in extra
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(settings.iter().copied())
+    {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c.create().unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    (consumer, partitions)
 }
 
 pub fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {
