@@ -49,13 +49,7 @@ fn main() {
         interval_ms: 1000,
     };
     let mut fleet = Fleet::new(config, &topology.codec).expect("fleet");
-    let data: Vec<(Vec<u8>, Vec<u8>)> = (0..records)
-        .map(|_| {
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            fleet.next_record(&mut k, &mut v);
-            (k, v)
-        })
-        .collect();
+    let data = fleet.take(records);
     let bytes: usize = data.iter().map(|(_, v)| v.len()).sum();
 
     let schema = apache_avro::Schema::parse_str(

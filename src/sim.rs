@@ -181,6 +181,17 @@ impl Fleet {
         })
     }
 
+    /// The next `n` records as owned `(key, value)` pairs, for tests and benchmarks.
+    pub fn take(&mut self, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (0..n)
+            .map(|_| {
+                let (mut k, mut v) = (Vec::new(), Vec::new());
+                self.next_record(&mut k, &mut v);
+                (k, v)
+            })
+            .collect()
+    }
+
     /// Writes the next record's key and value into the buffers (cleared first).
     pub fn next_record(&mut self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Kind {
         key.clear();

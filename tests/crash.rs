@@ -264,13 +264,7 @@ fn crash_loop(guarantee: &str, signal: &str) {
         interval_ms: 5000,
     };
     let mut fleet = Fleet::new(config, &topology.codec).unwrap();
-    let input: Vec<(Vec<u8>, Vec<u8>)> = (0..RECORDS)
-        .map(|_| {
-            let (mut k, mut v) = (Vec::new(), Vec::new());
-            fleet.next_record(&mut k, &mut v);
-            (k, v)
-        })
-        .collect();
+    let input = fleet.take(RECORDS);
     let expected = oracle(&topology, &input);
     assert!(
         expected.alerts.len() > 50,
