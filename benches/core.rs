@@ -84,7 +84,7 @@ fn main() {
         let t = Instant::now();
         let mut updates = 0;
         for (i, chunk) in data.chunks(batch).enumerate() {
-            let mut b = processor.batch(Some((i * batch) as i64));
+            let mut b = processor.batch();
             for (j, (k, v)) in chunk.iter().enumerate() {
                 let input = Input {
                     key: Some(k),

@@ -7,7 +7,7 @@
 //! - [`rules`]: edge-triggered alert rules (pure).
 //! - [`codec`]: Avro/JSON decoding and encoding, driven by the model's schemas.
 //! - [`store`]: the RocksDB state store: twins and input positions per partition.
-//! - [`kafka`]: consumer with rebalance hand-off, partition streams, emitter, topic admin.
+//! - [`kafka`]: consumer with rebalance hand-off, partition streams, output producer, topic admin.
 //! - [`pipeline`]: the coordinator and the partition workers' hot loop.
 //! - [`metrics`]: Prometheus metrics on the instance's own registry.
 //! - [`api`]: the HTTP endpoint (metrics, health, twins).

@@ -65,7 +65,7 @@ fn oracle(topology: &Arc<Topology>, input: &[(Vec<u8>, Vec<u8>)]) -> Oracle {
         dead_letters: 0,
         skips: 0,
     };
-    let mut batch = processor.batch(None);
+    let mut batch = processor.batch();
     for (i, (k, v)) in input.iter().enumerate() {
         let input = Input {
             key: Some(k),

@@ -6,8 +6,8 @@
 
 mod admin;
 mod consumer;
-mod emitter;
+mod producer;
 
 pub use admin::{TopicReport, apply_topology};
 pub use consumer::{Consumer, PartitionStream, RebalanceContext, RebalanceHandler, TopicPartition};
-pub use emitter::{Deliveries, OutputProducer};
+pub use producer::{Deliveries, OutputProducer};

@@ -142,14 +142,14 @@ impl Processor {
         }
     }
 
-    /// A new, empty batch starting after `next_offset`.
-    pub fn batch(&mut self, next_offset: Option<i64>) -> Batch {
+    /// A new, empty batch. Call it only when nothing is staged: it may evict cached twins.
+    pub fn batch(&mut self) -> Batch {
         self.evict();
         Batch {
             store: self.store.batch(),
             counts: BatchCounts::default(),
             outputs: Outputs::default(),
-            next_offset,
+            next_offset: None,
         }
     }
 

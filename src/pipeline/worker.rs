@@ -159,7 +159,7 @@ impl PartitionWorker {
     ) -> Result<()> {
         let staged = self.slot.staged.lock().expect("slot lock").take();
         // Nothing staged means the last commit took everything, so the cache is clean.
-        let mut batch = staged.unwrap_or_else(|| self.processor.batch(None));
+        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
         let now = self.shared.clock.now_ms();
         let mut next = Some(first);
         let mut taken = 0;
