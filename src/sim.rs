@@ -399,6 +399,8 @@ pub fn publish(mut fleet: Fleet, publish: &Publish, stop: &AtomicBool) -> Result
         .client
         .clone()
         .set("linger.ms", "5")
+        // Keeps each vehicle's readings in order through retries.
+        .set("enable.idempotence", "true")
         .set("compression.type", "lz4")
         .create_with_context(Counting(failed.clone()))
         .context("creating the simulator's producer")?;
