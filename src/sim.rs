@@ -222,7 +222,7 @@ impl Fleet {
             if let Some(t) = v.temp {
                 r.values.push((self.props.temp, Value::Double(round(t, 2))));
             }
-            if v.ticks % 5 == 0 || v.phase == Phase::Charging {
+            if v.ticks.is_multiple_of(5) || v.phase == Phase::Charging {
                 r.values
                     .push((self.props.battery, Value::Double(round(v.battery, 1))));
             }

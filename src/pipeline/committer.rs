@@ -13,14 +13,13 @@
 //! worker rewinds to its stored position before its next batch.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{RwLock, RwLockReadGuard};
+use tokio::sync::{RwLock, RwLockReadGuard, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -52,7 +51,7 @@ pub struct Committer {
     shared: Arc<Shared>,
     gate: RwLock<()>,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
-    epoch: AtomicU64,
+    epoch: watch::Sender<u64>,
     consumer: OnceLock<Weak<Consumer>>,
 }
 
@@ -63,7 +62,7 @@ impl Committer {
             shared,
             gate: RwLock::new(()),
             slots: Mutex::new(BTreeMap::new()),
-            epoch: AtomicU64::new(0),
+            epoch: watch::Sender::new(0),
             consumer: OnceLock::new(),
         }
     }
@@ -103,7 +102,12 @@ impl Committer {
 
     /// Changes whenever staged work was dropped; workers then rewind.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+        *self.epoch.borrow()
+    }
+
+    /// Wakes a waiting worker when the epoch moves, so an idle partition replays too.
+    pub fn epochs(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     /// Commits every partition's staged work.
@@ -114,16 +118,13 @@ impl Committer {
     /// cannot be written after Kafka committed.
     pub async fn commit(&self) -> Result<()> {
         let _exclusive = self.gate.write().await;
-        let staged: Vec<(Arc<Slot>, Batch)> = {
+        let mut staged: Vec<(Arc<Slot>, Batch)> = {
             let slots = self.slots.lock().expect("slots lock");
             slots
                 .values()
                 .filter_map(|s| {
-                    s.staged
-                        .lock()
-                        .expect("slot lock")
-                        .take()
-                        .map(|b| (s.clone(), b))
+                    let batch = s.staged.lock().expect("slot lock").take()?;
+                    batch.next_offset.is_some().then(|| (s.clone(), batch))
                 })
                 .collect()
         };
@@ -131,27 +132,31 @@ impl Committer {
             return Ok(());
         }
         let started = Instant::now();
-        let mut offsets = TopicPartitionList::new();
-        for (slot, batch) in &staged {
-            if let Some(next) = batch.next_offset {
+        let exactly_once = self.shared.settings.guarantee == Guarantee::ExactlyOnce;
+        let result = async {
+            let deliveries = self.flush().await?;
+            let mut offsets = TopicPartitionList::new();
+            for (slot, batch) in &mut staged {
+                let next = batch.next_offset.expect("filtered above");
                 offsets.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next))?;
+                batch.store.set_next_offset(&slot.topic, next);
+                if let Some(c) = deliveries.get(&slot.partition) {
+                    batch.store.set_changelog_next(*c);
+                }
             }
+            if exactly_once {
+                self.prepare(&mut staged).await?;
+                self.commit_transaction(offsets).await?;
+            }
+            Ok::<_, Error>(())
         }
-        let deliveries = match self.make_durable(offsets).await {
-            Ok(d) => d,
-            Err(e) => {
-                self.drop_staged("commit failed").await?;
-                return Err(e);
-            }
-        };
-        for (slot, mut batch) in staged {
-            let Some(next) = batch.next_offset else {
-                continue;
-            };
-            batch.store.set_next_offset(&slot.topic, next);
-            if let Some(c) = deliveries.get(&slot.partition) {
-                batch.store.set_changelog_next(*c);
-            }
+        .await;
+        if let Err(e) = result {
+            self.drop_staged("commit failed").await?;
+            return Err(e);
+        }
+        for (slot, batch) in staged {
+            let next = batch.next_offset.expect("filtered above");
             let store = self.shared.store.partition(slot.partition);
             let writes = batch.store;
             tokio::task::spawn_blocking(move || store.commit(writes))
@@ -160,7 +165,7 @@ impl Committer {
                 .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
             slot.metrics.publish(&batch.counts);
             slot.metrics.next_offset.set(next);
-            if self.shared.settings.guarantee == Guarantee::AtLeastOnce {
+            if !exactly_once {
                 // Advisory: the store owns the position; the group offset shows lag to tools.
                 // (librdkafka stores the given offset + 1.)
                 if let Some(c) = self.consumer.get().and_then(Weak::upgrade) {
@@ -176,39 +181,61 @@ impl Committer {
         Ok(())
     }
 
-    /// Delivers (at-least-once) or commits the transaction of (exactly-once) everything sent
-    /// since the last commit; returns the changelog offsets reached per partition.
-    async fn make_durable(&self, offsets: TopicPartitionList) -> Result<BTreeMap<i32, i64>> {
+    /// Waits until everything sent since the last commit is delivered; returns the
+    /// changelog offsets reached per partition. Under at-least-once a failed delivery fails
+    /// the commit; under exactly-once the transaction's commit is the verdict.
+    async fn flush(&self) -> Result<BTreeMap<i32, i64>> {
         let shared = self.shared.clone();
-        let guarantee = shared.settings.guarantee;
-        let group = match guarantee {
-            Guarantee::ExactlyOnce => {
-                let consumer = self.consumer.get().and_then(Weak::upgrade);
-                Some(consumer.and_then(|c| c.group_metadata()).ok_or_else(|| {
-                    Error::Config("exactly-once needs the consumer's group metadata".into())
-                })?)
+        tokio::task::spawn_blocking(move || {
+            shared.producer.inner().flush(COMMIT_TIMEOUT)?;
+            let d = shared.producer.take_deliveries();
+            match d.failure {
+                Some(e) if shared.settings.guarantee == Guarantee::AtLeastOnce => {
+                    Err(Error::Kafka(e))
+                }
+                _ => Ok(d.changelog_next),
             }
-            Guarantee::AtLeastOnce => None,
-        };
+        })
+        .await
+        .map_err(|e| Error::Store(format!("flush task: {e}")))?
+    }
+
+    /// Stores each partition's batch aside as a prepared commit (exactly-once), so a crash
+    /// after the transaction commits cannot leave the store behind it.
+    async fn prepare(&self, staged: &mut [(Arc<Slot>, Batch)]) -> Result<()> {
+        for (slot, batch) in staged.iter_mut() {
+            let store = self.shared.store.partition(slot.partition);
+            let next = batch.next_offset.expect("staged batches have a position");
+            let mut writes = std::mem::replace(&mut batch.store, store.batch());
+            let (writes, result) = tokio::task::spawn_blocking(move || {
+                let result = store.prepare(next, &mut writes);
+                (writes, result)
+            })
+            .await
+            .map_err(|e| Error::Store(format!("prepare task: {e}")))?;
+            batch.store = writes;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Sends the input offsets to the open transaction, commits it and begins the next.
+    async fn commit_transaction(&self, offsets: TopicPartitionList) -> Result<()> {
+        let group = self
+            .consumer
+            .get()
+            .and_then(Weak::upgrade)
+            .and_then(|c| c.group_metadata())
+            .ok_or_else(|| {
+                Error::Config("exactly-once needs the consumer's group metadata".into())
+            })?;
+        let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             let producer = shared.producer.inner();
-            match &group {
-                None => producer.flush(COMMIT_TIMEOUT)?,
-                Some(group) => {
-                    producer.send_offsets_to_transaction(&offsets, group, COMMIT_TIMEOUT)?;
-                    producer.commit_transaction(COMMIT_TIMEOUT)?;
-                }
-            }
-            let d = shared.producer.take_deliveries();
-            // Under exactly-once the committed transaction is the verdict; under
-            // at-least-once a failed delivery means the outputs are not all there.
-            if let (Some(e), None) = (d.failure, &group) {
-                return Err(Error::Kafka(e));
-            }
-            if group.is_some() {
-                producer.begin_transaction()?;
-            }
-            Ok(d.changelog_next)
+            producer.send_offsets_to_transaction(&offsets, &group, COMMIT_TIMEOUT)?;
+            producer.commit_transaction(COMMIT_TIMEOUT)?;
+            producer.begin_transaction()?;
+            Ok(())
         })
         .await
         .map_err(|e| Error::Store(format!("commit task: {e}")))?
@@ -228,8 +255,15 @@ impl Committer {
     async fn drop_staged(&self, reason: &str) -> Result<()> {
         for slot in self.slots.lock().expect("slots lock").values() {
             slot.staged.lock().expect("slot lock").take();
+            // Best effort: a prepared commit left behind is dropped at the next start, as
+            // the group offset shows its transaction did not commit.
+            let _ = self
+                .shared
+                .store
+                .partition(slot.partition)
+                .discard_prepared();
         }
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
         self.shared.metrics.commits(false).inc();
         tracing::warn!(
             reason,

@@ -7,8 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use rdkafka::Offset;
+use rdkafka::consumer::Consumer as _;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +21,9 @@ use super::worker::PartitionWorker;
 use crate::config::Guarantee;
 use crate::error::Error;
 use crate::kafka::{Consumer, PartitionStream, RebalanceHandler, TopicPartition};
+
+/// Bound on reading the group's committed offsets at an assignment.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Running {
     stop: CancellationToken,
@@ -59,13 +64,58 @@ impl Coordinator {
         !self.assigned().is_empty() && self.shared.metrics.restoring_partitions.get() == 0
     }
 
+    /// The group's committed offsets of `partitions`, in order (`None`: nothing committed).
+    fn committed(
+        consumer: &Consumer,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Option<i64>>, Error> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = consumer.committed_offsets(tpl, COMMITTED_TIMEOUT)?;
+        Ok(partitions
+            .iter()
+            .map(
+                |(topic, partition)| match committed.find_partition(topic, *partition) {
+                    Some(e) => match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    },
+                    None => None,
+                },
+            )
+            .collect())
+    }
+
     fn start(
         &self,
         consumer: &Arc<Consumer>,
         topic: &str,
         partition: i32,
+        committed: Option<i64>,
     ) -> Result<Offset, Error> {
-        let stored = self.shared.store.partition(partition).next_offset(topic)?;
+        let store = self.shared.store.partition(partition);
+        // A prepared commit left by a crash: under exactly-once the group offset, committed
+        // in the same transaction, says whether it counts.
+        let arbiter = match self.shared.settings.guarantee {
+            Guarantee::ExactlyOnce => committed,
+            Guarantee::AtLeastOnce => None,
+        };
+        if store.resolve_prepared(arbiter)? {
+            tracing::info!(
+                topic,
+                partition,
+                "Applied the commit prepared before a crash; its transaction had committed."
+            );
+        }
+        // Where to start: after everything that is both processed and durable. The store's
+        // position is never ahead of Kafka's outputs; the group offset is ahead of it when
+        // another instance processed the partition since (its changelog is restored first),
+        // or after a crash under exactly-once.
+        let stored = store.next_offset(topic)?;
+        let start = stored.max(committed); // `None` sorts first
+
         let stream = PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
             Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
         })?;
@@ -75,6 +125,7 @@ impl Coordinator {
             self.committer.clone(),
             consumer.clone(),
             slot,
+            start,
         );
         let stop = CancellationToken::new();
         let shared = self.shared.clone();
@@ -90,14 +141,8 @@ impl Coordinator {
             .expect("worker map lock")
             .insert(partition, Running { stop, task });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
-        // Where to start: under exactly-once the group offset, committed in the same
-        // transaction as the outputs, is the truth (the store may trail it after a crash, and
-        // the restore catches up). Under at-least-once the store's position, which is never
-        // ahead of what was delivered; the group offset if the store has none.
-        let offset = match (self.shared.settings.guarantee, stored) {
-            (Guarantee::AtLeastOnce, Some(next)) => Offset::Offset(next),
-            _ => Offset::Stored,
-        };
+        // Nothing stored or committed: `auto.offset.reset` decides.
+        let offset = start.map_or(Offset::Stored, Offset::Offset);
         tracing::info!(topic, partition, ?offset, "Partition worker started.");
         Ok(offset)
     }
@@ -149,17 +194,27 @@ pub struct Handler(pub Arc<Coordinator>);
 
 impl RebalanceHandler for Handler {
     fn assign(&self, consumer: &Arc<Consumer>, partitions: &[TopicPartition]) -> Vec<Offset> {
+        let committed = match Coordinator::committed(consumer, partitions) {
+            Ok(c) => c,
+            Err(e) => {
+                self.0.shared.failure.fail(Error::Fatal(format!(
+                    "cannot read the group's committed offsets of the assigned partitions: {e}"
+                )));
+                return vec![Offset::Invalid; partitions.len()];
+            }
+        };
         let offsets = partitions
             .iter()
-            .map(
-                |(topic, partition)| match self.0.start(consumer, topic, *partition) {
+            .zip(committed)
+            .map(|((topic, partition), committed)| {
+                match self.0.start(consumer, topic, *partition, committed) {
                     Ok(offset) => offset,
                     Err(e) => {
                         self.0.shared.failure.fail(e);
                         Offset::Invalid
                     }
-                },
-            )
+                }
+            })
             .collect();
         self.0.update_gauge();
         offsets

@@ -30,11 +30,17 @@ pub enum Target {
     DeadLetter,
 }
 
+/// Header naming the input offset a record came from: on dead letters, and on changelog
+/// records, where a restore uses it to tell committed work from an unfinished tail.
+pub const SOURCE_OFFSET_HEADER: &str = "twinflow.source.offset";
+
 /// One staged output record; its bytes live in [`Outputs::buf`].
 #[derive(Debug)]
 pub struct Output {
     /// Destination.
     pub target: Target,
+    /// Offset of the input record it came from.
+    pub source: i64,
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     /// Headers (dead letters only).
@@ -53,6 +59,7 @@ impl Outputs {
     fn push(
         &mut self,
         target: Target,
+        source: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: Vec<(String, Vec<u8>)>,
@@ -61,6 +68,7 @@ impl Outputs {
         let p = payload.map(|p| self.append(p));
         self.records.push(Output {
             target,
+            source,
             key: k,
             payload: p,
             headers,
@@ -170,17 +178,20 @@ impl Processor {
         let topology = self.topology.clone();
 
         let Some(payload) = input.payload else {
-            return Ok(self.dead_letter(input, batch, "empty", "decode", "record has no value"));
+            self.dead_letter(input, batch, "empty", "decode", "record has no value");
+            return Ok(());
         };
         if let Err(e) = topology.codec.decode_reading(
             topology.topics.telemetry_format(),
             payload,
             &mut self.reading,
         ) {
-            return Ok(self.dead_letter(input, batch, "decode", "decode", &e.to_string()));
+            self.dead_letter(input, batch, "decode", "decode", &e.to_string());
+            return Ok(());
         }
         if let Err(why) = topology.model.validate(&self.reading) {
-            return Ok(self.dead_letter(input, batch, "invalid", "validate", &why));
+            self.dead_letter(input, batch, "invalid", "validate", &why);
+            return Ok(());
         }
         if input.key != Some(self.reading.asset_id.as_bytes()) {
             let why = match input.key {
@@ -191,7 +202,10 @@ impl Processor {
                     self.reading.asset_id
                 ),
             };
-            return Ok(self.dead_letter(input, batch, "key_mismatch", "validate", &why));
+            {
+                self.dead_letter(input, batch, "key_mismatch", "validate", &why);
+                return Ok(());
+            }
         }
 
         let id = self.reading.asset_id.as_str();
@@ -222,6 +236,7 @@ impl Processor {
         batch.store.put_twin(id, &self.scratch);
         batch.outputs.push(
             Target::Changelog,
+            input.offset,
             Some(id.as_bytes()),
             Some(&self.scratch),
             Vec::new(),
@@ -231,6 +246,7 @@ impl Processor {
             encode_alert(event, id, &topology.rules, &mut self.scratch);
             batch.outputs.push(
                 Target::Alerts,
+                input.offset,
                 Some(id.as_bytes()),
                 Some(&self.scratch),
                 Vec::new(),
@@ -264,13 +280,17 @@ impl Processor {
             ("twinflow.error.message", message.to_owned()),
             ("twinflow.source.topic", input.topic.to_owned()),
             ("twinflow.source.partition", self.partition.to_string()),
-            ("twinflow.source.offset", input.offset.to_string()),
+            (SOURCE_OFFSET_HEADER, input.offset.to_string()),
         ] {
             headers.push((key.to_owned(), value.into_bytes()));
         }
-        batch
-            .outputs
-            .push(Target::DeadLetter, input.key, input.payload, headers);
+        batch.outputs.push(
+            Target::DeadLetter,
+            input.offset,
+            input.key,
+            input.payload,
+            headers,
+        );
     }
 
     /// Keeps the cache within its bound. Called between batches, when every cached twin

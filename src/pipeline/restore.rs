@@ -2,29 +2,35 @@
 //! partition is processed.
 //!
 //! The store remembers the changelog offset its twins reflect, so a restore reads only the
-//! tail after it: nothing after a clean hand-over, the uncommitted tail after a crash, the
-//! whole (compacted) partition for a store that never had it. Under exactly-once it reads
-//! `read_committed`, so aborted output never becomes state.
+//! tail after it: nothing after a clean hand-over or a crash, what another instance wrote
+//! while it owned the partition, the whole (compacted) partition for a store that never had
+//! it. It applies only records of work that is committed: under exactly-once it reads
+//! `read_committed`, so aborted output never becomes state; and a record whose source input
+//! offset (its `twinflow.source.offset` header) is at or after the position processing
+//! resumes from is the unfinished tail of a crashed owner, which the replay writes again.
 
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::Shared;
+use super::processor::SOURCE_OFFSET_HEADER;
 use crate::config::Guarantee;
 use crate::error::Result;
 
 /// Records per store write during a restore.
-const RESTORE_BATCH: usize = 10_000;
+const RESTORE_BATCH: u64 = 10_000;
 
-/// Applies changelog partition `partition` from the stored changelog position to its end.
+/// Applies changelog partition `partition` from the stored changelog position to its end,
+/// leaving out records from input at or after `resume` (where processing resumes).
 /// Blocking: run it on a blocking thread. Returns the number of records applied.
 ///
 /// # Errors
 /// `Retry` for Kafka or store failures (the restore resumes from what it stored).
-pub fn restore(shared: &Shared, partition: i32) -> Result<u64> {
+pub fn restore(shared: &Shared, partition: i32, resume: Option<i64>) -> Result<u64> {
     let topic = &shared.topology.topics.changelog.name;
     let store = shared.store.partition(partition);
     let from = store.changelog_next()?;
@@ -60,47 +66,49 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<u64> {
     consumer.assign(&tpl)?;
 
     let mut batch = store.batch();
-    let mut in_batch = 0;
-    let mut total = 0u64;
+    let (mut in_batch, mut total, mut unfinished) = (0u64, 0u64, 0u64);
+    let mut read_any = false;
     loop {
-        match consumer.poll(Duration::from_secs(1)) {
+        let m = match consumer.poll(Duration::from_secs(1)) {
             None => continue,
             Some(Err(KafkaError::PartitionEOF(_))) => break,
             Some(Err(e)) => return Err(e.into()),
-            Some(Ok(m)) => {
-                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    tracing::warn!(
-                        partition,
-                        offset = m.offset(),
-                        "Changelog record without a UTF-8 key; skipped."
-                    );
-                    continue;
-                };
+            Some(Ok(m)) => m,
+        };
+        read_any = true;
+        remaining.set((high - m.offset() - 1).max(0));
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        match (key, resume.zip(source_offset(&m))) {
+            (None, _) => tracing::warn!(
+                partition,
+                offset = m.offset(),
+                "Changelog record without a UTF-8 key; skipped."
+            ),
+            (Some(_), Some((resume, source))) if source >= resume => unfinished += 1,
+            (Some(key), _) => {
                 match m.payload() {
                     Some(twin) => batch.put_twin(key, twin),
                     None => batch.delete_twin(key),
                 }
                 in_batch += 1;
                 total += 1;
-                remaining.set((high - m.offset() - 1).max(0));
-                if in_batch == RESTORE_BATCH {
-                    batch.set_changelog_next(m.offset() + 1);
-                    store.commit(std::mem::replace(&mut batch, store.batch()))?;
-                    applied.inc_by(in_batch as u64);
-                    in_batch = 0;
-                }
-                if m.offset() + 1 >= high {
-                    batch.set_changelog_next(m.offset() + 1);
-                    break;
-                }
             }
         }
+        if in_batch == RESTORE_BATCH {
+            batch.set_changelog_next(m.offset() + 1);
+            store.commit(std::mem::replace(&mut batch, store.batch()))?;
+            applied.inc_by(in_batch);
+            in_batch = 0;
+        }
+        if m.offset() + 1 >= high {
+            break;
+        }
     }
-    if !batch.is_empty() {
+    if read_any {
         // Past the last record there may be transaction markers: resume after them.
         batch.set_changelog_next(high);
         store.commit(batch)?;
-        applied.inc_by(in_batch as u64);
+        applied.inc_by(in_batch);
     }
     remaining.set(0);
     let elapsed = started.elapsed().as_secs_f64();
@@ -109,10 +117,19 @@ pub fn restore(shared: &Shared, partition: i32) -> Result<u64> {
         topic,
         partition,
         records = total,
+        unfinished,
         seconds = elapsed,
         "Restore finished."
     );
     Ok(total)
+}
+
+/// The input offset a changelog record came from, from its header.
+fn source_offset(m: &BorrowedMessage<'_>) -> Option<i64> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == SOURCE_OFFSET_HEADER)
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
 }
 
 /// A consumer context that does not log the end of a partition, which a restore reads on

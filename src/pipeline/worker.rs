@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer as _;
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::{Message, Offset};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::committer::{Committer, Slot};
-use super::processor::{Input, Outputs, Processor, Target};
+use super::processor::{Input, Outputs, Processor, SOURCE_OFFSET_HEADER, Target};
 use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
 use crate::kafka::{Consumer, PartitionStream};
@@ -36,12 +37,14 @@ pub struct PartitionWorker {
     slot: Arc<Slot>,
     partition: i32,
     processor: Processor,
-    /// Offset of the first record this worker saw: where it started, for rewinds before the
-    /// first commit of a partition the store has no position for.
+    /// Where processing started: the assigned position, else the first record seen.
+    /// Rewinds never go below it, and a restore applies only changelog records of input
+    /// before it.
     start: Option<i64>,
     /// Records below this offset are from before a rewind and are ignored.
     floor: Option<i64>,
     epoch: u64,
+    epochs: watch::Receiver<u64>,
 }
 
 impl PartitionWorker {
@@ -51,6 +54,7 @@ impl PartitionWorker {
         committer: Arc<Committer>,
         consumer: Arc<Consumer>,
         slot: Arc<Slot>,
+        start: Option<i64>,
     ) -> Self {
         let store = shared.store.partition(slot.partition);
         PartitionWorker {
@@ -61,7 +65,8 @@ impl PartitionWorker {
             ),
             partition: slot.partition,
             epoch: committer.epoch(),
-            start: None,
+            epochs: committer.epochs(),
+            start,
             floor: None,
             shared,
             committer,
@@ -80,7 +85,8 @@ impl PartitionWorker {
         loop {
             let shared = self.shared.clone();
             let partition = self.partition;
-            let restored = tokio::task::spawn_blocking(move || restore(&shared, partition))
+            let start = self.start;
+            let restored = tokio::task::spawn_blocking(move || restore(&shared, partition, start))
                 .await
                 .map_err(|e| Error::Store(format!("restore task: {e}")))?;
             match restored {
@@ -91,19 +97,18 @@ impl PartitionWorker {
                 return Ok(());
             }
         }
-        self.floor = self
-            .shared
-            .store
-            .partition(self.partition)
-            .next_offset(&self.slot.topic)?;
-        if let Some(next) = self.floor {
+        self.floor = self.start;
+        if let Some(next) = self.start {
             self.slot.metrics.next_offset.set(next);
         }
         loop {
+            // A dropped commit wakes an idle worker too: its staged work must be replayed
+            // even if no more input comes.
             let first = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                m = stream.next() => m,
+                _ = self.epochs.changed() => None,
+                m = stream.next() => Some(m),
             };
             let committer = self.committer.clone();
             let gate = committer.gate().await;
@@ -117,6 +122,9 @@ impl PartitionWorker {
                 };
                 continue;
             }
+            let Some(first) = first else {
+                continue;
+            };
             let started = Instant::now();
             let outcome = self.run_batch(first, &stream).await;
             drop(gate);
@@ -137,12 +145,11 @@ impl PartitionWorker {
         }
     }
 
-    /// Counts a transient failure and backs off, or gives up.
+    /// Backs off after a transient failure, or gives up after `MAX_REPLAYS` in a row.
     async fn retry(&self, e: Error, failures: u32, stop: &CancellationToken) -> Result<u32> {
         if e.disposition() != Disposition::Retry || failures >= MAX_REPLAYS {
             return Err(e);
         }
-        self.slot.metrics.replays.inc();
         tracing::warn!(error = %e, partition = self.partition, attempt = failures + 1, "Partition failed; retrying from the stored position.");
         let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6));
         tokio::select! {
@@ -209,7 +216,14 @@ impl PartitionWorker {
         for o in &outputs.records {
             let (key, payload) = outputs.bytes(o);
             let (topic, partition, headers) = match o.target {
-                Target::Changelog => (&topics.changelog.name, Some(self.partition), None),
+                Target::Changelog => {
+                    let source = o.source.to_string();
+                    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+                        key: SOURCE_OFFSET_HEADER,
+                        value: Some(&source),
+                    });
+                    (&topics.changelog.name, Some(self.partition), Some(headers))
+                }
                 Target::Alerts => (&topics.alerts.name, None, None),
                 Target::DeadLetter => {
                     let headers = o
@@ -234,7 +248,8 @@ impl PartitionWorker {
 
     /// Forgets in-memory state and seeks back to the stored position.
     async fn rewind(&mut self) -> Result<()> {
-        self.epoch = self.committer.epoch();
+        self.epoch = *self.epochs.borrow_and_update();
+        self.slot.metrics.replays.inc();
         self.processor.reset();
         self.slot.staged.lock().expect("slot lock").take();
         let stored = self
@@ -242,7 +257,8 @@ impl PartitionWorker {
             .store
             .partition(self.partition)
             .next_offset(&self.slot.topic)?;
-        let target = stored.or(self.start);
+        // (`None` sorts first: the known position wins.)
+        let target = stored.max(self.start);
         self.floor = target;
         let offset = target.map_or(Offset::Beginning, Offset::Offset);
         let consumer = self.consumer.clone();

@@ -8,12 +8,18 @@
 //! | 0x01 | `01 · partition u32 · asset_id utf-8` | twin, Avro datum of the twin schema |
 //! | 0x02 | `02 · partition u32 · topic utf-8`    | next input offset to read, i64 BE   |
 //! | 0x03 | `03 · partition u32`                  | next changelog offset reflected, BE |
+//! | 0x04 | `04 · partition u32`                  | prepared commit: next input offset, |
+//! |      |                                       | i64 BE, then the `WriteBatch` bytes |
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
 //!
 //! Invariant: twins and the positions of a commit land in one `WriteBatch`, so after any
 //! crash the stored twins are exactly those implied by the stored positions: the input
 //! offset says where processing resumes, the changelog offset where a restore resumes.
+//! Under exactly-once a commit is first *prepared* (its batch stored aside, in one write),
+//! then the Kafka transaction commits, then the batch is applied; a crash in between leaves
+//! the prepared batch, which [`PartitionStore::resolve_prepared`] applies only if the group
+//! offset shows that its transaction committed.
 //! Writes skip fsync: a machine crash may lose the newest commits, and their positions with
 //! them, so replay and restore recompute them.
 
@@ -27,6 +33,7 @@ use crate::error::{Error, Result};
 const KIND_TWIN: u8 = 0x01;
 const KIND_OFFSET: u8 = 0x02;
 const KIND_CHANGELOG: u8 = 0x03;
+const KIND_PREPARED: u8 = 0x04;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -191,6 +198,65 @@ impl PartitionStore {
         }
     }
 
+    /// Stores `batch` aside as the prepared commit that moves the input position to `next`,
+    /// replacing any earlier one. Apply it with [`PartitionStore::commit`] once Kafka has
+    /// committed (the batch then also removes the prepared copy).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn prepare(&self, next: i64, batch: &mut StoreBatch) -> Result<()> {
+        let k = key(KIND_PREPARED, self.partition, b"");
+        batch.batch.delete(&k);
+        let data = batch.batch.data();
+        let mut value = Vec::with_capacity(8 + data.len());
+        value.extend_from_slice(&next.to_be_bytes());
+        value.extend_from_slice(data);
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self.db.put_opt(k, value, &opts)?)
+    }
+
+    /// Settles a prepared commit left by a crash: applies it if `committed` (the group's
+    /// committed input offset) is the position it moves to, which means its transaction
+    /// committed; drops it otherwise. Returns whether one was applied.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails; `Error::CorruptStore` for a malformed value.
+    pub fn resolve_prepared(&self, committed: Option<i64>) -> Result<bool> {
+        let k = key(KIND_PREPARED, self.partition, b"");
+        let Some(value) = self.db.get(&k)? else {
+            return Ok(false);
+        };
+        let next = value
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(i64::from_be_bytes)
+            .ok_or_else(|| Error::CorruptStore(format!("prepared commit {k:?} is truncated")))?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        if committed == Some(next) {
+            // The batch deletes the prepared copy itself.
+            self.db
+                .write_opt(WriteBatch::from_data(&value[8..]), &opts)?;
+            Ok(true)
+        } else {
+            self.db.delete_opt(k, &opts)?;
+            Ok(false)
+        }
+    }
+
+    /// Drops the prepared commit, if any (its transaction was aborted).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn discard_prepared(&self) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self
+            .db
+            .delete_opt(key(KIND_PREPARED, self.partition, b""), &opts)?)
+    }
+
     /// Writes a batch atomically (without fsync; see the module doc).
     ///
     /// # Errors
@@ -275,6 +341,43 @@ mod tests {
             "partitions are separate"
         );
         assert_eq!(store.partition(4).next_offset("telemetry").unwrap(), None);
+    }
+
+    #[test]
+    fn a_prepared_commit_applies_only_if_its_offset_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = store.partition(0);
+        let prepare = |twin: &[u8], next| {
+            let mut b = p.batch();
+            b.put_twin("truck-1", twin);
+            b.set_next_offset("telemetry", next);
+            p.prepare(next, &mut b).unwrap();
+        };
+        prepare(b"aborted", 10);
+        assert!(
+            !p.resolve_prepared(Some(4)).unwrap(),
+            "the group is still at 4"
+        );
+        assert_eq!(p.twin("truck-1").unwrap(), None);
+        assert!(!p.resolve_prepared(Some(10)).unwrap(), "dropped before");
+
+        prepare(b"committed", 10);
+        assert!(p.resolve_prepared(Some(10)).unwrap());
+        assert_eq!(
+            p.twin("truck-1").unwrap().as_deref(),
+            Some(&b"committed"[..])
+        );
+        assert_eq!(p.next_offset("telemetry").unwrap(), Some(10));
+        assert!(!p.resolve_prepared(Some(10)).unwrap(), "applied once");
+
+        // The normal path: prepare, then commit the same batch, which clears the copy.
+        let mut b = p.batch();
+        b.put_twin("truck-1", b"next");
+        p.prepare(20, &mut b).unwrap();
+        p.commit(b).unwrap();
+        assert!(!p.resolve_prepared(Some(20)).unwrap());
+        assert_eq!(p.twin("truck-1").unwrap().as_deref(), Some(&b"next"[..]));
     }
 
     #[test]
