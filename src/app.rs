@@ -24,10 +24,9 @@ use crate::store::Store;
 use crate::topology::Topology;
 
 /// Consumer settings twinflow relies on; passthrough properties may override the first group.
-const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
+const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
     ("auto.offset.reset", "earliest"),
     ("partition.assignment.strategy", "cooperative-sticky"),
-    ("enable.auto.commit", "true"),
     ("enable.partition.eof", "false"),
 ];
 
@@ -126,7 +125,9 @@ impl App {
         config.kafka.apply(&mut consumer_config, Role::Consumer);
         consumer_config
             .set("group.id", &config.kafka.group_id)
-            // Group offsets are stored only after a commit (or sent in the transaction).
+            // Group offsets are committed by the committer after the store (at-least-once)
+            // or sent in the transaction (exactly-once), never behind its back.
+            .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set(
                 "isolation.level",
@@ -136,9 +137,6 @@ impl App {
                     "read_uncommitted"
                 },
             );
-        if exactly_once {
-            consumer_config.set("enable.auto.commit", "false");
-        }
         let context = RebalanceContext::new(Arc::new(Handler(coordinator.clone())));
         let consumer: Arc<Consumer> = Arc::new(
             consumer_config

@@ -22,7 +22,8 @@ use crate::config::Guarantee;
 use crate::error::Error;
 use crate::kafka::{Consumer, PartitionStream, RebalanceHandler, TopicPartition};
 
-/// Bound on reading the group's committed offsets at an assignment.
+/// Bound on reading the group's committed offsets (or a partition's bounds) at an
+/// assignment.
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Running {
@@ -88,6 +89,22 @@ impl Coordinator {
             .collect())
     }
 
+    /// Where a partition nobody processed yet starts: its beginning, or its end if the
+    /// consumer's `auto.offset.reset` says so.
+    fn reset_position(
+        &self,
+        consumer: &Consumer,
+        topic: &str,
+        partition: i32,
+    ) -> Result<i64, Error> {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, COMMITTED_TIMEOUT)?;
+        let reset = self.shared.restore_client.get("auto.offset.reset");
+        Ok(match reset {
+            Some("latest" | "largest" | "end") => high,
+            _ => low,
+        })
+    }
+
     fn start(
         &self,
         consumer: &Arc<Consumer>,
@@ -114,8 +131,10 @@ impl Coordinator {
         // another instance processed the partition since (its changelog is restored first),
         // or after a crash under exactly-once.
         let stored = store.next_offset(topic)?;
-        let start = stored.max(committed); // `None` sorts first
-
+        let start = match stored.max(committed) {
+            Some(start) => start,
+            None => self.reset_position(consumer, topic, partition)?,
+        };
         let stream = PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
             Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
         })?;
@@ -141,8 +160,7 @@ impl Coordinator {
             .expect("worker map lock")
             .insert(partition, Running { stop, task });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
-        // Nothing stored or committed: `auto.offset.reset` decides.
-        let offset = start.map_or(Offset::Stored, Offset::Offset);
+        let offset = Offset::Offset(start);
         tracing::info!(topic, partition, ?offset, "Partition worker started.");
         Ok(offset)
     }

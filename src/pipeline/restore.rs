@@ -30,7 +30,7 @@ const RESTORE_BATCH: u64 = 10_000;
 ///
 /// # Errors
 /// `Retry` for Kafka or store failures (the restore resumes from what it stored).
-pub fn restore(shared: &Shared, partition: i32, resume: Option<i64>) -> Result<u64> {
+pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let topic = &shared.topology.topics.changelog.name;
     let store = shared.store.partition(partition);
     let from = store.changelog_next()?;
@@ -78,13 +78,13 @@ pub fn restore(shared: &Shared, partition: i32, resume: Option<i64>) -> Result<u
         read_any = true;
         remaining.set((high - m.offset() - 1).max(0));
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-        match (key, resume.zip(source_offset(&m))) {
+        match (key, source_offset(&m)) {
             (None, _) => tracing::warn!(
                 partition,
                 offset = m.offset(),
                 "Changelog record without a UTF-8 key; skipped."
             ),
-            (Some(_), Some((resume, source))) if source >= resume => unfinished += 1,
+            (Some(_), Some(source)) if source >= resume => unfinished += 1,
             (Some(key), _) => {
                 match m.payload() {
                     Some(twin) => batch.put_twin(key, twin),

@@ -37,12 +37,11 @@ pub struct PartitionWorker {
     slot: Arc<Slot>,
     partition: i32,
     processor: Processor,
-    /// Where processing started: the assigned position, else the first record seen.
-    /// Rewinds never go below it, and a restore applies only changelog records of input
-    /// before it.
-    start: Option<i64>,
+    /// Where processing starts. Rewinds never go below it, and a restore applies only
+    /// changelog records of input before it.
+    start: i64,
     /// Records below this offset are from before a rewind and are ignored.
-    floor: Option<i64>,
+    floor: i64,
     epoch: u64,
     epochs: watch::Receiver<u64>,
 }
@@ -54,7 +53,7 @@ impl PartitionWorker {
         committer: Arc<Committer>,
         consumer: Arc<Consumer>,
         slot: Arc<Slot>,
-        start: Option<i64>,
+        start: i64,
     ) -> Self {
         let store = shared.store.partition(slot.partition);
         PartitionWorker {
@@ -67,7 +66,7 @@ impl PartitionWorker {
             epoch: committer.epoch(),
             epochs: committer.epochs(),
             start,
-            floor: None,
+            floor: start,
             shared,
             committer,
             consumer,
@@ -97,10 +96,7 @@ impl PartitionWorker {
                 return Ok(());
             }
         }
-        self.floor = self.start;
-        if let Some(next) = self.start {
-            self.slot.metrics.next_offset.set(next);
-        }
+        self.slot.metrics.next_offset.set(self.start);
         loop {
             // A dropped commit wakes an idle worker too: its staged work must be replayed
             // even if no more input comes.
@@ -180,8 +176,7 @@ impl PartitionWorker {
                     break;
                 }
             };
-            self.start.get_or_insert(m.offset());
-            if self.floor.is_none_or(|f| m.offset() >= f) {
+            if m.offset() >= self.floor {
                 let input = Input {
                     key: m.key(),
                     payload: m.payload(),
@@ -257,10 +252,8 @@ impl PartitionWorker {
             .store
             .partition(self.partition)
             .next_offset(&self.slot.topic)?;
-        // (`None` sorts first: the known position wins.)
-        let target = stored.max(self.start);
-        self.floor = target;
-        let offset = target.map_or(Offset::Beginning, Offset::Offset);
+        self.floor = stored.unwrap_or(self.start).max(self.start);
+        let offset = Offset::Offset(self.floor);
         let consumer = self.consumer.clone();
         let (topic, partition) = (self.slot.topic.clone(), self.partition);
         tokio::task::spawn_blocking(move || {

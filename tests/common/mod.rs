@@ -2,6 +2,8 @@
 //! cluster, or a noida-db process), readings in, decoded outputs back.
 #![allow(dead_code)]
 
+pub mod instance;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -417,4 +419,138 @@ pub fn avro_read(schema: &apache_avro::Schema, bytes: &[u8]) -> apache_avro::typ
         .unwrap()
         .read_value(&mut &bytes[..])
         .expect("decodes with the reference implementation")
+}
+
+/// What processing an input once, in order, through the pipeline's own record logic must
+/// produce: the expectation the end-to-end tests compare outputs with.
+pub struct Oracle {
+    /// The last twin of each asset.
+    pub twins: BTreeMap<String, Twin>,
+    /// Alert events by `(alert_id, state)`, with how often each occurs.
+    pub alerts: BTreeMap<(String, String), usize>,
+    /// Number of alert events.
+    pub alert_events: usize,
+    /// Number of twin updates (changelog records).
+    pub updates: usize,
+    /// Number of dead letters.
+    pub dead_letters: usize,
+    /// Input records that changed nothing.
+    pub skips: usize,
+}
+
+/// Runs `input` (key, value) through a [`Processor`] at processing time `now`.
+pub fn oracle(topology: &Arc<Topology>, input: &[(&[u8], &[u8])], now: i64) -> Oracle {
+    use twinflow::pipeline::processor::{Input, Processor, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let store = twinflow::store::Store::open(dir.path()).unwrap();
+    let mut processor = Processor::new(topology.clone(), store.partition(0), usize::MAX);
+    let schema = apache_avro::Schema::parse_str(twinflow::codec::ALERT_SCHEMA).unwrap();
+    let mut o = Oracle {
+        twins: BTreeMap::new(),
+        alerts: BTreeMap::new(),
+        alert_events: 0,
+        updates: 0,
+        dead_letters: 0,
+        skips: 0,
+    };
+    let mut batch = processor.batch();
+    for (i, (k, v)) in input.iter().enumerate() {
+        let record = Input {
+            key: Some(k),
+            payload: Some(v),
+            topic: &topology.topics.telemetry.name,
+            offset: i as i64,
+            headers: None,
+        };
+        processor.process(&record, &mut batch, now).unwrap();
+    }
+    for out in &batch.outputs.records {
+        let (_, payload) = batch.outputs.bytes(out);
+        match out.target {
+            Target::Changelog => {
+                let twin = topology.codec.decode_twin(payload.unwrap()).unwrap();
+                o.updates += 1;
+                o.twins.insert(twin.asset_id.clone(), twin);
+            }
+            Target::Alerts => {
+                *o.alerts
+                    .entry(alert_key(&avro_read(&schema, payload.unwrap())))
+                    .or_default() += 1;
+                o.alert_events += 1;
+            }
+            Target::DeadLetter => o.dead_letters += 1,
+        }
+    }
+    o.skips = input.len() - o.updates - o.dead_letters;
+    o
+}
+
+/// `(alert_id, state)` of a decoded alert event.
+pub fn alert_key(v: &apache_avro::types::Value) -> (String, String) {
+    let apache_avro::types::Value::Record(f) = v else {
+        panic!("an alert is a record")
+    };
+    let get = |n: &str| text(&f.iter().find(|(k, _)| k == n).unwrap().1);
+    (get("alert_id"), get("state"))
+}
+
+/// What the outputs of a run came to, beside what every guarantee promises.
+pub struct Seen {
+    /// Changelog records.
+    pub updates: usize,
+    /// `(asset_id, version)` pairs written more than once (identical replays).
+    pub duplicate_versions: usize,
+    /// Alert events by `(alert_id, state)`, with how often each occurs.
+    pub alerts: BTreeMap<(String, String), usize>,
+}
+
+/// Checks what every guarantee promises: the last changelog twin of every asset equals the
+/// oracle's (processing time aside), every alert transition is there and no other, and a
+/// version written more than once is an identical replay.
+pub fn assert_outputs_match(
+    topology: &Topology,
+    expected: &Oracle,
+    changelog: &[OwnedMessage],
+    alerts: &[OwnedMessage],
+) -> Seen {
+    let mut last: BTreeMap<String, Twin> = BTreeMap::new();
+    let mut versions: BTreeMap<(String, i64), Vec<Twin>> = BTreeMap::new();
+    for m in changelog {
+        let mut twin = topology.codec.decode_twin(m.payload().unwrap()).unwrap();
+        twin.last_seen = 0; // processing time: differs between runs by design
+        versions
+            .entry((twin.asset_id.clone(), twin.version))
+            .or_default()
+            .push(twin.clone());
+        last.insert(twin.asset_id.clone(), twin);
+    }
+    assert_eq!(last.len(), expected.twins.len(), "every twin present");
+    for (id, want) in &expected.twins {
+        let mut want = want.clone();
+        want.last_seen = 0;
+        assert_eq!(last.get(id), Some(&want), "twin {id}");
+    }
+    for copies in versions.values() {
+        assert!(
+            copies.iter().all(|t| *t == copies[0]),
+            "a replayed version is identical"
+        );
+    }
+    let schema = apache_avro::Schema::parse_str(twinflow::codec::ALERT_SCHEMA).unwrap();
+    let mut seen = BTreeMap::new();
+    for m in alerts {
+        *seen
+            .entry(alert_key(&avro_read(&schema, m.payload().unwrap())))
+            .or_default() += 1;
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        expected.alerts.keys().collect::<Vec<_>>(),
+        "every alert transition, and no other"
+    );
+    Seen {
+        updates: changelog.len(),
+        duplicate_versions: versions.values().filter(|v| v.len() > 1).count(),
+        alerts: seen,
+    }
 }

@@ -1,0 +1,205 @@
+//! Scale-out: `twinflow run` processes sharing one consumer group divide the partitions; when
+//! one is killed the others take its partitions over with their state, and a newly started
+//! one receives partitions with their state. Nothing is lost, and no partition is ever
+//! worked on by two instances at once.
+//!
+//! It runs on the embedded mock cluster (owned by this test process, reached by the
+//! instances over TCP) under at-least-once. noida-db cannot host this test: it checks a
+//! member's session only when that member itself heartbeats, so a killed member keeps its
+//! partitions forever. The mock cluster's transactions are hollow, so exactly-once is left to
+//! the crash loops on noida-db (`tests/crash.rs`).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::instance::{Instance, Settings, caught_up, feed, read_all};
+use common::{assert_outputs_match, oracle, vehicle_topology};
+use rdkafka::ClientConfig;
+use twinflow::embedded::EmbeddedKafka;
+use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::topology::Topology;
+
+const RECORDS: usize = 60_000;
+
+#[test]
+fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let bootstrap = kafka.bootstrap_servers();
+    let topology =
+        Arc::new(Topology::load(&vehicle_topology().topics, &vehicle_topology().model).unwrap());
+    for spec in topology.topics.all() {
+        kafka.create_topic(&spec.name, spec.partitions).unwrap();
+    }
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &bootstrap);
+
+    let fleet = FleetConfig {
+        assets: 300,
+        seed: 5,
+        malformed: 0.01,
+        start_ms: 1_790_000_000_000,
+        interval_ms: 5000,
+    };
+    let input = Fleet::new(fleet, &topology.codec).unwrap().take(RECORDS);
+    let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let expected = oracle(&topology, &pairs, 0);
+    assert!(
+        expected.alerts.len() > 20,
+        "the input raises and clears alerts"
+    );
+
+    // About 6k readings/s for 10 s, while instances come and go.
+    let feeder = feed(&client, "telemetry", &input, 300, Duration::from_millis(50));
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        bootstrap: &bootstrap,
+        group: "scale",
+        guarantee: "at_least_once",
+        librdkafka: &[],
+        consumer: &[
+            ("fetch.wait.max.ms", "10"),
+            ("session.timeout.ms", "2000"),
+            ("heartbeat.interval.ms", "300"),
+        ],
+    };
+    let mut a = Instance::spawn(dir.path(), "a", &settings);
+    let b = Instance::spawn(dir.path(), "b", &settings);
+    wait("two instances divide the partitions and process", || {
+        let assigned = [&a, &b].map(|i| i.metric("twinflow_assigned_partitions"));
+        assigned.iter().sum::<f64>() == 4.0
+            && assigned.iter().all(|n| *n > 0.0)
+            && a.consumed() > 0
+            && b.consumed() > 0
+    });
+
+    a.stop("KILL");
+    let killed_at = micros(SystemTime::now());
+    let c = Instance::spawn(dir.path(), "c", &settings);
+    wait("the third instance processes", || {
+        c.metric("twinflow_assigned_partitions") > 0.0 && c.consumed() > 0
+    });
+    feeder.join().unwrap();
+    wait("the survivors apply every reading", || {
+        caught_up(&client, &[&b, &c], "telemetry")
+    });
+    let restored = [&b, &c].map(|i| i.metric("twinflow_restore_records_total"));
+    for mut i in [b, c] {
+        i.stop("TERM");
+    }
+
+    let changelog = read_all(&bootstrap, "twin-changelog", &[]);
+    let alerts = read_all(&bootstrap, "twin-alerts", &[]);
+    let dead = read_all(&bootstrap, "twin-dead-letter", &[]);
+    let seen = assert_outputs_match(&topology, &expected, &changelog, &alerts);
+    assert!(
+        dead.len() >= expected.dead_letters,
+        "every dead letter is there"
+    );
+    assert!(
+        restored.iter().sum::<f64>() > 0.0,
+        "the partitions taken over came with their state"
+    );
+
+    // Ownership, from the instances' logs: a partition's worker starts only after its
+    // previous owner stopped it (or died).
+    let mut owners: BTreeMap<i32, Vec<(i64, i64, &str)>> = BTreeMap::new();
+    for (name, end) in [("a", killed_at), ("b", i64::MAX), ("c", i64::MAX)] {
+        let log = std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap();
+        for (partition, from, to) in ownership(&log, end) {
+            owners.entry(partition).or_default().push((from, to, name));
+        }
+    }
+    assert_eq!(owners.len(), 4, "every partition had an owner");
+    for (partition, mut spans) in owners {
+        spans.sort();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[1].0 >= pair[0].1,
+                "partition {partition}: {} started it before {} stopped",
+                pair[1].2,
+                pair[0].2
+            );
+        }
+    }
+    eprintln!(
+        "scale-out: {RECORDS} readings, a killed, c started; restored {restored:?} records; changelog {} (oracle {}), {} duplicate versions; alerts {} (oracle {} transitions); dead letters {} (oracle {})",
+        seen.updates,
+        expected.updates,
+        seen.duplicate_versions,
+        alerts.len(),
+        expected.alerts.len(),
+        dead.len(),
+        expected.dead_letters
+    );
+}
+
+/// Polls `done` until it holds, for at most a minute.
+fn wait(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `(partition, started, stopped)` of every partition worker in an instance's log, in
+/// microseconds since the epoch; a worker still running at the end of the log runs to
+/// `end`.
+fn ownership(log: &str, end: i64) -> Vec<(i32, i64, i64)> {
+    let mut open: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut spans = Vec::new();
+    for line in log.lines() {
+        let started = line.contains("Partition worker started.");
+        if !started && !line.contains("Partition worker stopped.") {
+            continue;
+        }
+        let partition = line
+            .split("partition=")
+            .nth(1)
+            .and_then(|r| r.split(' ').next()?.parse().ok())
+            .expect("the line names its partition");
+        let at = parse_time(line.split(' ').next().unwrap());
+        if started {
+            open.insert(partition, at);
+        } else if let Some(from) = open.remove(&partition) {
+            spans.push((partition, from, at));
+        }
+    }
+    spans.extend(open.into_iter().map(|(p, from)| (p, from, end)));
+    spans
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// Microseconds since the epoch of a log timestamp such as `2026-11-22T04:48:26.393637Z`.
+fn parse_time(s: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (proleptic Gregorian), after H. Hinnant.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    let fraction = &s[20..s.len() - 1];
+    let micros = format!("{fraction:0<6}")[..6].parse::<i64>().unwrap();
+    seconds * 1_000_000 + micros
+}
+
+#[test]
+fn log_timestamps_parse_to_the_epoch() {
+    assert_eq!(parse_time("1970-01-01T00:00:00.000001Z"), 1);
+    assert_eq!(
+        parse_time("2026-11-22T04:48:26.393637Z"),
+        micros(SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_322_906_393_637))
+    );
+}
