@@ -339,8 +339,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// fresh data directory; killed on drop.
 pub struct Noida {
     child: std::process::Child,
+    bin: PathBuf,
+    port: u16,
     pub bootstrap: String,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 /// librdkafka settings every client talking to noida-db needs: it ignores fetch size limits
@@ -352,6 +354,7 @@ pub fn venv() -> PathBuf {
 }
 
 impl Noida {
+    /// Starts a broker on a free port with a fresh data directory.
     pub fn start() -> Noida {
         let lib = venv().join("lib");
         let bin = std::fs::read_dir(&lib)
@@ -373,7 +376,22 @@ impl Noida {
             .local_addr()
             .unwrap()
             .port();
-        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let child = Self::spawn(&bin, port, dir.path());
+        Noida {
+            child,
+            bin,
+            port,
+            bootstrap: format!("127.0.0.1:{port}"),
+            dir,
+        }
+    }
+
+    fn spawn(bin: &Path, port: u16, dir: &Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("broker.log"))
+            .unwrap();
         let child = std::process::Command::new(bin)
             .args([
                 "start",
@@ -381,27 +399,44 @@ impl Noida {
                 "kafka",
                 "--kafka-port",
                 &port.to_string(),
-                "--data-dir",
             ])
-            .arg(dir.path().join("data"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("noida-db starts");
-        let bootstrap = format!("127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&bootstrap).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "noida-db did not listen on {bootstrap} within 20 s"
+                "noida-db did not listen on port {port} within 20 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Noida {
-            child,
-            bootstrap,
-            _dir: dir,
+        child
+    }
+
+    /// Stops the broker cleanly (SIGTERM: it writes its data to disk first).
+    pub fn stop(&mut self) {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the stopped broker again, on the same port and data.
+    pub fn restart(&mut self) {
+        // A stopped broker's port stays taken for a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpListener::bind(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "port {} stayed taken", self.port);
+            std::thread::sleep(Duration::from_millis(100));
         }
+        self.child = Self::spawn(&self.bin, self.port, self.dir.path());
     }
 }
 
