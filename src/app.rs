@@ -88,8 +88,10 @@ impl App {
                 .set("transaction.timeout.ms", "10000");
         }
         config.kafka.apply(&mut producer_config, Role::Producer);
-        let producer = OutputProducer::new(&producer_config, &topology.topics.changelog.name)
-            .context("creating the producer")?;
+        let metrics = Metrics::new(prometheus::Registry::new());
+        let producer =
+            OutputProducer::new(&producer_config, &topology.topics.changelog.name, &metrics)
+                .context("creating the producer")?;
         if exactly_once {
             let p = producer.inner();
             p.init_transactions(Duration::from_secs(60))
@@ -104,7 +106,7 @@ impl App {
         let shared = Arc::new(Shared {
             topology: Arc::new(topology),
             store,
-            metrics: Metrics::new(prometheus::Registry::new()),
+            metrics,
             settings: settings.clone(),
             clock,
             producer,
@@ -137,7 +139,8 @@ impl App {
                     "read_uncommitted"
                 },
             );
-        let context = RebalanceContext::new(Arc::new(Handler(coordinator.clone())));
+        let context =
+            RebalanceContext::new(Arc::new(Handler(coordinator.clone())), &shared.metrics);
         let consumer: Arc<Consumer> = Arc::new(
             consumer_config
                 .create_with_context(context)

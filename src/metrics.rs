@@ -29,6 +29,10 @@ pub struct Metrics {
     batch_seconds: HistogramVec,
     replays: IntCounterVec,
     commit_outcomes: IntCounterVec,
+    /// Errors the Kafka clients reported, by client and error code (they retry most).
+    pub kafka_errors: IntCounterVec,
+    /// Output records the producer could not deliver (their work is replayed).
+    pub delivery_failures: IntCounter,
     /// Time to make one commit durable (deliveries or transaction, then the store).
     pub commit_seconds: Histogram,
     restored: IntCounterVec,
@@ -136,6 +140,19 @@ impl Metrics {
                 "Commits (transactions under exactly-once) by outcome: committed, or aborted and replayed.",
                 &["outcome"],
             ),
+            kafka_errors: counter(
+                r,
+                "twinflow_kafka_errors_total",
+                "Errors reported by the Kafka clients (connection, request and broker errors; most are retried), by client and librdkafka error code.",
+                &["client", "code"],
+            ),
+            delivery_failures: counter(
+                r,
+                "twinflow_output_delivery_failures_total",
+                "Output records the producer could not deliver; the work they came from is replayed.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             commit_seconds: {
                 let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)
                     .expect("static buckets are valid");
@@ -207,6 +224,14 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Counts an error a Kafka client (`consumer` or `producer`) reported.
+    pub fn kafka_error(&self, client: &str, error: &rdkafka::error::KafkaError) {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_owned(), |c| format!("{c:?}"));
+        self.kafka_errors.with_label_values(&[client, &code]).inc();
     }
 
     /// The counter of committed (`true`) or aborted commits.

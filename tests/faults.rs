@@ -79,6 +79,10 @@ async fn broker_outages_mid_stream_lose_no_reading() {
 
     assert_reflects(&p, &e, Repeats::Allowed);
     assert_counted(&p, input.len(), e.updates);
+    assert!(
+        p.metrics().total("twinflow_kafka_errors_total") > 0,
+        "the outages show in the Kafka error counter"
+    );
     p.stop().await;
 }
 
@@ -122,6 +126,11 @@ async fn retriable_produce_errors_are_retried_without_replay() {
         0,
         "a retried produce request abandons no commit"
     );
+    assert_eq!(
+        p.metrics().total("twinflow_output_delivery_failures_total"),
+        0,
+        "retried records are delivered"
+    );
     p.stop().await;
 }
 
@@ -162,6 +171,10 @@ async fn rejected_produce_request_is_replayed_without_loss() {
         aborted_commits(&p),
         1,
         "one rejected request, one abandoned commit"
+    );
+    assert!(
+        p.metrics().total("twinflow_output_delivery_failures_total") > 0,
+        "the rejected records are counted"
     );
     p.stop().await;
 }

@@ -20,6 +20,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
+
 /// The consumer type of the pipeline.
 pub type Consumer = BaseConsumer<RebalanceContext>;
 
@@ -38,14 +40,16 @@ pub trait RebalanceHandler: Send + Sync {
 pub struct RebalanceContext {
     consumer: OnceLock<Weak<Consumer>>,
     handler: Arc<dyn RebalanceHandler>,
+    metrics: Metrics,
 }
 
 impl RebalanceContext {
-    /// A context calling `handler`.
-    pub fn new(handler: Arc<dyn RebalanceHandler>) -> Self {
+    /// A context calling `handler` and counting client errors in `metrics`.
+    pub fn new(handler: Arc<dyn RebalanceHandler>, metrics: &Metrics) -> Self {
         RebalanceContext {
             consumer: OnceLock::new(),
             handler,
+            metrics: metrics.clone(),
         }
     }
 
@@ -57,6 +61,7 @@ impl RebalanceContext {
 
 impl ClientContext for RebalanceContext {
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.metrics.kafka_error("consumer", &error);
         tracing::warn!(%error, reason, "Kafka client error.");
     }
 }

@@ -17,6 +17,7 @@ use rdkafka::producer::{
 use rdkafka::{ClientConfig, ClientContext, Message};
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// What the deliveries since the last commit came to.
 #[derive(Debug, Default)]
@@ -33,10 +34,12 @@ pub struct Deliveries {
 pub struct Tracking {
     changelog: String,
     state: Mutex<Deliveries>,
+    metrics: Metrics,
 }
 
 impl ClientContext for Tracking {
     fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics.kafka_error("producer", &error);
         tracing::warn!(%error, reason, "Kafka producer error.");
     }
 }
@@ -59,6 +62,7 @@ impl ProducerContext for Tracking {
                     Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
                 ) => {}
             Err((error, _)) => {
+                self.metrics.delivery_failures.inc();
                 state.failed += 1;
                 state.failure.get_or_insert_with(|| error.clone());
             }
@@ -72,14 +76,20 @@ pub struct OutputProducer {
 }
 
 impl OutputProducer {
-    /// Creates the producer; `changelog` is the topic whose offsets are tracked.
+    /// Creates the producer; `changelog` is the topic whose offsets are tracked; errors and
+    /// failed deliveries are counted in `metrics`.
     ///
     /// # Errors
     /// When librdkafka refuses the configuration.
-    pub fn new(config: &ClientConfig, changelog: &str) -> Result<OutputProducer> {
+    pub fn new(
+        config: &ClientConfig,
+        changelog: &str,
+        metrics: &Metrics,
+    ) -> Result<OutputProducer> {
         let context = Tracking {
             changelog: changelog.to_owned(),
             state: Mutex::new(Deliveries::default()),
+            metrics: metrics.clone(),
         };
         Ok(OutputProducer {
             producer: config.create_with_context(context)?,
