@@ -24,10 +24,12 @@ use crate::store::Store;
 use crate::topology::Topology;
 
 /// Consumer settings twinflow relies on; passthrough properties may override the first group.
-const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("auto.offset.reset", "earliest"),
     ("partition.assignment.strategy", "cooperative-sticky"),
     ("enable.partition.eof", "false"),
+    // At-least-once: how often the group offset follows the store's position.
+    ("auto.commit.interval.ms", "1000"),
 ];
 
 /// Producer settings: ordered, acknowledged by all replicas, batched and compressed.
@@ -127,9 +129,12 @@ impl App {
         config.kafka.apply(&mut consumer_config, Role::Consumer);
         consumer_config
             .set("group.id", &config.kafka.group_id)
-            // Group offsets are committed by the committer after the store (at-least-once)
-            // or sent in the transaction (exactly-once), never behind its back.
-            .set("enable.auto.commit", "false")
+            // Group offsets: at-least-once, stored by the committer after the store write and
+            // committed by librdkafka; exactly-once, sent in the transaction only.
+            .set(
+                "enable.auto.commit",
+                if exactly_once { "false" } else { "true" },
+            )
             .set("enable.auto.offset.store", "false")
             .set(
                 "isolation.level",

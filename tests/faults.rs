@@ -216,13 +216,13 @@ async fn rejected_outputs_of_a_last_reading_are_replayed_without_new_input() {
 }
 
 /// Every offset commit of the group is rejected (REBALANCE_IN_PROGRESS, as a broker answers
-/// during a rebalance; the pipeline tries one after each commit of its store): processing is
+/// during a rebalance), with auto-commit every 100 ms so that many are tried: processing is
 /// not disturbed, and a restart on the same store resumes where the pipeline stopped, because
 /// the store, not the group offset, holds the position. Nothing is lost or read twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_offset_commits_lose_nothing_and_a_restart_resumes_from_the_store() {
     const REJECTIONS: usize = 1_000;
-    let (kafka, mut p) = one_broker(&[]);
+    let (kafka, mut p) = one_broker(&[("auto.commit.interval.ms", "100")]);
     let input = readings(&p, 0..240);
     let (a, b) = input.split_at(160);
     let e_a = expected(&p, a);

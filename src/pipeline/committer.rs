@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{RwLock, RwLockReadGuard, watch};
@@ -155,7 +155,6 @@ impl Committer {
             self.drop_staged("commit failed").await?;
             return Err(e);
         }
-        let mut positions = TopicPartitionList::new();
         for (slot, batch) in staged {
             let next = batch.next_offset.expect("filtered above");
             let store = self.shared.store.partition(slot.partition);
@@ -166,15 +165,14 @@ impl Committer {
                 .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
             slot.metrics.publish(&batch.counts);
             slot.metrics.next_offset.set(next);
-            positions.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next))?;
-        }
-        if !exactly_once {
-            // The store owns the position; the group offset follows it (without waiting), so
-            // an instance taking a partition over replays little, and lag tools see progress.
-            if let Some(c) = self.consumer.get().and_then(Weak::upgrade)
-                && let Err(e) = c.commit(&positions, CommitMode::Async)
-            {
-                tracing::debug!(error = %e, "Group offset commit not sent.");
+            if !exactly_once {
+                // The store owns the position; the group offset follows it (librdkafka commits
+                // it every `auto.commit.interval.ms` and on revoke), so an instance taking a
+                // partition over replays little, and lag tools see progress.
+                // (librdkafka stores the given offset + 1.)
+                if let Some(c) = self.consumer.get().and_then(Weak::upgrade) {
+                    let _ = c.store_offset(&slot.topic, slot.partition, next - 1);
+                }
             }
         }
         self.shared.metrics.commits(true).inc();
