@@ -269,6 +269,34 @@ async fn rejected_offset_commits_lose_nothing_and_a_restart_resumes_from_the_sto
     p.stop().await;
 }
 
+/// The only broker is down for 20 s while readings wait to be processed (as when a broker
+/// restarts), and comes back: the pipeline waits without giving up, then carries on, and
+/// every reading is reflected and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twenty_second_cluster_outage_is_waited_out() {
+    let (kafka, mut p) = one_broker(&[("reconnect.backoff.max.ms", "1000")]);
+    let input = readings(&p, 0..320);
+    let (a, b) = input.split_at(160);
+    let e = expected(&p, &input);
+    p.start();
+    send_all(&p, a).await;
+    p.wait_consumed(len(a)).await;
+
+    kafka.broker_down(ONLY_BROKER).unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await; // the outage's length, not a wait for anything
+    kafka.broker_up(ONLY_BROKER).unwrap();
+    send_all(&p, b).await;
+    p.wait_consumed(len(&input)).await;
+
+    assert_reflects(&p, &e, Repeats::Allowed);
+    assert_counted(&p, input.len(), e.updates);
+    assert!(
+        p.metrics().total("twinflow_kafka_errors_total") > 0,
+        "the outage shows in the Kafka error counter"
+    );
+    p.stop().await;
+}
+
 /// A one-broker cluster with the topology's topics, and a stopped pipeline on it whose
 /// clients all get the `extra` librdkafka settings.
 fn one_broker(extra: &[(&str, &str)]) -> (EmbeddedKafka, TestPipeline) {

@@ -287,3 +287,68 @@ async fn restart_resumes_from_the_store_without_loss_or_repeats() {
     );
     p.stop().await;
 }
+
+/// A replacement instance with an empty store (the machine was lost) restores the
+/// partitions' twins from the changelog before it says it is ready, and carries on from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_instance_restores_twins_before_it_is_ready() {
+    let (_kafka, mut first) = cluster();
+    first.start();
+    let t0 = 1_790_000_000_000;
+    for step in 0..3 {
+        for i in 0..200 {
+            let speed = 50.0 + f64::from(step);
+            first
+                .send(
+                    &format!("truck-{i}"),
+                    t0 + i64::from(step) * 1000,
+                    &[("speed_kmh", speed)],
+                )
+                .await;
+        }
+    }
+    first.wait_consumed(600).await;
+    first.stop().await;
+
+    let mut second = TestPipeline::new(&first.bootstrap, vehicle_topology(), &[]);
+    second.start();
+    let http = second.http.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while reqwest::get(format!("http://{http}/readyz"))
+        .await
+        .map_or(true, |r| r.status() != 200)
+    {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let m = second.metrics();
+    assert_eq!(
+        m.total("twinflow_restore_records_total"),
+        600,
+        "ready only once every changelog record is restored"
+    );
+    assert_eq!(m.restoring_partitions.get(), 0);
+    let twin: serde_json::Value = reqwest::get(format!("http://{http}/twins/truck-7"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(twin["version"], 3, "the restored twin: {twin}");
+
+    second
+        .send("truck-7", t0 + 5000, &[("speed_kmh", 10.0)])
+        .await;
+    let versions: Vec<i64> = second
+        .changelog(601)
+        .iter()
+        .filter(|t| t.asset_id == "truck-7")
+        .map(|t| t.version)
+        .collect();
+    assert_eq!(
+        versions,
+        [1, 2, 3, 4],
+        "the next reading builds on the restored twin"
+    );
+    second.stop().await;
+}

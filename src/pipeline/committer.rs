@@ -13,6 +13,7 @@
 //! worker rewinds to its stored position before its next batch.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,8 @@ pub struct Slot {
     pub staged: Mutex<Option<Batch>>,
     /// Where the committed counts go.
     pub metrics: PartitionMetrics,
+    /// Set once the partition is restored and its worker processes input.
+    pub processing: AtomicBool,
 }
 
 /// Commits the progress of every partition of the instance.
@@ -82,6 +85,7 @@ impl Committer {
                 .shared
                 .metrics
                 .partition(partition, &self.shared.topology.rules),
+            processing: AtomicBool::new(false),
         });
         self.slots
             .lock()

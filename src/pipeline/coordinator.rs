@@ -6,6 +6,7 @@
 //! what makes a hand-over lose nothing.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::committer::Committer;
+use super::committer::{Committer, Slot};
 use super::worker::PartitionWorker;
 use crate::config::Guarantee;
 use crate::error::Error;
@@ -29,6 +30,7 @@ const COMMITTED_TIMEOUT: Duration = Duration::from_secs(60);
 struct Running {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    slot: Arc<Slot>,
 }
 
 /// Owns the partition workers of one instance.
@@ -62,7 +64,11 @@ impl Coordinator {
 
     /// Whether every assigned partition is restored and processing.
     pub fn ready(&self) -> bool {
-        !self.assigned().is_empty() && self.shared.metrics.restoring_partitions.get() == 0
+        let workers = self.workers.lock().expect("worker map lock");
+        !workers.is_empty()
+            && workers
+                .values()
+                .all(|w| w.slot.processing.load(Ordering::SeqCst))
     }
 
     /// The group's committed offsets of `partitions`, in order (`None`: nothing committed).
@@ -143,7 +149,7 @@ impl Coordinator {
             self.shared.clone(),
             self.committer.clone(),
             consumer.clone(),
-            slot,
+            slot.clone(),
             start,
         );
         let stop = CancellationToken::new();
@@ -158,7 +164,7 @@ impl Coordinator {
             .workers
             .lock()
             .expect("worker map lock")
-            .insert(partition, Running { stop, task });
+            .insert(partition, Running { stop, task, slot });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
         let offset = Offset::Offset(start);
         tracing::info!(topic, partition, ?offset, "Partition worker started.");

@@ -97,6 +97,9 @@ impl PartitionWorker {
             }
         }
         self.slot.metrics.next_offset.set(self.start);
+        self.slot
+            .processing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             // A dropped commit wakes an idle worker too: its staged work must be replayed
             // even if no more input comes.
