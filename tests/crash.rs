@@ -92,9 +92,12 @@ fn spawn(dir: &Path, bootstrap: &str, guarantee: &str) -> Instance {
     Instance::spawn(dir, "twinflow", &settings)
 }
 
+/// Keyed telemetry records, in the order they are sent.
+type Readings = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A broker with the topology applied, a seeded input with breaches that raise and clear
 /// and malformed records, and what processing it once must produce.
-fn setup(records: usize) -> (Noida, Arc<Topology>, Vec<(Vec<u8>, Vec<u8>)>, Oracle) {
+fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
     let broker = Noida::start();
     let topology =
         Arc::new(Topology::load(&vehicle_topology().topics, &vehicle_topology().model).unwrap());
@@ -276,11 +279,12 @@ fn exactly_once_survives_a_crash_loop() {
 /// error, and started again, as its supervisor would, lose nothing. At-least-once only:
 /// noida-db also aborts open transactions when it stops without writing their abort markers,
 /// after which read_committed readers skip the producer's later records.
-/// Not run by default (`cargo test --release --test crash -- --ignored`): besides the lost
-/// sequence numbers, in some runs the changelog read back after the broker's restart lacked
-/// records the pipeline had written after it, with the instance caught up and no error
-/// logged; that is not yet understood. `tests/faults.rs` covers a 20 s outage of the whole
-/// (mock) cluster in CI.
+/// Not run by default (`cargo test --release --test crash -- --ignored`): in most runs the
+/// changelog read back lacks twin versions of readings processed after the broker's restart
+/// (the broker holds every reading, the changelog partitions have no offset gaps), and
+/// alert transitions differ. Those runs saw the producer's fatal error and a consumer-group
+/// session timeout during the outage. Not yet understood, so not yet ruled out as ours.
+/// `tests/faults.rs` covers a 20 s outage of the whole (mock) cluster in CI.
 #[test]
 #[ignore = "noida-db restarts are not reliable enough yet: see the comment"]
 fn at_least_once_waits_out_a_broker_restart() {

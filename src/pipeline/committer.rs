@@ -13,7 +13,7 @@
 //! worker rewinds to its stored position before its next batch.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,7 @@ pub struct Committer {
     gate: RwLock<()>,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
     epoch: watch::Sender<u64>,
+    poisoned: AtomicBool,
     consumer: OnceLock<Weak<Consumer>>,
 }
 
@@ -66,6 +67,7 @@ impl Committer {
             gate: RwLock::new(()),
             slots: Mutex::new(BTreeMap::new()),
             epoch: watch::Sender::new(0),
+            poisoned: AtomicBool::new(false),
             consumer: OnceLock::new(),
         }
     }
@@ -122,6 +124,10 @@ impl Committer {
     /// cannot be written after Kafka committed.
     pub async fn commit(&self) -> Result<()> {
         let _exclusive = self.gate.write().await;
+        if self.poisoned.swap(false, Ordering::SeqCst) {
+            // A batch failed since the last commit: nothing staged may become durable.
+            return self.drop_staged("a batch failed").await;
+        }
         let mut staged: Vec<(Arc<Slot>, Batch)> = {
             let slots = self.slots.lock().expect("slots lock");
             slots
@@ -248,14 +254,25 @@ impl Committer {
     }
 
     /// Drops all staged work (aborting the transaction) and moves the epoch on, so every
-    /// worker rewinds to its stored position. Called by a worker whose batch failed, with
-    /// its gate released.
+    /// worker rewinds to its stored position, unless a commit did so since the batch failed.
+    /// Called by a worker whose batch failed (after [`Committer::poison`]), with its gate
+    /// released.
     ///
     /// # Errors
     /// `Fatal` when the transaction cannot be aborted.
     pub async fn abort(&self, reason: &str) -> Result<()> {
         let _exclusive = self.gate.write().await;
-        self.drop_staged(reason).await
+        if self.poisoned.swap(false, Ordering::SeqCst) {
+            self.drop_staged(reason).await
+        } else {
+            Ok(()) // a commit in between dropped it already
+        }
+    }
+
+    /// Marks the staged work as unfit to commit. Called by a worker whose batch failed,
+    /// while it still holds its gate; the next commit or abort drops everything staged.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::SeqCst);
     }
 
     async fn drop_staged(&self, reason: &str) -> Result<()> {

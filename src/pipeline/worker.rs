@@ -126,6 +126,11 @@ impl PartitionWorker {
             };
             let started = Instant::now();
             let outcome = self.run_batch(first, &stream).await;
+            if outcome.is_err() {
+                // Before the gate opens: no commit may take this partition's staged work,
+                // whose outputs were not all sent.
+                self.committer.poison();
+            }
             drop(gate);
             match outcome {
                 Ok(()) => self
