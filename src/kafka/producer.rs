@@ -6,7 +6,7 @@
 //! partition (the store remembers it, so a restore reads only the tail after it).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -34,6 +34,9 @@ pub struct Deliveries {
 pub struct Tracking {
     changelog: String,
     state: Mutex<Deliveries>,
+    /// Records enqueued whose delivery report has not run yet.
+    unreported: Mutex<i64>,
+    reported: Condvar,
     metrics: Metrics,
 }
 
@@ -48,6 +51,14 @@ impl ProducerContext for Tracking {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        self.record(result);
+        *self.unreported.lock().expect("delivery count lock") -= 1;
+        self.reported.notify_all();
+    }
+}
+
+impl Tracking {
+    fn record(&self, result: &DeliveryResult<'_>) {
         let mut state = self.state.lock().expect("delivery state lock");
         match result {
             Ok(m) if m.topic() == self.changelog => {
@@ -55,14 +66,18 @@ impl ProducerContext for Tracking {
                 *next = (*next).max(m.offset() + 1);
             }
             Ok(_) => {}
-            // Records purged by an abort we asked for are not failures.
-            Err((error, _))
-                if matches!(
+            // A purged record was not delivered either: an aborted transaction's (whose
+            // work is replayed anyway), or what was queued when the producer hit a fatal
+            // error, which must fail the commit. The metric leaves purges out: an abort
+            // purges on purpose.
+            Err((error, _)) => {
+                let purged = matches!(
                     error.rdkafka_error_code(),
                     Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-                ) => {}
-            Err((error, _)) => {
-                self.metrics.delivery_failures.inc();
+                );
+                if !purged {
+                    self.metrics.delivery_failures.inc();
+                }
                 state.failed += 1;
                 state.failure.get_or_insert_with(|| error.clone());
             }
@@ -89,6 +104,8 @@ impl OutputProducer {
         let context = Tracking {
             changelog: changelog.to_owned(),
             state: Mutex::new(Deliveries::default()),
+            unreported: Mutex::new(0),
+            reported: Condvar::new(),
             metrics: metrics.clone(),
         };
         Ok(OutputProducer {
@@ -101,16 +118,28 @@ impl OutputProducer {
         &self.producer
     }
 
-    /// What happened since the last call, resetting it.
-    pub fn take_deliveries(&self) -> Deliveries {
-        std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .state
-                .lock()
-                .expect("delivery state lock"),
-        )
+    /// What happened to the records sent since the last call, resetting it. Blocking: it
+    /// first waits, up to `timeout`, until every record sent so far has had its delivery
+    /// report (a flush can return while the last reports are still being handled).
+    ///
+    /// # Errors
+    /// `Error::Kafka` (timed out) when reports are still missing after `timeout`.
+    pub fn take_deliveries(&self, timeout: Duration) -> Result<Deliveries> {
+        let tracking = self.producer.context();
+        let unreported = tracking.unreported.lock().expect("delivery count lock");
+        let (unreported, wait) = tracking
+            .reported
+            .wait_timeout_while(unreported, timeout, |n| *n > 0)
+            .expect("delivery count lock");
+        if wait.timed_out() {
+            return Err(Error::Kafka(KafkaError::Flush(
+                RDKafkaErrorCode::OperationTimedOut,
+            )));
+        }
+        drop(unreported);
+        Ok(std::mem::take(
+            &mut *tracking.state.lock().expect("delivery state lock"),
+        ))
     }
 
     /// Enqueues one record; when librdkafka's queue is full, waits briefly and tries again.
@@ -133,7 +162,23 @@ impl OutputProducer {
             record.payload = payload;
             record.partition = partition;
             record.headers = headers.take();
-            match self.producer.send(record) {
+            // Counted before the send: its report may run before `send` returns.
+            *self
+                .producer
+                .context()
+                .unreported
+                .lock()
+                .expect("delivery count lock") += 1;
+            let sent = self.producer.send(record);
+            if sent.is_err() {
+                *self
+                    .producer
+                    .context()
+                    .unreported
+                    .lock()
+                    .expect("delivery count lock") -= 1;
+            }
+            match sent {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), record)) => {
                     headers = record.headers;

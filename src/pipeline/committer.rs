@@ -200,7 +200,7 @@ impl Committer {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
             shared.producer.inner().flush(COMMIT_TIMEOUT)?;
-            let d = shared.producer.take_deliveries();
+            let d = shared.producer.take_deliveries(COMMIT_TIMEOUT)?;
             match d.failure {
                 Some(e) if shared.settings.guarantee == Guarantee::AtLeastOnce => {
                     Err(Error::Kafka(e))
@@ -303,7 +303,9 @@ impl Committer {
                 // replay.
                 let _ = producer.flush(COMMIT_TIMEOUT);
             }
-            shared.producer.take_deliveries();
+            // Reports still missing after this go to the next commit, which they can only
+            // fail: its work is then replayed too.
+            let _ = shared.producer.take_deliveries(COMMIT_TIMEOUT);
             Ok::<_, Error>(())
         })
         .await
