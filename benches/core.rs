@@ -8,25 +8,16 @@
 //! `cargo bench --bench core` (full: 1M records over 100k twins, median of 3 runs);
 //! `TWINFLOW_BENCH_RECORDS=20000 TWINFLOW_BENCH_TWINS=2000 cargo bench --bench core` for a smoke run.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Instant;
 
+use support::{env, median};
 use twinflow::pipeline::processor::{Input, Processor};
 use twinflow::sim::{Fleet, FleetConfig};
 use twinflow::store::Store;
 use twinflow::topology::Topology;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let records = env("TWINFLOW_BENCH_RECORDS", 1_000_000);

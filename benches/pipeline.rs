@@ -28,6 +28,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +41,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message};
+use support::{env, median};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -61,18 +63,6 @@ const POLL: Duration = Duration::from_millis(10);
 /// Consumer settings of every instance (as the broker tests use them); the baseline reader
 /// gets the same.
 const CONSUMER: [(&str, &str); 2] = [("fetch.wait.max.ms", "10"), ("session.timeout.ms", "6000")];
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// A generous bound for moving `records` records through the broker.
 fn timeout_for(records: usize) -> Duration {

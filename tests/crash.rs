@@ -145,6 +145,23 @@ struct Outputs {
     dead: usize,
 }
 
+impl Outputs {
+    /// The figures of a run next to the oracle's, for the test's summary line.
+    fn summary(&self, expected: &Oracle) -> String {
+        format!(
+            "changelog {} (oracle {}), {} duplicate versions, alerts {} (oracle {} transitions), dead letters {} (oracle {}), skips {}",
+            self.changelog,
+            expected.updates,
+            self.seen.duplicate_versions,
+            self.alerts,
+            expected.alerts.len(),
+            self.dead,
+            expected.dead_letters,
+            expected.skips
+        )
+    }
+}
+
 fn check_outputs(
     bootstrap: &str,
     topology: &Topology,
@@ -244,15 +261,8 @@ fn crash_loop(guarantee: &str, signal: &str) {
     let log = std::fs::read_to_string(&last.log).unwrap_or_default();
     let prepared = log.matches("Applied the commit prepared").count();
     eprintln!(
-        "crash loop ({guarantee}): {RECORDS} records, SIG{signal} after {stop_points:?} records of a run; {restored} records restored, {prepared} prepared commits applied at a start; changelog {} (oracle {}), {} duplicate versions, alerts {} (oracle {} transitions), dead letters {} (oracle {}), skips {}",
-        out.changelog,
-        expected.updates,
-        out.seen.duplicate_versions,
-        out.alerts,
-        expected.alerts.len(),
-        out.dead,
-        expected.dead_letters,
-        expected.skips
+        "crash loop ({guarantee}): {RECORDS} records, SIG{signal} after {stop_points:?} records of a run; {restored} records restored, {prepared} prepared commits applied at a start; {}",
+        out.summary(&expected)
     );
 }
 
@@ -351,13 +361,7 @@ fn at_least_once_waits_out_a_broker_restart() {
 
     let out = check_outputs(&broker.bootstrap, &topology, &expected, READINGS, false);
     eprintln!(
-        "broker restart (at_least_once): {READINGS} readings, broker stopped for 20 s after {at} were consumed; instance restarted after a fatal producer error: {restarted}; changelog {} (oracle {}), {} duplicate versions, alerts {} (oracle {}), dead letters {} (oracle {})",
-        out.changelog,
-        expected.updates,
-        out.seen.duplicate_versions,
-        out.alerts,
-        expected.alerts.len(),
-        out.dead,
-        expected.dead_letters
+        "broker restart (at_least_once): {READINGS} readings, broker stopped for 20 s after {at} were consumed; instance restarted after a fatal producer error: {restarted}; {}",
+        out.summary(&expected)
     );
 }

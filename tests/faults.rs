@@ -149,13 +149,7 @@ async fn rejected_produce_request_is_replayed_without_loss() {
     send_all(&p, a).await;
     p.wait_consumed(len(a)).await;
 
-    kafka
-        .push_request_errors(
-            OUTPUT_BROKER,
-            RDKafkaApiKey::Produce,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-        )
-        .unwrap();
+    reject_next_produce_request(&kafka);
     send_all(&p, b).await;
     eventually("a commit fails on the rejected records", WITHIN, || {
         aborted_commits(&p) >= 1
@@ -191,13 +185,7 @@ async fn rejected_outputs_of_a_last_reading_are_replayed_without_new_input() {
     send_all(&p, a).await;
     p.wait_consumed(len(a)).await;
 
-    kafka
-        .push_request_errors(
-            OUTPUT_BROKER,
-            RDKafkaApiKey::Produce,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
-        )
-        .unwrap();
+    reject_next_produce_request(&kafka);
     send_all(&p, last).await;
     eventually("a commit fails on the rejected records", WITHIN, || {
         aborted_commits(&p) >= 1
@@ -295,6 +283,18 @@ async fn a_twenty_second_cluster_outage_is_waited_out() {
         "the outage shows in the Kafka error counter"
     );
     p.stop().await;
+}
+
+/// Makes the output broker reject the next produce request outright (INVALID_RECORD, which
+/// the producer does not retry: its records fail delivery).
+fn reject_next_produce_request(kafka: &EmbeddedKafka) {
+    kafka
+        .push_request_errors(
+            OUTPUT_BROKER,
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        )
+        .unwrap();
 }
 
 /// A one-broker cluster with the topology's topics, and a stopped pipeline on it whose
