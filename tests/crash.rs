@@ -281,23 +281,15 @@ fn exactly_once_survives_a_crash_loop() {
     crash_loop("exactly_once", "KILL");
 }
 
-/// The broker goes away (SIGTERM) for 20 s while the pipeline works through a backlog, and
-/// comes back: the instance waits and carries on, and nothing is lost.
+/// The broker goes away (SIGTERM) for 20 s and comes back: the instance waits, rejoins and
+/// carries on without a restart of its own, and nothing is lost.
 ///
-/// noida-db may forget the producer's sequence numbers over a restart (Kafka keeps them),
-/// which the idempotent producer reports as fatal: the instance must then stop with that
-/// error, and started again, as its supervisor would, lose nothing. At-least-once only:
-/// noida-db also aborts open transactions when it stops without writing their abort markers,
-/// after which read_committed readers skip the producer's later records.
-/// Not run by default (`cargo test --release --test crash -- --ignored`): in most runs the
-/// changelog read back lacks twin versions of readings processed after the broker's restart
-/// (the broker holds every reading, the changelog partitions have no offset gaps), and
-/// alert transitions differ. Those runs saw the producer's fatal error and a consumer-group
-/// session timeout during the outage. Not yet understood, so not yet ruled out as ours.
-/// `tests/faults.rs` covers a 20 s outage of the whole (mock) cluster in CI.
-#[test]
-#[ignore = "noida-db restarts are not reliable enough yet: see the comment"]
-fn at_least_once_waits_out_a_broker_restart() {
+/// The broker stops while the pipeline is quiet. noida-db 0.2.3 acknowledges produce requests
+/// that reach it during its shutdown and does not keep them (a probe lost about 10k of 220k
+/// acknowledged records, every run with traffic during its 0.1 s shutdown); no client can
+/// prevent that loss. In-flight work across an outage is covered by `tests/faults.rs` (a 20 s
+/// outage of the whole mock cluster).
+fn broker_restart(guarantee: &str) {
     const READINGS: usize = 100_000;
     let (mut broker, topology, input, expected) = setup(READINGS);
     let (first, second) = input.split_at(READINGS / 2);
@@ -314,23 +306,21 @@ fn at_least_once_waits_out_a_broker_restart() {
     };
     feed_all(&broker, first);
     let dir = tempfile::tempdir().unwrap();
-    let mut instance = spawn(dir.path(), &broker.bootstrap, "at_least_once");
+    let mut instance = spawn(dir.path(), &broker.bootstrap, guarantee);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while instance.consumed() < 5_000 {
+    while !caught_up(&client(&broker.bootstrap), &[&instance], "telemetry") {
         assert!(
             Instant::now() < deadline,
             "no progress; log tail:\n{}",
             instance.log_tail()
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let at = instance.consumed();
 
     broker.stop();
     std::thread::sleep(Duration::from_secs(20)); // the outage's length, not a wait for anything
     broker.restart();
     feed_all(&broker, second);
-    let mut restarted = false;
     let deadline = Instant::now() + Duration::from_secs(180);
     while !caught_up(&client(&broker.bootstrap), &[&instance], "telemetry") {
         assert!(
@@ -338,30 +328,35 @@ fn at_least_once_waits_out_a_broker_restart() {
             "no catching up; log tail:\n{}",
             instance.log_tail()
         );
-        if let Some(status) = instance.child.try_wait().unwrap() {
-            assert!(
-                !restarted,
-                "one restart is enough; log tail:\n{}",
-                instance.log_tail()
-            );
-            let log = std::fs::read_to_string(&instance.log).unwrap();
-            assert!(
-                !status.success()
-                    && log.contains("Stopping after a fatal error")
-                    && log.contains("out of order sequence"),
-                "the instance only stops for the broker's lost sequence numbers, and says so; log tail:\n{}",
-                instance.log_tail()
-            );
-            instance = spawn(dir.path(), &broker.bootstrap, "at_least_once");
-            restarted = true;
-        }
+        assert!(
+            instance.child.try_wait().unwrap().is_none(),
+            "the instance waits out the outage; log tail:\n{}",
+            instance.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     instance.stop("KILL");
 
-    let out = check_outputs(&broker.bootstrap, &topology, &expected, READINGS, false);
+    let exactly_once = guarantee == "exactly_once";
+    let out = check_outputs(
+        &broker.bootstrap,
+        &topology,
+        &expected,
+        READINGS,
+        exactly_once,
+    );
     eprintln!(
-        "broker restart (at_least_once): {READINGS} readings, broker stopped for 20 s after {at} were consumed; instance restarted after a fatal producer error: {restarted}; {}",
+        "broker restart ({guarantee}): {READINGS} readings, broker stopped for 20 s after half were processed; {}",
         out.summary(&expected)
     );
+}
+
+#[test]
+fn at_least_once_waits_out_a_broker_restart() {
+    broker_restart("at_least_once");
+}
+
+#[test]
+fn exactly_once_waits_out_a_broker_restart() {
+    broker_restart("exactly_once");
 }
