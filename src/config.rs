@@ -143,6 +143,10 @@ pub struct ProcessingConfig {
     /// How long to back off before replaying after a transient failure.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// How often each partition looks for due timers (offline, idle): a timer fires at most
+    /// this long after its deadline. Each look reads only the due part of the deadline index.
+    #[serde(with = "humantime_serde")]
+    pub timer_interval: Duration,
     /// Transactional id under exactly-once. It must be stable across restarts of an
     /// instance (so a restart fences its previous incarnation and aborts its open
     /// transaction at once) and unique per instance. Default: derived from the group id and
@@ -158,6 +162,7 @@ impl Default for ProcessingConfig {
             batch_max_records: 2000,
             twin_cache_per_partition: 100_000,
             retry_backoff: Duration::from_millis(500),
+            timer_interval: Duration::from_secs(1),
             transactional_id: None,
         }
     }
@@ -225,6 +230,9 @@ impl Config {
         }
         if self.processing.commit_interval.is_zero() {
             return Err("key `processing.commit_interval`: must be longer than 0".into());
+        }
+        if self.processing.timer_interval.is_zero() {
+            return Err("key `processing.timer_interval`: must be longer than 0".into());
         }
         if self.processing.batch_max_records == 0 {
             return Err("key `processing.batch_max_records`: must be at least 1".into());

@@ -14,7 +14,14 @@ use crate::rules::{AlertState, RuleSet};
 /// Why a record was skipped on purpose.
 pub const SKIP_REASONS: [&str; 2] = ["duplicate", "stale"];
 /// Why a record was dead-lettered.
-pub const DEAD_LETTER_REASONS: [&str; 4] = ["decode", "invalid", "key_mismatch", "empty"];
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
+    "decode",
+    "invalid",
+    "key_mismatch",
+    "empty",
+    "late",
+    "future",
+];
 
 /// The metric families of one instance.
 #[derive(Clone)]
@@ -23,6 +30,7 @@ pub struct Metrics {
     consumed: IntCounterVec,
     updates: IntCounterVec,
     twins_created: IntCounterVec,
+    timers_fired: IntCounterVec,
     skipped: IntCounterVec,
     dead_lettered: IntCounterVec,
     alerts: IntCounterVec,
@@ -109,6 +117,12 @@ impl Metrics {
                 r,
                 "twinflow_twins_created_total",
                 "Twins seen for the first time.",
+                &["partition"],
+            ),
+            timers_fired: counter(
+                r,
+                "twinflow_timers_fired_total",
+                "Status changes by processing time alone (offline, idle).",
                 &["partition"],
             ),
             skipped: counter(
@@ -262,6 +276,7 @@ impl Metrics {
             consumed: self.consumed.with_label_values(&[&p]),
             updates: self.updates.with_label_values(&[&p]),
             twins_created: self.twins_created.with_label_values(&[&p]),
+            timers_fired: self.timers_fired.with_label_values(&[&p]),
             skipped: SKIP_REASONS.map(|r| self.skipped.with_label_values(&[r])),
             dead_lettered: DEAD_LETTER_REASONS.map(|r| self.dead_lettered.with_label_values(&[r])),
             alerts: rules
@@ -318,6 +333,7 @@ pub struct PartitionMetrics {
     pub(crate) consumed: IntCounter,
     pub(crate) updates: IntCounter,
     pub(crate) twins_created: IntCounter,
+    pub(crate) timers_fired: IntCounter,
     pub(crate) skipped: [IntCounter; SKIP_REASONS.len()],
     pub(crate) dead_lettered: [IntCounter; DEAD_LETTER_REASONS.len()],
     /// Per rule: `[raised, cleared]`.
@@ -333,6 +349,7 @@ pub struct BatchCounts {
     pub(crate) consumed: u64,
     pub(crate) updates: u64,
     pub(crate) twins_created: u64,
+    pub(crate) timers_fired: u64,
     pub(crate) skipped: [u64; SKIP_REASONS.len()],
     pub(crate) dead_lettered: [u64; DEAD_LETTER_REASONS.len()],
     /// `(rule, state)` pairs, in emission order.
@@ -370,6 +387,7 @@ impl PartitionMetrics {
         self.consumed.inc_by(c.consumed);
         self.updates.inc_by(c.updates);
         self.twins_created.inc_by(c.twins_created);
+        self.timers_fired.inc_by(c.timers_fired);
         for (h, n) in self.skipped.iter().zip(c.skipped) {
             h.inc_by(n);
         }

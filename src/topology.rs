@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::codec::{Codec, Format};
 use crate::error::{Error, Result};
-use crate::rules::{Op, Rule, RuleSet};
-use crate::twin::{ActiveWhen, Model, PropertyDef, Severity};
+use crate::rules::{OFFLINE_CODE, Op, Rule, RuleSet};
+use crate::twin::{ActiveWhen, Model, PropertyDef, Severity, TimePolicy};
 
 /// One topic declaration.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -73,6 +74,7 @@ struct ModelFile {
     telemetry_schema: PathBuf,
     twin_schema: PathBuf,
     status: Option<StatusFile>,
+    time: Option<TimeFile>,
     #[serde(default)]
     properties: BTreeMap<String, BoundsFile>,
     #[serde(default)]
@@ -82,8 +84,22 @@ struct ModelFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StatusFile {
-    active_property: String,
-    active_above: f64,
+    active_property: Option<String>,
+    active_above: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    idle_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    offline_after: Option<Duration>,
+    offline_severity: Option<Severity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeFile {
+    #[serde(default, with = "humantime_serde")]
+    allowed_lateness: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_future: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -101,6 +117,17 @@ struct RuleFile {
     property: String,
     op: Op,
     threshold: f64,
+    clear_threshold: Option<f64>,
+    #[serde(default, rename = "for", with = "humantime_serde")]
+    min_duration: Option<Duration>,
+}
+
+fn ms(d: i64) -> Duration {
+    Duration::from_millis(u64::try_from(d).unwrap_or(0))
+}
+
+fn millis(d: Option<Duration>) -> Option<i64> {
+    d.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Everything the pipeline needs to know about its data.
@@ -179,34 +206,73 @@ impl Topology {
             properties[i].min = b.min;
             properties[i].max = b.max;
         }
-        let active_when = match &file.status {
-            Some(s) => Some(ActiveWhen {
-                property: numeric(&s.active_property, "status.active_property", &properties)?,
-                above: s.active_above,
+        let status = file.status.as_ref();
+        let active_when = match status.map(|s| (&s.active_property, s.active_above)) {
+            None | Some((None, None)) => None,
+            Some((Some(property), Some(above))) => Some(ActiveWhen {
+                property: numeric(property, "status.active_property", &properties)?,
+                above,
             }),
-            None => None,
+            Some(_) => {
+                return Err("status.active_property and status.active_above go together".to_owned());
+            }
         };
+        let time = TimePolicy {
+            allowed_lateness: millis(file.time.as_ref().and_then(|t| t.allowed_lateness)),
+            max_future: millis(file.time.as_ref().and_then(|t| t.max_future)),
+            offline_after: millis(status.and_then(|s| s.offline_after)),
+            idle_after: millis(status.and_then(|s| s.idle_after)),
+        };
+        if time.idle_after.is_some() && active_when.is_none() {
+            return Err("status.idle_after needs status.active_property".to_owned());
+        }
+        if time.offline_after == Some(0) {
+            return Err("status.offline_after must be more than 0".to_owned());
+        }
         let mut codes = HashSet::new();
         let mut rules = Vec::new();
         for r in file.rules {
-            if !codes.insert(r.code.clone()) {
+            if !codes.insert(r.code.clone()) || r.code == OFFLINE_CODE {
                 return Err(format!("rule code {} is used twice", r.code));
             }
-            if !r.threshold.is_finite() {
+            if !r.threshold.is_finite() || r.clear_threshold.is_some_and(|c| !c.is_finite()) {
                 return Err(format!(
-                    "rule {}: threshold must be a finite number",
+                    "rule {}: thresholds must be finite numbers",
                     r.code
                 ));
             }
+            if let Some(clear) = r.clear_threshold {
+                // The clear threshold lies on the safe side of the raise threshold.
+                let safe = match r.op {
+                    Op::Gt | Op::Ge => clear <= r.threshold,
+                    Op::Lt | Op::Le => clear >= r.threshold,
+                };
+                if !safe {
+                    return Err(format!(
+                        "rule {}: clear_threshold {clear} must lie on the other side of threshold {} from where the rule raises (op {})",
+                        r.code,
+                        r.threshold,
+                        r.op.symbol()
+                    ));
+                }
+            }
             let property = numeric(&r.property, &format!("rule {}", r.code), &properties)?;
-            rules.push(Rule {
-                code: r.code,
-                severity: r.severity,
-                property,
-                property_name: r.property,
-                op: r.op,
-                threshold: r.threshold,
-            });
+            let mut rule = Rule::threshold(
+                &r.code,
+                r.severity,
+                (property, &r.property),
+                r.op,
+                r.threshold,
+            );
+            rule.clear_threshold = r.clear_threshold;
+            rule.min_duration = millis(r.min_duration);
+            rules.push(rule);
+        }
+        if let Some(after) = time.offline_after {
+            let severity = status
+                .and_then(|s| s.offline_severity)
+                .unwrap_or(Severity::Warning);
+            rules.push(Rule::offline(severity, after));
         }
         for spec in topics.all() {
             if spec.partitions < 1 || spec.replication_factor < 1 {
@@ -246,6 +312,7 @@ impl Topology {
             model: Model {
                 properties,
                 active_when,
+                time,
             },
             rules: RuleSet { rules },
             codec,
@@ -303,15 +370,34 @@ impl Topology {
         }
         let _ = writeln!(s, "\nRules");
         for r in &self.rules.rules {
+            let clear = r
+                .clear_threshold
+                .map_or(String::new(), |c| format!(", clear at {c}"));
+            let hold = r.min_duration.map_or(String::new(), |d| {
+                format!(", held for {}", humantime::format_duration(ms(d)))
+            });
             let _ = writeln!(
                 s,
-                "  {:<16} {:<8} {} {} {}",
+                "  {:<16} {:<8} {} {} {}{clear}{hold}",
                 r.code,
                 r.severity,
                 r.property_name,
                 r.op.symbol(),
                 r.threshold
             );
+        }
+        let time = &self.model.time;
+        let _ = writeln!(s, "\nTime");
+        for (what, v) in [
+            ("allowed lateness", time.allowed_lateness),
+            ("max future", time.max_future),
+            ("idle after", time.idle_after),
+            ("offline after", time.offline_after),
+        ] {
+            let v = v.map_or("off".to_owned(), |d| {
+                humantime::format_duration(ms(d)).to_string()
+            });
+            let _ = writeln!(s, "  {what:<16} {v}");
         }
         let _ = writeln!(s, "\nTopics");
         for spec in t.all() {

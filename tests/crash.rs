@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::instance::{Instance, Settings, caught_up, feed, read_all};
-use common::{NOIDA_CLIENT, Noida, Oracle, Seen, assert_outputs_match, oracle, vehicle_topology};
+use common::{
+    NOIDA_CLIENT, Noida, Oracle, Seen, assert_outputs_match, now_ms, oracle,
+    untimed_vehicle_topology,
+};
 use rand::{Rng, SeedableRng};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message};
@@ -99,8 +102,13 @@ type Readings = Vec<(Vec<u8>, Vec<u8>)>;
 /// and malformed records, and what processing it once must produce.
 fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
     let broker = Noida::start();
-    let topology =
-        Arc::new(Topology::load(&vehicle_topology().topics, &vehicle_topology().model).unwrap());
+    let topology = Arc::new(
+        Topology::load(
+            &untimed_vehicle_topology().topics,
+            &untimed_vehicle_topology().model,
+        )
+        .unwrap(),
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let created = rt
         .block_on(apply_topology(&client(&broker.bootstrap), &topology.topics))
@@ -115,7 +123,7 @@ fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
     };
     let input = Fleet::new(config, &topology.codec).unwrap().take(records);
     let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = oracle(&topology, &pairs, 0);
+    let expected = oracle(&topology, &pairs, now_ms());
     assert!(
         expected.alerts.len() > 50,
         "the input raises and clears alerts"

@@ -103,12 +103,29 @@ async fn a_pump_model_runs_on_the_same_binary() {
     .await;
     p.send("pump-1", 1_790_000_002_000, &[("flow_lpm", 0.0)])
         .await;
+    p.send("pump-1", 1_790_000_031_000, &[("vibration_mm_s", 7.2)])
+        .await;
 
-    let twins = p.changelog(3);
-    let last = &twins[2];
-    assert_eq!(last.status, twinflow::twin::Status::Idle, "no flow: idle");
+    let twins = p.changelog(4);
+    assert_eq!(
+        twins[2].status,
+        twinflow::twin::Status::Idle,
+        "no flow: idle"
+    );
+    let pending: Vec<_> = twins[2]
+        .pending
+        .iter()
+        .map(|a| (a.code.as_str(), a.since))
+        .collect();
+    assert_eq!(
+        pending,
+        [("VIBRATION_HIGH", 1_790_000_001_000)],
+        "VIBRATION_HIGH waits out its 30 s"
+    );
+    let last = &twins[3];
     let codes: Vec<_> = last.alerts.iter().map(|a| a.code.as_str()).collect();
     assert_eq!(codes, ["OVERPRESSURE", "VIBRATION_HIGH"]);
+    assert!(last.pending.is_empty());
     let alerts = p.alerts(2);
     assert!(alerts.iter().all(|a| text(&a["state"]) == "RAISED"));
     p.stop().await;

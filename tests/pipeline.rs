@@ -70,7 +70,11 @@ async fn readings_become_twins_and_edge_triggered_alerts() {
         "absent properties keep their value"
     );
     assert_eq!(prop(last, &p, "battery_pct"), Some(80.0));
-    assert_eq!(last.status, Status::Idle, "speed 0 means idle");
+    assert_eq!(
+        (last.status, last.still_since.is_some()),
+        (Status::Active, true),
+        "standing still, but not yet for idle_after"
+    );
     assert_eq!(last.event_time, t0 + 3000);
     assert_eq!(
         reefer[1].alerts.len(),
@@ -133,7 +137,10 @@ async fn readings_become_twins_and_edge_triggered_alerts() {
             .await
             .unwrap();
     assert_eq!(body["properties"]["temperature_c"], 6.0);
-    assert_eq!(body["status"], "IDLE");
+    assert_eq!(
+        body["status"], "ACTIVE",
+        "still, but not yet for idle_after"
+    );
     let missing = reqwest::get(format!("http://{}/twins/nope", p.http.unwrap()))
         .await
         .unwrap();
@@ -350,5 +357,100 @@ async fn a_replacement_instance_restores_twins_before_it_is_ready() {
         [1, 2, 3, 4],
         "the next reading builds on the restored twin"
     );
+    second.stop().await;
+}
+
+/// A silent asset turns OFFLINE by the wall clock on a quiet partition: after its state moved
+/// to a new instance with an empty store, the new owner fires the timer, once, and the
+/// asset's next reading clears the alert.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_timer_fires_once_on_a_quiet_partition_after_a_move() {
+    let (_kafka, mut first) = cluster();
+    let offline_after = first
+        .topology
+        .model
+        .time
+        .offline_after
+        .expect("the vehicle model has it");
+    first.start();
+    let t0 = 1_790_000_000_000;
+    first.send("truck-a", t0, &[("speed_kmh", 50.0)]).await;
+    first.wait_consumed(1).await;
+    first.clock.advance(60_000);
+    first.send("truck-b", t0, &[("speed_kmh", 50.0)]).await;
+    first.wait_consumed(2).await;
+    first.stop().await;
+
+    // A new instance, a new store: the twins and their timers come from the changelog.
+    let mut second = TestPipeline::new(&first.bootstrap, vehicle_topology(), &[]);
+    second.start();
+    second.clock.advance(offline_after + 1000);
+    let twins = second.changelog(3);
+    let a = twins
+        .iter()
+        .find(|t| t.version == 2)
+        .expect("a second version");
+    assert_eq!(
+        (a.asset_id.as_str(), a.status, a.updated_at - a.last_seen),
+        ("truck-a", Status::Offline, offline_after + 1000),
+        "truck-a, silent for offline_after, turned offline with no input arriving"
+    );
+    // truck-b falls due a minute later: by then the timers have been looked at many times.
+    second.clock.advance(60_000);
+    let twins = second.changelog(4);
+    let versions = |id: &str| {
+        twins
+            .iter()
+            .filter(|t| t.asset_id == id)
+            .map(|t| (t.version, t.status))
+            .collect::<Vec<_>>()
+    };
+    for id in ["truck-a", "truck-b"] {
+        assert_eq!(
+            versions(id),
+            [(1, Status::Active), (2, Status::Offline)],
+            "{id} turned offline once"
+        );
+    }
+    let alerts = second.alerts(2);
+    let mut fields: Vec<_> = alerts
+        .iter()
+        .map(|a| (text(&a["asset_id"]), text(&a["code"]), text(&a["state"])))
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            ("truck-a".into(), "ASSET_OFFLINE".into(), "RAISED".into()),
+            ("truck-b".into(), "ASSET_OFFLINE".into(), "RAISED".into())
+        ]
+    );
+    let raised_a = alerts
+        .iter()
+        .find(|a| text(&a["asset_id"]) == "truck-a")
+        .unwrap()["alert_id"]
+        .clone();
+
+    second
+        .send("truck-a", t0 + 10_000, &[("speed_kmh", 40.0)])
+        .await;
+    let twins = second.changelog(5);
+    let last_a = twins.iter().rfind(|t| t.asset_id == "truck-a").unwrap();
+    assert_eq!((last_a.version, last_a.status), (3, Status::Active));
+    let alerts = second.alerts(3);
+    let cleared: Vec<_> = alerts
+        .iter()
+        .filter(|a| text(&a["state"]) == "CLEARED")
+        .collect();
+    assert_eq!(cleared.len(), 1);
+    assert_eq!(
+        (text(&cleared[0]["asset_id"]), text(&cleared[0]["code"])),
+        ("truck-a".into(), "ASSET_OFFLINE".into())
+    );
+    assert_eq!(
+        cleared[0]["alert_id"], raised_a,
+        "one alert id from RAISED to CLEARED"
+    );
+    assert_eq!(second.metrics().total("twinflow_timers_fired_total"), 2);
     second.stop().await;
 }

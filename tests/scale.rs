@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::instance::{Instance, Settings, caught_up, feed, read_all};
-use common::{assert_outputs_match, oracle, vehicle_topology};
+use common::{assert_outputs_match, now_ms, oracle, untimed_vehicle_topology};
 use rdkafka::ClientConfig;
 use twinflow::embedded::EmbeddedKafka;
 use twinflow::sim::{Fleet, FleetConfig};
@@ -28,8 +28,13 @@ const RECORDS: usize = 60_000;
 fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     let kafka = EmbeddedKafka::start(1).unwrap();
     let bootstrap = kafka.bootstrap_servers();
-    let topology =
-        Arc::new(Topology::load(&vehicle_topology().topics, &vehicle_topology().model).unwrap());
+    let topology = Arc::new(
+        Topology::load(
+            &untimed_vehicle_topology().topics,
+            &untimed_vehicle_topology().model,
+        )
+        .unwrap(),
+    );
     for spec in topology.topics.all() {
         kafka.create_topic(&spec.name, spec.partitions).unwrap();
     }
@@ -45,7 +50,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     };
     let input = Fleet::new(fleet, &topology.codec).unwrap().take(RECORDS);
     let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = oracle(&topology, &pairs, 0);
+    let expected = oracle(&topology, &pairs, now_ms());
     assert!(
         expected.alerts.len() > 20,
         "the input raises and clears alerts"

@@ -21,7 +21,9 @@ use schema::{Plans, PropType, ReadingField, TimeUnit, TwinField};
 
 use crate::error::{Error, Result};
 use crate::rules::{AlertEvent, RuleSet};
-use crate::twin::{ActiveAlert, Prop, PropKind, Reading, Severity, Status, Twin, Value};
+use crate::twin::{
+    ActiveAlert, PendingAlert, Prop, PropKind, Reading, Severity, Status, Twin, Value,
+};
 use avro::{Cursor, put_bool, put_double, put_float, put_long, put_str};
 
 /// The wire format of an input topic.
@@ -186,6 +188,24 @@ impl Codec {
                 TwinField::Version => put_long(buf, twin.version),
                 TwinField::EventTime => put_long(buf, twin.event_time),
                 TwinField::LastSeen => put_long(buf, twin.last_seen),
+                TwinField::UpdatedAt => put_long(buf, twin.updated_at),
+                TwinField::StillSince => match twin.still_since {
+                    None => put_long(buf, 0),
+                    Some(t) => {
+                        put_long(buf, 1);
+                        put_long(buf, t);
+                    }
+                },
+                TwinField::PendingAlerts => {
+                    if !twin.pending.is_empty() {
+                        put_long(buf, twin.pending.len() as i64);
+                        for p in &twin.pending {
+                            put_str(buf, &p.code);
+                            put_long(buf, p.since);
+                        }
+                    }
+                    put_long(buf, 0);
+                }
                 TwinField::Status(symbols) => put_long(buf, symbols[status_index(twin.status)]),
                 TwinField::Property(index, ty) => {
                     write_prop(buf, *ty, twin.props[*index].as_ref().map(|p| &p.value))
@@ -232,9 +252,12 @@ impl Codec {
             version: 0,
             event_time: 0,
             last_seen: 0,
+            updated_at: 0,
+            still_since: None,
             status: Status::Active,
             props: vec![None; self.plans.properties.len()],
             alerts: Vec::new(),
+            pending: Vec::new(),
         };
         let mut times: Vec<(usize, i64)> = Vec::new();
         for field in &self.plans.twin {
@@ -244,6 +267,25 @@ impl Codec {
                 TwinField::Version => twin.version = c.long().map_err(ctx("version"))?,
                 TwinField::EventTime => twin.event_time = c.long().map_err(ctx("event_time"))?,
                 TwinField::LastSeen => twin.last_seen = c.long().map_err(ctx("last_seen"))?,
+                TwinField::UpdatedAt => twin.updated_at = c.long().map_err(ctx("updated_at"))?,
+                TwinField::StillSince => {
+                    twin.still_since = match c.long().map_err(ctx("still_since"))? {
+                        0 => None,
+                        1 => Some(c.long().map_err(ctx("still_since"))?),
+                        b => return Err(decode_err("still_since", format!("union branch {b}"))),
+                    }
+                }
+                TwinField::PendingAlerts => loop {
+                    let n = c.block_count().map_err(ctx("pending_alerts"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    for _ in 0..n {
+                        let code = c.str().map_err(ctx("pending_alerts"))?.to_owned();
+                        let since = c.long().map_err(ctx("pending_alerts"))?;
+                        twin.pending.push(PendingAlert { code, since });
+                    }
+                },
                 TwinField::Status(symbols) => {
                     let s = c.long().map_err(ctx("status"))?;
                     let at = symbols
@@ -339,10 +381,15 @@ impl Codec {
             "version": twin.version,
             "event_time": rfc3339(twin.event_time),
             "last_seen": rfc3339(twin.last_seen),
+            "updated_at": rfc3339(twin.updated_at),
+            "still_since": twin.still_since.map(rfc3339),
             "status": twin.status,
             "properties": properties,
             "property_times": times,
             "active_alerts": alerts,
+            "pending_alerts": twin.pending.iter().map(|p| serde_json::json!({
+                "code": p.code, "since": rfc3339(p.since),
+            })).collect::<Vec<_>>(),
         })
     }
 }

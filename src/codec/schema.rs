@@ -46,6 +46,11 @@ pub enum TwinField {
     Version,
     EventTime,
     LastSeen,
+    UpdatedAt,
+    /// `["null", timestamp-millis]`.
+    StillSince,
+    /// An array of `{code: string, since: timestamp-millis}`.
+    PendingAlerts,
     /// Symbol index of ACTIVE, IDLE, OFFLINE.
     Status([i64; 3]),
     Property(usize, PropType),
@@ -237,9 +242,27 @@ impl Plans {
                     expect(field, *s == Schema::Long, "a long")?;
                     TwinField::Version
                 }
-                "event_time" | "last_seen" => {
+                "event_time" | "last_seen" | "updated_at" => {
                     expect(field, *s == Schema::TimestampMillis, "a long with logicalType timestamp-millis")?;
-                    if field.name == "event_time" { TwinField::EventTime } else { TwinField::LastSeen }
+                    match field.name.as_str() {
+                        "event_time" => TwinField::EventTime,
+                        "last_seen" => TwinField::LastSeen,
+                        _ => TwinField::UpdatedAt,
+                    }
+                }
+                "still_since" => {
+                    let ok = matches!(s, Schema::Union(u)
+                        if u.variants() == [Schema::Null, Schema::TimestampMillis]);
+                    expect(field, ok, "[\"null\", timestamp-millis]")?;
+                    TwinField::StillSince
+                }
+                "pending_alerts" => {
+                    let ok = matches!(s, Schema::Array(a) if matches!(&*a.items, Schema::Record(r)
+                        if r.fields.len() == 2
+                            && r.fields[0].name == "code" && r.fields[0].schema == Schema::String
+                            && r.fields[1].name == "since" && r.fields[1].schema == Schema::TimestampMillis));
+                    expect(field, ok, "an array of records with fields code (string) and since (timestamp-millis)")?;
+                    TwinField::PendingAlerts
                 }
                 "status" => {
                     let wanted: Vec<_> = Status::ALL.iter().map(|s| s.symbol()).collect();
@@ -292,9 +315,12 @@ impl Plans {
             "version",
             "event_time",
             "last_seen",
+            "updated_at",
+            "still_since",
             "status",
             "property_times",
             "active_alerts",
+            "pending_alerts",
         ] {
             if !twin.fields.iter().any(|f| f.name == envelope) {
                 return Err(Error::Config(format!(

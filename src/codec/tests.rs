@@ -114,6 +114,8 @@ proptest! {
             version,
             event_time: t,
             last_seen: t + 10,
+            updated_at: t + 20,
+            still_since: running.map(|_| t + 5),
             status: Status::Idle,
             props,
             alerts: (0..alerts).map(|i| ActiveAlert {
@@ -124,6 +126,7 @@ proptest! {
                 threshold: 1.5,
                 raised_at: t - i as i64,
             }).collect(),
+            pending: (0..alerts).map(|i| PendingAlert { code: format!("P{i}"), since: t - 3 }).collect(),
         };
         let mut bytes = Vec::new();
         codec.encode_twin(&twin, &mut bytes);
@@ -147,14 +150,13 @@ proptest! {
 #[test]
 fn alert_events_read_in_apache_avro() {
     let rules = RuleSet {
-        rules: vec![Rule {
-            code: "TEMP_BREACH".into(),
-            severity: Severity::Critical,
-            property: 3,
-            property_name: "temperature_c".into(),
-            op: Op::Gt,
-            threshold: 8.0,
-        }],
+        rules: vec![Rule::threshold(
+            "TEMP_BREACH",
+            Severity::Critical,
+            (3, "temperature_c"),
+            Op::Gt,
+            8.0,
+        )],
     };
     let event = AlertEvent {
         rule: 0,

@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use rdkafka::message::{BorrowedHeaders, Headers};
 
-use crate::codec::encode_alert;
+use crate::codec::{encode_alert, rfc3339};
 use crate::error::{Error, Result};
 use crate::metrics::BatchCounts;
 use crate::rules::AlertEvent;
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
-use crate::twin::{Reading, Twin};
+use crate::twin::{Reading, Twin, TwinChange, Untimely};
 
 /// Where an output record goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,35 +208,142 @@ impl Processor {
             }
         }
 
-        let id = self.reading.asset_id.as_str();
-        if !self.cache.contains_key(id) {
-            let twin = match self.store.twin(id)? {
-                Some(bytes) => topology.codec.decode_twin(&bytes).map_err(|e| {
-                    Error::CorruptStore(format!("twin {id} in partition {}: {e}", self.partition))
-                })?,
-                None => Twin::new(id, &topology.model),
+        let reading = std::mem::take(&mut self.reading);
+        let result = self.apply(&reading, input, batch, now);
+        self.reading = reading;
+        result
+    }
+
+    /// Applies a valid reading: checks its time, merges it and stages what changed.
+    fn apply(
+        &mut self,
+        reading: &Reading,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        now: i64,
+    ) -> Result<()> {
+        let id = reading.asset_id.as_str();
+        self.load(id)?;
+        let model = &self.topology.model;
+        let twin = self.cache.get_mut(id).expect("loaded above");
+        if let Err(untimely) = model.check_time(twin, reading.event_time, now) {
+            let why = match untimely {
+                Untimely::Late => format!(
+                    "event_time {} is more than the allowed lateness before the twin's newest reading ({})",
+                    rfc3339(reading.event_time),
+                    rfc3339(twin.event_time)
+                ),
+                Untimely::Future => format!(
+                    "event_time {} is more than max_future after processing time {}",
+                    rfc3339(reading.event_time),
+                    rfc3339(now)
+                ),
             };
-            self.cache.insert(id.to_owned(), twin);
+            self.dead_letter(input, batch, untimely.reason(), "time", &why);
+            return Ok(());
         }
-        let twin = self.cache.get_mut(id).expect("inserted above");
-        let change = match twin.apply(&topology.model, &self.reading, now) {
+        let deadline = model.deadline(twin);
+        let change = match twin.apply(model, reading, now) {
             Ok(change) => change,
             Err(unchanged) => {
                 batch.counts.skip(unchanged.reason());
                 return Ok(());
             }
         };
+        batch.counts.twins_created += u64::from(change.created);
+        self.emit(id, &change, deadline, input.offset, batch);
+        Ok(())
+    }
+
+    /// Fires the timers due at `now` (at most `limit`): twins whose status changes by
+    /// processing time alone. Their outputs carry `source`, the offset of the last input
+    /// processed. Returns how many fired.
+    ///
+    /// # Errors
+    /// As [`Processor::process`].
+    pub fn fire_timers(
+        &mut self,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+        limit: usize,
+    ) -> Result<usize> {
+        let model = &self.topology.model.clone();
+        let mut fired = 0;
+        for (deadline, id) in self.store.due(now, limit)? {
+            if !self.load(&id)? {
+                batch.store.delete_deadline(deadline, &id);
+                continue;
+            }
+            let twin = self.cache.get_mut(id.as_str()).expect("loaded above");
+            // The index may lag the twin (staged work, a restore): the twin decides.
+            let actual = model.deadline(twin);
+            if actual != Some(deadline) {
+                batch.store.delete_deadline(deadline, &id);
+                if let Some(actual) = actual {
+                    batch.store.put_deadline(actual, &id);
+                }
+            }
+            if actual.is_none_or(|at| at > now) || !twin.tick(model, now) {
+                continue;
+            }
+            fired += 1;
+            self.emit(&id, &TwinChange::default(), actual, source, batch);
+        }
+        batch.counts.timers_fired += fired as u64;
+        Ok(fired)
+    }
+
+    /// Loads the twin of `id` into the cache (a fresh one if it has none). Returns whether
+    /// it was stored or cached before.
+    fn load(&mut self, id: &str) -> Result<bool> {
+        if self.cache.contains_key(id) {
+            return Ok(true);
+        }
+        let (twin, existed) = match self.store.twin(id)? {
+            Some(bytes) => {
+                let twin = self.topology.codec.decode_twin(&bytes).map_err(|e| {
+                    Error::CorruptStore(format!("twin {id} in partition {}: {e}", self.partition))
+                })?;
+                (twin, true)
+            }
+            None => (Twin::new(id, &self.topology.model), false),
+        };
+        self.cache.insert(id.to_owned(), twin);
+        Ok(existed)
+    }
+
+    /// Evaluates the rules on the changed twin of `id`, moves its timer from `deadline`, and
+    /// stages the twin, its changelog record and its alert events.
+    fn emit(
+        &mut self,
+        id: &str,
+        change: &TwinChange,
+        deadline: Option<i64>,
+        source: i64,
+        batch: &mut Batch,
+    ) {
+        let topology = &self.topology;
+        let twin = self.cache.get_mut(id).expect("emit after load");
         self.alerts.clear();
-        topology.rules.evaluate(twin, &change, &mut self.alerts);
+        topology.rules.evaluate(twin, change, &mut self.alerts);
+        let next = topology.model.deadline(twin);
+        if next != deadline {
+            if let Some(old) = deadline {
+                batch.store.delete_deadline(old, id);
+            }
+            if let Some(new) = next {
+                batch.store.put_deadline(new, id);
+            }
+        }
         self.scratch.clear();
         topology.codec.encode_twin(twin, &mut self.scratch);
 
         batch.counts.updates += 1;
-        batch.counts.twins_created += u64::from(change.created);
         batch.store.put_twin(id, &self.scratch);
         batch.outputs.push(
             Target::Changelog,
-            input.offset,
+            source,
             Some(id.as_bytes()),
             Some(&self.scratch),
             Vec::new(),
@@ -246,14 +353,13 @@ impl Processor {
             encode_alert(event, id, &topology.rules, &mut self.scratch);
             batch.outputs.push(
                 Target::Alerts,
-                input.offset,
+                source,
                 Some(id.as_bytes()),
                 Some(&self.scratch),
                 Vec::new(),
             );
             batch.counts.alerts.push((event.rule, event.state));
         }
-        Ok(())
     }
 
     /// Stages the record, untouched, for the dead-letter topic with why in its headers.

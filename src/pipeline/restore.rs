@@ -65,6 +65,8 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
     consumer.assign(&tpl)?;
 
+    let time = shared.topology.model.time;
+    let timers = time.offline_after.is_some() || time.idle_after.is_some();
     let mut batch = store.batch();
     let (mut in_batch, mut total, mut unfinished) = (0u64, 0u64, 0u64);
     let mut read_any = false;
@@ -87,7 +89,22 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
             (Some(_), Some(source)) if source >= resume => unfinished += 1,
             (Some(key), _) => {
                 match m.payload() {
-                    Some(twin) => batch.put_twin(key, twin),
+                    Some(twin) => {
+                        batch.put_twin(key, twin);
+                        if timers {
+                            // An older entry of this twin may stay behind: a timer that
+                            // comes due checks the twin before it fires.
+                            let deadline = shared
+                                .topology
+                                .codec
+                                .decode_twin(twin)
+                                .ok()
+                                .and_then(|t| shared.topology.model.deadline(&t));
+                            if let Some(deadline) = deadline {
+                                batch.put_deadline(deadline, key);
+                            }
+                        }
+                    }
                     None => batch.delete_twin(key),
                 }
                 in_batch += 1;

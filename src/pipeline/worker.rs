@@ -42,6 +42,8 @@ pub struct PartitionWorker {
     start: i64,
     /// Records below this offset are from before a rewind and are ignored.
     floor: i64,
+    /// The next input offset to process: timer output goes with this position.
+    position: i64,
     epoch: u64,
     epochs: watch::Receiver<u64>,
 }
@@ -67,6 +69,7 @@ impl PartitionWorker {
             epochs: committer.epochs(),
             start,
             floor: start,
+            position: start,
             shared,
             committer,
             consumer,
@@ -100,14 +103,20 @@ impl PartitionWorker {
         self.slot
             .processing
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        let time = self.shared.topology.model.time;
+        let timers = time.offline_after.is_some() || time.idle_after.is_some();
+        let mut ticks = tokio::time::interval(self.shared.settings.timer_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // A dropped commit wakes an idle worker too: its staged work must be replayed
-            // even if no more input comes.
-            let first = tokio::select! {
+            // even if no more input comes. So does a timer tick: timers fire on a quiet
+            // partition.
+            let (first, tick) = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                _ = self.epochs.changed() => None,
-                m = stream.next() => Some(m),
+                _ = self.epochs.changed() => (None, false),
+                _ = ticks.tick(), if timers => (None, true),
+                m = stream.next() => (Some(m), false),
             };
             let committer = self.committer.clone();
             let gate = committer.gate().await;
@@ -121,11 +130,12 @@ impl PartitionWorker {
                 };
                 continue;
             }
-            let Some(first) = first else {
-                continue;
-            };
             let started = Instant::now();
-            let outcome = self.run_batch(first, &stream).await;
+            let outcome = match first {
+                Some(first) => self.run_batch(first, &stream).await,
+                None if tick => self.run_timers().await,
+                None => continue,
+            };
             if outcome.is_err() {
                 // Before the gate opens: no commit may take this partition's staged work,
                 // whose outputs were not all sent.
@@ -205,6 +215,33 @@ impl PartitionWorker {
             };
         }
         drop(next);
+        if let Some(next) = batch.next_offset {
+            self.position = next;
+        }
+        if result.is_ok() {
+            result = self.send(&batch.outputs).await;
+        }
+        batch.outputs.clear();
+        *self.slot.staged.lock().expect("slot lock") = Some(batch);
+        result
+    }
+
+    /// Fires the due timers into the staged batch and sends their outputs.
+    async fn run_timers(&mut self) -> Result<()> {
+        let staged = self.slot.staged.lock().expect("slot lock").take();
+        let fresh = staged.is_none();
+        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
+        let now = self.shared.clock.now_ms();
+        let limit = self.shared.settings.batch_max_records;
+        let mut result = self
+            .processor
+            .fire_timers(&mut batch, now, self.position - 1, limit)
+            .map(|_| ());
+        if result.is_ok() && fresh && batch.store.is_empty() {
+            return Ok(()); // nothing due: nothing to commit
+        }
+        // Timer output commits with the current position, like a batch of input.
+        batch.next_offset.get_or_insert(self.position);
         if result.is_ok() {
             result = self.send(&batch.outputs).await;
         }
@@ -261,6 +298,7 @@ impl PartitionWorker {
             .partition(self.partition)
             .next_offset(&self.slot.topic)?;
         self.floor = stored.unwrap_or(self.start).max(self.start);
+        self.position = self.floor;
         let offset = Offset::Offset(self.floor);
         let consumer = self.consumer.clone();
         let (topic, partition) = (self.slot.topic.clone(), self.partition);

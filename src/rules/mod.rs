@@ -1,11 +1,14 @@
-//! Alert rules: edge-triggered comparisons on twin properties.
+//! Alert rules: edge-triggered comparisons on twin properties, and the built-in offline rule.
 //!
 //! A rule raises one alert when its comparison becomes true and clears it when the comparison
-//! stops being true; nothing is emitted while the state holds. The set of raised alerts lives
-//! in the twin itself, so evaluation keeps no hidden state and a replay from the same twin
-//! yields the same events, with the same deterministic alert ids.
+//! stops being true; nothing is emitted while the state holds. Two settings stop a noisy
+//! signal from flapping: a clear threshold (hysteresis: raise above 8, clear only at or below 7.5)
+//! and a minimum duration in event time (raise only once the comparison has held for 30 s of
+//! readings). The raised and pending alerts live in the twin itself, so evaluation keeps no
+//! hidden state and a replay from the same twin yields the same events, with the same
+//! deterministic alert ids.
 
-use crate::twin::{ActiveAlert, Severity, Twin, TwinChange};
+use crate::twin::{ActiveAlert, PendingAlert, Severity, Status, Twin, TwinChange};
 use serde::Deserialize;
 
 /// A comparison operator.
@@ -46,9 +49,24 @@ impl Op {
     }
 }
 
+/// What a rule watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleKind {
+    /// `property op threshold`, from the model's rules.
+    Threshold,
+    /// The asset's status is OFFLINE (`ASSET_OFFLINE`, from `offline_after`). Its property
+    /// is the silence in seconds, its threshold `offline_after` in seconds.
+    Offline,
+}
+
+/// The code of the built-in offline rule.
+pub const OFFLINE_CODE: &str = "ASSET_OFFLINE";
+
 /// One alert rule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
+    /// What it watches.
+    pub kind: RuleKind,
     /// Stable code, e.g. `TEMP_BREACH`; unique within a rule set.
     pub code: String,
     /// Severity of its alerts.
@@ -61,6 +79,50 @@ pub struct Rule {
     pub op: Op,
     /// Threshold.
     pub threshold: f64,
+    /// Hysteresis: once raised, the alert stays until `property op clear_threshold` stops
+    /// holding. `None` clears at the raise threshold.
+    pub clear_threshold: Option<f64>,
+    /// Minimum duration, in event-time milliseconds, the comparison must hold before the
+    /// alert is raised.
+    pub min_duration: Option<i64>,
+}
+
+impl Rule {
+    /// A threshold rule without hysteresis or minimum duration.
+    pub fn threshold(
+        code: &str,
+        severity: Severity,
+        property: (usize, &str),
+        op: Op,
+        threshold: f64,
+    ) -> Rule {
+        Rule {
+            kind: RuleKind::Threshold,
+            code: code.to_owned(),
+            severity,
+            property: property.0,
+            property_name: property.1.to_owned(),
+            op,
+            threshold,
+            clear_threshold: None,
+            min_duration: None,
+        }
+    }
+
+    /// The built-in offline rule for `offline_after` milliseconds.
+    pub fn offline(severity: Severity, offline_after: i64) -> Rule {
+        Rule {
+            kind: RuleKind::Offline,
+            code: OFFLINE_CODE.to_owned(),
+            severity,
+            property: usize::MAX,
+            property_name: "silent_seconds".to_owned(),
+            op: Op::Ge,
+            threshold: offline_after as f64 / 1000.0,
+            clear_threshold: None,
+            min_duration: None,
+        }
+    }
 }
 
 /// Whether an alert event opens or closes an alert.
@@ -122,66 +184,146 @@ pub fn alert_id(asset_id: &str, code: &str, raised_at: i64) -> String {
 }
 
 impl RuleSet {
-    /// Checks the rules whose property `change` touched, updates the twin's raised alerts and
-    /// appends the transitions to `out`.
+    /// Checks the rules whose property `change` touched, and the offline rule against the
+    /// twin's status; updates the twin's raised and pending alerts and appends the
+    /// transitions to `out`.
     pub fn evaluate(&self, twin: &mut Twin, change: &TwinChange, out: &mut Vec<AlertEvent>) {
         for (index, rule) in self.rules.iter().enumerate() {
-            if !change.changed(rule.property) {
-                continue;
-            }
-            let Some(prop) = twin.props[rule.property].as_ref() else {
-                continue;
-            };
-            let Some(value) = prop.value.as_f64() else {
-                continue;
-            };
-            let event_time = prop.time;
-            let holds = rule.op.holds(value, rule.threshold);
-            let raised = twin.alerts.iter().position(|a| a.code == rule.code);
-            match (holds, raised) {
-                (true, None) => {
-                    let alert_id = alert_id(&twin.asset_id, &rule.code, event_time);
-                    let at = twin
-                        .alerts
-                        .iter()
-                        .position(|a| self.position(&a.code) > Some(index))
-                        .unwrap_or(twin.alerts.len());
-                    twin.alerts.insert(
-                        at,
-                        ActiveAlert {
-                            alert_id: alert_id.clone(),
-                            code: rule.code.clone(),
-                            severity: rule.severity,
-                            value,
-                            threshold: rule.threshold,
-                            raised_at: event_time,
-                        },
-                    );
-                    out.push(AlertEvent {
-                        rule: index,
-                        state: AlertState::Raised,
-                        alert_id,
-                        value,
-                        event_time,
-                        raised_at: event_time,
-                        twin_version: twin.version,
-                    });
-                }
-                (false, Some(at)) => {
-                    let alert = twin.alerts.remove(at);
-                    out.push(AlertEvent {
-                        rule: index,
-                        state: AlertState::Cleared,
-                        alert_id: alert.alert_id,
-                        value,
-                        event_time,
-                        raised_at: alert.raised_at,
-                        twin_version: twin.version,
-                    });
-                }
-                _ => {}
+            match rule.kind {
+                RuleKind::Threshold => self.evaluate_threshold(index, twin, change, out),
+                RuleKind::Offline => self.evaluate_offline(index, twin, out),
             }
         }
+    }
+
+    fn evaluate_threshold(
+        &self,
+        index: usize,
+        twin: &mut Twin,
+        change: &TwinChange,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        let rule = &self.rules[index];
+        if !change.changed(rule.property) {
+            return;
+        }
+        let Some(prop) = twin.props[rule.property].as_ref() else {
+            return;
+        };
+        let Some(value) = prop.value.as_f64() else {
+            return;
+        };
+        let event_time = prop.time;
+        if let Some(at) = twin.alerts.iter().position(|a| a.code == rule.code) {
+            let clear_at = rule.clear_threshold.unwrap_or(rule.threshold);
+            if !rule.op.holds(value, clear_at) {
+                let alert = twin.alerts.remove(at);
+                out.push(AlertEvent {
+                    rule: index,
+                    state: AlertState::Cleared,
+                    alert_id: alert.alert_id,
+                    value,
+                    event_time,
+                    raised_at: alert.raised_at,
+                    twin_version: twin.version,
+                });
+            }
+            return;
+        }
+        let pending = twin.pending.iter().position(|p| p.code == rule.code);
+        if !rule.op.holds(value, rule.threshold) {
+            if let Some(at) = pending {
+                twin.pending.remove(at);
+            }
+            return;
+        }
+        if let Some(duration) = rule.min_duration.filter(|d| *d > 0) {
+            let since = match pending {
+                Some(at) => twin.pending[at].since,
+                None => {
+                    let at = self.insert_at(&twin.pending, index, |p| &p.code);
+                    twin.pending.insert(
+                        at,
+                        PendingAlert {
+                            code: rule.code.clone(),
+                            since: event_time,
+                        },
+                    );
+                    event_time
+                }
+            };
+            if event_time - since < duration {
+                return;
+            }
+            twin.pending.retain(|p| p.code != rule.code);
+        }
+        self.raise(index, twin, value, event_time, out);
+    }
+
+    fn evaluate_offline(&self, index: usize, twin: &mut Twin, out: &mut Vec<AlertEvent>) {
+        let rule = &self.rules[index];
+        let raised = twin.alerts.iter().position(|a| a.code == rule.code);
+        match (twin.status == Status::Offline, raised) {
+            (true, None) => {
+                // When it went offline, not when the timer happened to run: a deterministic id.
+                let at = twin.last_seen + (rule.threshold * 1000.0) as i64;
+                let silent = (twin.updated_at - twin.last_seen) as f64 / 1000.0;
+                self.raise(index, twin, silent, at, out);
+            }
+            (false, Some(at)) => {
+                let alert = twin.alerts.remove(at);
+                out.push(AlertEvent {
+                    rule: index,
+                    state: AlertState::Cleared,
+                    alert_id: alert.alert_id,
+                    value: 0.0,
+                    event_time: twin.event_time,
+                    raised_at: alert.raised_at,
+                    twin_version: twin.version,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn raise(
+        &self,
+        index: usize,
+        twin: &mut Twin,
+        value: f64,
+        event_time: i64,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        let rule = &self.rules[index];
+        let alert_id = alert_id(&twin.asset_id, &rule.code, event_time);
+        let at = self.insert_at(&twin.alerts, index, |a| &a.code);
+        twin.alerts.insert(
+            at,
+            ActiveAlert {
+                alert_id: alert_id.clone(),
+                code: rule.code.clone(),
+                severity: rule.severity,
+                value,
+                threshold: rule.threshold,
+                raised_at: event_time,
+            },
+        );
+        out.push(AlertEvent {
+            rule: index,
+            state: AlertState::Raised,
+            alert_id,
+            value,
+            event_time,
+            raised_at: event_time,
+            twin_version: twin.version,
+        });
+    }
+
+    /// Where an entry of rule `index` goes in a list kept in rule order.
+    fn insert_at<T>(&self, list: &[T], index: usize, code: impl Fn(&T) -> &String) -> usize {
+        list.iter()
+            .position(|x| self.position(code(x)) > Some(index))
+            .unwrap_or(list.len())
     }
 
     fn position(&self, code: &str) -> Option<usize> {

@@ -11,14 +11,16 @@ fn setup() -> (Model, RuleSet) {
     let model = Model {
         properties: vec![prop("temperature_c"), prop("battery_pct")],
         active_when: None,
+        time: Default::default(),
     };
-    let rule = |code: &str, property: usize, op, threshold| Rule {
-        code: code.into(),
-        severity: Severity::Critical,
-        property,
-        property_name: model.properties[property].name.clone(),
-        op,
-        threshold,
+    let rule = |code: &str, property: usize, op, threshold| {
+        Rule::threshold(
+            code,
+            Severity::Critical,
+            (property, &model.properties[property].name),
+            op,
+            threshold,
+        )
     };
     let rules = RuleSet {
         rules: vec![
@@ -32,6 +34,14 @@ fn setup() -> (Model, RuleSet) {
 /// Applies readings `(time, property, value)` and returns every alert event, in order.
 fn run(readings: &[(i64, usize, f64)]) -> (Twin, Vec<AlertEvent>) {
     let (model, rules) = setup();
+    run_with(&model, &rules, readings)
+}
+
+fn run_with(
+    model: &Model,
+    rules: &RuleSet,
+    readings: &[(i64, usize, f64)],
+) -> (Twin, Vec<AlertEvent>) {
     let mut twin = Twin::new("reefer-7", &model);
     let mut events = Vec::new();
     for (t, p, v) in readings {
@@ -40,7 +50,7 @@ fn run(readings: &[(i64, usize, f64)]) -> (Twin, Vec<AlertEvent>) {
             event_time: *t,
             values: vec![(*p, Value::Double(*v))],
         };
-        if let Ok(change) = twin.apply(&model, &reading, 0) {
+        if let Ok(change) = twin.apply(model, &reading, 0) {
             rules.evaluate(&mut twin, &change, &mut events);
         }
     }
@@ -95,4 +105,112 @@ fn replay_yields_the_same_alert_ids() {
 fn untouched_rules_emit_nothing() {
     let (_, events) = run(&[(1, 0, 9.0), (2, 1, 80.0), (3, 1, 70.0)]);
     assert_eq!(events.len(), 1);
+}
+
+/// A noisy temperature around the 8 °C threshold: 7.9, 8.1, 7.8, 8.2, ... then 6.0.
+fn noisy() -> Vec<(i64, usize, f64)> {
+    let mut readings: Vec<_> = (0..40)
+        .map(|i| {
+            let wobble = if i % 2 == 0 { -0.1 } else { 0.1 } * f64::from(1 + i % 3);
+            (i64::from(i) * 1000, 0, 8.0 + wobble)
+        })
+        .collect();
+    readings.push((40_000, 0, 6.0));
+    readings
+}
+
+#[test]
+fn hysteresis_stops_a_noisy_signal_from_flapping() {
+    let (model, mut rules) = setup();
+    let (_, plain) = run_with(&model, &rules, &noisy());
+    rules.rules[0].clear_threshold = Some(7.5);
+    let (twin, calm) = run_with(&model, &rules, &noisy());
+    let raised = |events: &[AlertEvent]| {
+        events
+            .iter()
+            .filter(|e| e.state == AlertState::Raised)
+            .count()
+    };
+    assert_eq!(
+        (raised(&plain), plain.len()),
+        (20, 40),
+        "every wobble flaps"
+    );
+    assert_eq!(raised(&calm), 1, "one alert for the whole episode");
+    let states: Vec<_> = calm.iter().map(|e| (e.state, e.event_time)).collect();
+    assert_eq!(
+        states,
+        [(AlertState::Raised, 1000), (AlertState::Cleared, 40_000)],
+        "cleared only once the value falls to the clear threshold"
+    );
+    assert!(twin.alerts.is_empty());
+}
+
+#[test]
+fn minimum_duration_raises_only_once_the_condition_has_held() {
+    let (model, mut rules) = setup();
+    rules.rules[0].min_duration = Some(30_000);
+    // Above for 20 s, a dip, then above for 40 s.
+    let mut readings = vec![
+        (0, 0, 9.0),
+        (10_000, 0, 9.5),
+        (20_000, 0, 9.2),
+        (25_000, 0, 7.0),
+    ];
+    readings.extend((0..5).map(|i| (30_000 + i * 10_000, 0, 9.0 + i as f64 / 10.0)));
+    let (twin, events) = run_with(&model, &rules, &readings);
+    let states: Vec<_> = events.iter().map(|e| (e.state, e.raised_at)).collect();
+    assert_eq!(
+        states,
+        [(AlertState::Raised, 60_000)],
+        "the dip restarts the clock: raised 30 s after 30 000, not after 0"
+    );
+    assert!(twin.pending.is_empty());
+    let (twin, events) = run_with(&model, &rules, &readings[..6]);
+    assert!(events.is_empty());
+    assert_eq!(
+        twin.pending[0].since, 30_000,
+        "pending, waiting out the duration"
+    );
+}
+
+#[test]
+fn offline_raises_when_the_status_turns_offline_and_clears_with_the_next_reading() {
+    let (mut model, mut rules) = setup();
+    model.time.offline_after = Some(60_000);
+    rules.rules.push(Rule::offline(Severity::Warning, 60_000));
+    let mut twin = Twin::new("reefer-7", &model);
+    let mut events = Vec::new();
+    let reading = |t| Reading {
+        asset_id: "reefer-7".into(),
+        event_time: t,
+        values: vec![(1, Value::Double(50.0))],
+    };
+    let change = twin.apply(&model, &reading(5_000), 1_000_000).unwrap();
+    rules.evaluate(&mut twin, &change, &mut events);
+    assert!(events.is_empty());
+    assert!(!twin.tick(&model, 1_059_999), "not yet");
+    assert!(twin.tick(&model, 1_060_500));
+    rules.evaluate(&mut twin, &TwinChange::default(), &mut events);
+    assert!(!twin.tick(&model, 1_090_000), "fires once");
+    let change = twin.apply(&model, &reading(100_000), 1_100_000).unwrap();
+    rules.evaluate(&mut twin, &change, &mut events);
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.rule, e.state, e.raised_at, e.event_time))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, AlertState::Raised, 1_060_000, 1_060_000),
+            (2, AlertState::Cleared, 1_060_000, 100_000)
+        ],
+        "raised at the deadline whenever the timer ran, cleared by the reading"
+    );
+    assert_eq!(
+        events[0].alert_id,
+        alert_id("reefer-7", OFFLINE_CODE, 1_060_000)
+    );
+    assert_eq!(events[0].value, 60.5, "seconds of silence when it fired");
+    assert_eq!(twin.status, Status::Active);
 }

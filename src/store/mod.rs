@@ -10,6 +10,8 @@
 //! | 0x03 | `03 · partition u32`                  | next changelog offset reflected, BE |
 //! | 0x04 | `04 · partition u32`                  | prepared commit: next input offset, |
 //! |      |                                       | i64 BE, then the `WriteBatch` bytes |
+//! | 0x05 | `05 · partition u32 · deadline i64 ·  | empty: the twin's status changes by |
+//! |      |   asset_id utf-8`                     | itself at `deadline` (a timer)      |
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
 //!
@@ -34,6 +36,7 @@ const KIND_TWIN: u8 = 0x01;
 const KIND_OFFSET: u8 = 0x02;
 const KIND_CHANGELOG: u8 = 0x03;
 const KIND_PREPARED: u8 = 0x04;
+const KIND_DEADLINE: u8 = 0x05;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -98,6 +101,14 @@ fn key(kind: u8, partition: u32, tail: &[u8]) -> Vec<u8> {
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(tail);
     k
+}
+
+/// Deadlines are processing times (positive), so big-endian bytes sort in time order.
+fn deadline_key(partition: u32, deadline: i64, asset_id: &str) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(8 + asset_id.len());
+    tail.extend_from_slice(&deadline.max(0).to_be_bytes());
+    tail.extend_from_slice(asset_id.as_bytes());
+    key(KIND_DEADLINE, partition, &tail)
 }
 
 impl PartitionStore {
@@ -166,6 +177,32 @@ impl PartitionStore {
                 continue;
             }
             out.push((id, v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` timers due at `now`: `(deadline, asset_id)`, earliest first. The index
+    /// is ordered by deadline, so this reads only what is due.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn due(&self, now: i64, limit: usize) -> Result<Vec<(i64, String)>> {
+        let prefix = key(KIND_DEADLINE, self.partition, b"");
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) || out.len() == limit || k.len() < prefix.len() + 8 {
+                break;
+            }
+            let at = &k[prefix.len()..];
+            let deadline = i64::from_be_bytes(at[..8].try_into().expect("8 bytes"));
+            if deadline > now {
+                break;
+            }
+            out.push((deadline, String::from_utf8_lossy(&at[8..]).into_owned()));
         }
         Ok(out)
     }
@@ -285,6 +322,18 @@ impl StoreBatch {
     pub fn delete_twin(&mut self, asset_id: &str) {
         self.batch
             .delete(key(KIND_TWIN, self.partition, asset_id.as_bytes()));
+    }
+
+    /// Sets a timer: the twin of `asset_id` changes by itself at `deadline`.
+    pub fn put_deadline(&mut self, deadline: i64, asset_id: &str) {
+        self.batch
+            .put(deadline_key(self.partition, deadline, asset_id), []);
+    }
+
+    /// Removes a timer.
+    pub fn delete_deadline(&mut self, deadline: i64, asset_id: &str) {
+        self.batch
+            .delete(deadline_key(self.partition, deadline, asset_id));
     }
 
     /// Records that every changelog record before `next` is reflected in the twins.

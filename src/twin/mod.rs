@@ -11,7 +11,7 @@
 
 mod model;
 
-pub use model::{ActiveWhen, MAX_PROPERTIES, Model, PropKind, PropertyDef};
+pub use model::{ActiveWhen, MAX_PROPERTIES, Model, PropKind, PropertyDef, TimePolicy, Untimely};
 
 use std::fmt;
 
@@ -145,6 +145,15 @@ pub struct ActiveAlert {
     pub raised_at: i64,
 }
 
+/// A rule whose condition holds but not yet for its minimum duration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingAlert {
+    /// Rule code.
+    pub code: String,
+    /// Event time since which the condition has held.
+    pub since: i64,
+}
+
 /// The state of one asset.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Twin {
@@ -154,14 +163,21 @@ pub struct Twin {
     pub version: i64,
     /// Event time of the newest applied reading.
     pub event_time: i64,
-    /// Processing time of the newest change.
+    /// Processing time at which the newest reading was applied: when the asset was last
+    /// heard from.
     pub last_seen: i64,
+    /// Processing time of the newest change, by a reading or a timer.
+    pub updated_at: i64,
+    /// Processing time since which the asset has been standing still; `None` while moving.
+    pub still_since: Option<i64>,
     /// Derived operating status.
     pub status: Status,
     /// One slot per model property, `None` until first reported.
     pub props: Vec<Option<Prop>>,
     /// Raised alerts, in rule order.
     pub alerts: Vec<ActiveAlert>,
+    /// Rules whose condition holds, waiting out their minimum duration, in rule order.
+    pub pending: Vec<PendingAlert>,
 }
 
 /// Which properties an applied reading changed. A bit per model property index.
@@ -207,9 +223,12 @@ impl Twin {
             version: 0,
             event_time: 0,
             last_seen: 0,
+            updated_at: 0,
+            still_since: None,
             status: Status::Active,
             props: vec![None; model.properties.len()],
             alerts: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -269,9 +288,31 @@ impl Twin {
         }
         self.event_time = self.event_time.max(reading.event_time);
         self.last_seen = now;
+        self.updated_at = now;
         self.version += 1;
-        self.status = model.status_of(self);
+        self.still_since = if model.is_still(self) {
+            self.still_since.or(Some(now))
+        } else {
+            None
+        };
+        self.status = model.status_at(self, now);
         Ok(TwinChange { changed, created })
+    }
+
+    /// Moves the status on by processing time alone (offline, idle) at `now`. Returns whether
+    /// it changed; a change, like a reading's, grows `version` by one.
+    pub fn tick(&mut self, model: &Model, now: i64) -> bool {
+        if self.version == 0 {
+            return false;
+        }
+        let status = model.status_at(self, now);
+        if status == self.status {
+            return false;
+        }
+        self.status = status;
+        self.updated_at = now;
+        self.version += 1;
+        true
     }
 }
 

@@ -51,6 +51,40 @@ pub struct ActiveWhen {
     pub above: f64,
 }
 
+/// How time bounds readings and drives status, all in milliseconds; `None` turns a bound or
+/// timer off.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TimePolicy {
+    /// A reading older than the twin's newest event time by more than this is refused.
+    pub allowed_lateness: Option<i64>,
+    /// A reading stamped more than this after processing time is refused.
+    pub max_future: Option<i64>,
+    /// An asset silent for this long (processing time) becomes OFFLINE.
+    pub offline_after: Option<i64>,
+    /// An asset standing still for this long (processing time) becomes IDLE; `None` makes
+    /// it IDLE with the first still reading.
+    pub idle_after: Option<i64>,
+}
+
+/// Why a reading is refused for its time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Untimely {
+    /// Older than the allowed lateness.
+    Late,
+    /// Too far ahead of processing time.
+    Future,
+}
+
+impl Untimely {
+    /// The bounded reason label, for metrics and dead-letter headers.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Untimely::Late => "late",
+            Untimely::Future => "future",
+        }
+    }
+}
+
 /// The properties of a twin and how its status derives from them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Model {
@@ -58,6 +92,8 @@ pub struct Model {
     pub properties: Vec<PropertyDef>,
     /// Status rule; `None` means every reporting asset is ACTIVE.
     pub active_when: Option<ActiveWhen>,
+    /// Lateness bounds and status timers.
+    pub time: TimePolicy,
 }
 
 impl Model {
@@ -66,15 +102,69 @@ impl Model {
         self.properties.iter().position(|p| p.name == name)
     }
 
-    /// The status a twin's current values imply.
-    pub fn status_of(&self, twin: &Twin) -> Status {
+    /// Whether the twin's values say it is standing still (IDLE rather than ACTIVE).
+    pub fn is_still(&self, twin: &Twin) -> bool {
         let Some(rule) = self.active_when else {
-            return Status::Active;
+            return false;
         };
-        match twin.value(rule.property).and_then(|v| v.as_f64()) {
-            Some(v) if v <= rule.above => Status::Idle,
+        matches!(twin.value(rule.property).and_then(|v| v.as_f64()), Some(v) if v <= rule.above)
+    }
+
+    /// The status a twin has at processing time `now`: OFFLINE once silent for
+    /// `offline_after`, IDLE once still for `idle_after`, else ACTIVE.
+    pub fn status_at(&self, twin: &Twin, now: i64) -> Status {
+        if self
+            .time
+            .offline_after
+            .is_some_and(|after| now >= twin.last_seen + after)
+        {
+            return Status::Offline;
+        }
+        match twin.still_since {
+            Some(since) if now >= since + self.time.idle_after.unwrap_or(0) => Status::Idle,
             _ => Status::Active,
         }
+    }
+
+    /// The processing time at which the twin's status next changes by itself (a timer), if
+    /// ever.
+    pub fn deadline(&self, twin: &Twin) -> Option<i64> {
+        if twin.version == 0 || twin.status == Status::Offline {
+            return None;
+        }
+        let offline = self.time.offline_after.map(|after| twin.last_seen + after);
+        let idle = match (twin.status, twin.still_since) {
+            (Status::Active, Some(since)) => Some(since + self.time.idle_after.unwrap_or(0)),
+            _ => None,
+        };
+        match (offline, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a reading stamped `event_time` may be applied to `twin` at processing time
+    /// `now`.
+    ///
+    /// # Errors
+    /// Why it may not.
+    pub fn check_time(&self, twin: &Twin, event_time: i64, now: i64) -> Result<(), Untimely> {
+        if self
+            .time
+            .max_future
+            .is_some_and(|max| event_time > now + max)
+        {
+            return Err(Untimely::Future);
+        }
+        if twin.version > 0
+            && self
+                .time
+                .allowed_lateness
+                .is_some_and(|max| event_time < twin.event_time - max)
+        {
+            return Err(Untimely::Late);
+        }
+        Ok(())
     }
 }
 

@@ -18,7 +18,19 @@ fn model() -> Model {
             property: 0,
             above: 1.0,
         }),
+        time: TimePolicy::default(),
     }
+}
+
+fn timed() -> Model {
+    let mut m = model();
+    m.time = TimePolicy {
+        allowed_lateness: Some(60_000),
+        max_future: Some(5_000),
+        offline_after: Some(300_000),
+        idle_after: Some(120_000),
+    };
+    m
 }
 
 fn reading(t: i64, values: &[(usize, f64)]) -> Reading {
@@ -104,7 +116,109 @@ fn status_follows_the_motion_property() {
     assert_eq!(twin.status, Status::Active);
 }
 
+#[test]
+fn idle_and_offline_follow_the_wall_clock() {
+    let m = timed();
+    let mut twin = Twin::new("truck-1", &m);
+    assert_eq!(m.deadline(&twin), None, "a fresh twin has no timer");
+    twin.apply(&m, &reading(1000, &[(0, 50.0)]), 10_000)
+        .unwrap();
+    assert_eq!(
+        m.deadline(&twin),
+        Some(310_000),
+        "offline after 5 min of silence"
+    );
+    twin.apply(&m, &reading(2000, &[(0, 0.0)]), 20_000).unwrap();
+    assert_eq!(
+        (twin.status, twin.still_since),
+        (Status::Active, Some(20_000)),
+        "standing still, not yet for long"
+    );
+    assert_eq!(m.deadline(&twin), Some(140_000), "idle after 2 min still");
+    twin.apply(&m, &reading(3000, &[(0, 0.5)]), 30_000).unwrap();
+    assert_eq!(
+        twin.still_since,
+        Some(20_000),
+        "still since the first still reading"
+    );
+    assert!(!twin.tick(&m, 139_999));
+    let version = twin.version;
+    assert!(twin.tick(&m, 140_000));
+    assert_eq!(
+        (twin.status, twin.version, twin.updated_at),
+        (Status::Idle, version + 1, 140_000)
+    );
+    assert_eq!(twin.last_seen, 30_000, "a timer is not a reading");
+    assert_eq!(m.deadline(&twin), Some(330_000));
+    assert!(twin.tick(&m, 400_000));
+    assert_eq!(twin.status, Status::Offline);
+    assert_eq!(m.deadline(&twin), None, "offline until the next reading");
+    assert!(!twin.tick(&m, 900_000), "each timer fires once");
+    twin.apply(&m, &reading(4000, &[(0, 30.0)]), 950_000)
+        .unwrap();
+    assert_eq!((twin.status, twin.still_since), (Status::Active, None));
+}
+
+#[test]
+fn late_and_future_readings_are_refused() {
+    let m = timed();
+    let mut twin = Twin::new("truck-1", &m);
+    let now = 1_000_000;
+    assert_eq!(m.check_time(&twin, now + 5_001, now), Err(Untimely::Future));
+    assert_eq!(
+        m.check_time(&twin, 1, now),
+        Ok(()),
+        "a first reading is never late"
+    );
+    twin.apply(&m, &reading(900_000, &[(0, 50.0)]), now)
+        .unwrap();
+    assert_eq!(m.check_time(&twin, 840_000, now), Ok(()));
+    assert_eq!(m.check_time(&twin, 839_999, now), Err(Untimely::Late));
+    assert_eq!(m.check_time(&twin, now + 5_000, now), Ok(()));
+}
+
 proptest! {
+    /// Out-of-order and repeated readings give the same twin as the sorted stream: each
+    /// property's newest value and time, the newest event time, the status.
+    #[test]
+    fn any_order_with_duplicates_gives_the_sorted_twin(
+        readings in prop::collection::vec((0i64..500, prop::collection::vec((0usize..3, 0.0f64..150.0), 1..3)), 1..30),
+        order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+        repeats in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+    ) {
+        let m = model();
+        // One reading per event time, one value per property, so "newest" is well defined.
+        let mut sorted: Vec<Reading> = Vec::new();
+        for (t, values) in &readings {
+            if sorted.iter().any(|r| r.event_time == t * 10) {
+                continue;
+            }
+            let mut values = values.clone();
+            values.sort_by_key(|(p, _)| *p);
+            values.dedup_by_key(|(p, _)| *p);
+            sorted.push(reading(t * 10, &values));
+        }
+        sorted.sort_by_key(|r| r.event_time);
+        let mut shuffled = sorted.clone();
+        for (i, j) in order.iter().enumerate() {
+            let n = shuffled.len();
+            shuffled.swap(i % n, j.index(n));
+        }
+        for r in &repeats {
+            let again = shuffled[r.index(shuffled.len())].clone();
+            shuffled.push(again);
+        }
+        let final_twin = |stream: &[Reading]| {
+            let mut twin = Twin::new("truck-1", &m);
+            for r in stream {
+                let _ = twin.apply(&m, r, 7);
+            }
+            (twin.props, twin.event_time, twin.status)
+        };
+        prop_assert_eq!(final_twin(&shuffled), final_twin(&sorted));
+    }
+
+
     /// Replaying the same readings onto the same twin gives the same twin: the property the
     /// at-least-once replay after a crash relies on.
     #[test]

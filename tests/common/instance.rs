@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message};
 
-use super::{root, vehicle_topology};
+use super::{root, untimed_vehicle_topology};
 
 /// How an instance is configured beyond the defaults.
 pub struct Settings<'a> {
@@ -37,7 +37,7 @@ impl Instance {
     /// restarts under the same name) and its log appended to `dir/name.log`.
     pub fn spawn(dir: &Path, name: &str, s: &Settings<'_>) -> Instance {
         let http = free_port();
-        let t = vehicle_topology();
+        let t = untimed_vehicle_topology();
         let table = |pairs: &[(&str, &str)]| {
             pairs
                 .iter()
