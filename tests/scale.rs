@@ -79,6 +79,11 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
             && a.consumed() > 0
             && b.consumed() > 0
     });
+    // State follows a partition through the changelog up to the group's committed offset
+    // (at-least-once replays the rest): let every partition's offset be committed once.
+    wait("every partition has a committed offset", || {
+        committed(&client, "scale").len() == 4
+    });
 
     a.stop("KILL");
     let killed_at = micros(SystemTime::now());
@@ -142,6 +147,25 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
 }
 
 /// Polls `done` until it holds, for at most a minute.
+/// The partitions of `telemetry` with an offset committed by `group`.
+fn committed(client: &ClientConfig, group: &str) -> Vec<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = client.clone().set("group.id", group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition("telemetry", p);
+    }
+    let offsets = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    offsets
+        .elements()
+        .iter()
+        .filter(|e| matches!(e.offset(), rdkafka::Offset::Offset(o) if o > 0))
+        .map(|e| e.partition())
+        .collect()
+}
+
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {
