@@ -5,8 +5,13 @@
 //! `apache-avro` crate's generic reader (decode only, no merge, no store). Ratios > 1 mean the
 //! whole twinflow path is faster than that decode alone.
 //!
+//! Timers (offline, idle) with `TWINFLOW_BENCH_TIMER_TWINS` twins (default 1M): the cost of a
+//! look at the deadline index when nothing is due, against a scan of every twin (what a
+//! timer without an index would cost each second), and how fast due timers fire.
+//!
 //! `cargo bench --bench core` (full: 1M records over 100k twins, median of 3 runs);
-//! `TWINFLOW_BENCH_RECORDS=20000 TWINFLOW_BENCH_TWINS=2000 cargo bench --bench core` for a smoke run.
+//! `TWINFLOW_BENCH_RECORDS=20000 TWINFLOW_BENCH_TWINS=2000 TWINFLOW_BENCH_TIMER_TWINS=20000
+//! cargo bench --bench core` for a smoke run.
 
 mod support;
 
@@ -97,6 +102,8 @@ fn main() {
         assert!(updates > 0);
     }
     let (base, decode, core) = (median(base), median(decode), median(core));
+    let timer_twins = env("TWINFLOW_BENCH_TIMER_TWINS", 1_000_000);
+    let timers = timers(&topology, timer_twins, runs);
     println!(
         "core benchmark: {records} records ({} B avg) over {twins} twins, batches of {batch}, one thread, median of {runs}",
         bytes / records.max(1)
@@ -116,4 +123,121 @@ fn main() {
         "| twinflow decode→merge→rules→encode→RocksDB store | {core:>10.0} | {:.2} |",
         core / base
     );
+    println!();
+    println!(
+        "timers: {timer_twins} twins in one partition, each with a deadline (offline after 5 min), median of {runs}"
+    );
+    println!(
+        "| operation                                        | figure          | vs scanning every twin |"
+    );
+    println!(
+        "|--------------------------------------------------|----------------:|-----------------------:|"
+    );
+    println!(
+        "| scan every twin, decode, check its deadline (baseline) | {:>9.1} ms | 1.00 |",
+        timers.scan_ms
+    );
+    println!(
+        "| look at the deadline index, nothing due          | {:>9.1} µs | {:.6} |",
+        timers.look_us,
+        timers.look_us / 1000.0 / timers.scan_ms
+    );
+    println!(
+        "| fire due timers (offline: twin, changelog, alert) | {:>9.0} /s | |",
+        timers.fire_rate
+    );
+}
+
+struct TimerFigures {
+    scan_ms: f64,
+    look_us: f64,
+    fire_rate: f64,
+}
+
+/// One reading per twin at `now`, so every twin has an offline deadline `now + 5 min`; then
+/// looks at the index when nothing is due, a full scan for comparison, and firing them all.
+fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
+    let now = 1_790_000_000_000;
+    let config = FleetConfig {
+        assets: twins,
+        seed: 2,
+        malformed: 0.0,
+        start_ms: now - 1000,
+        interval_ms: 1000,
+    };
+    let data = Fleet::new(config, &topology.codec)
+        .expect("fleet")
+        .take(twins);
+    let offline_after = topology
+        .model
+        .time
+        .offline_after
+        .expect("the vehicle model has it");
+    let (mut scan, mut look, mut fire) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut processor = Processor::new(topology.clone(), store.partition(0), 10_000);
+        for (i, chunk) in data.chunks(2000).enumerate() {
+            let mut b = processor.batch();
+            for (j, (k, v)) in chunk.iter().enumerate() {
+                let input = Input {
+                    key: Some(k),
+                    payload: Some(v),
+                    topic: "telemetry",
+                    offset: (i * 2000 + j) as i64,
+                    headers: None,
+                };
+                processor.process(&input, &mut b, now).unwrap();
+            }
+            store.partition(0).commit(b.store).unwrap();
+        }
+
+        let t = Instant::now();
+        let mut due = 0;
+        let mut after = None;
+        loop {
+            let page = store.partition(0).scan(after.as_deref(), 10_000).unwrap();
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (_, bytes) in &page {
+                let twin = topology.codec.decode_twin(bytes).unwrap();
+                due += usize::from(topology.model.deadline(&twin).is_some_and(|d| d <= now));
+            }
+        }
+        scan.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(due, 0);
+
+        let looks = 1000;
+        let t = Instant::now();
+        for i in 0..looks {
+            let mut b = processor.batch();
+            let fired = processor
+                .fire_timers(&mut b, now + i, twins as i64, 2000)
+                .unwrap();
+            assert_eq!(fired, 0);
+        }
+        look.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(looks as u32));
+
+        let t = Instant::now();
+        let mut fired = 0;
+        loop {
+            let mut b = processor.batch();
+            let n = processor
+                .fire_timers(&mut b, now + offline_after, twins as i64, 2000)
+                .unwrap();
+            store.partition(0).commit(b.store).unwrap();
+            if n == 0 {
+                break;
+            }
+            fired += n;
+        }
+        fire.push(fired as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(fired, twins, "every twin turned offline once");
+    }
+    TimerFigures {
+        scan_ms: median(scan),
+        look_us: median(look),
+        fire_rate: median(fire),
+    }
 }

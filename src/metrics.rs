@@ -9,7 +9,7 @@ use prometheus::{
     Registry,
 };
 
-use crate::rules::{AlertState, RuleSet};
+use crate::rules::{AckOutcome, AlertState, RuleSet};
 
 /// Why a record was skipped on purpose.
 pub const SKIP_REASONS: [&str; 2] = ["duplicate", "stale"];
@@ -31,6 +31,7 @@ pub struct Metrics {
     updates: IntCounterVec,
     twins_created: IntCounterVec,
     timers_fired: IntCounterVec,
+    acks: IntCounterVec,
     skipped: IntCounterVec,
     dead_lettered: IntCounterVec,
     alerts: IntCounterVec,
@@ -124,6 +125,12 @@ impl Metrics {
                 "twinflow_timers_fired_total",
                 "Status changes by processing time alone (offline, idle).",
                 &["partition"],
+            ),
+            acks: counter(
+                r,
+                "twinflow_alert_acks_total",
+                "Acknowledgements read, by result: applied, unknown (no such active alert) or repeated.",
+                &["result"],
             ),
             skipped: counter(
                 r,
@@ -277,13 +284,19 @@ impl Metrics {
             updates: self.updates.with_label_values(&[&p]),
             twins_created: self.twins_created.with_label_values(&[&p]),
             timers_fired: self.timers_fired.with_label_values(&[&p]),
+            acks: AckOutcome::ALL.map(|o| self.acks.with_label_values(&[o.label()])),
             skipped: SKIP_REASONS.map(|r| self.skipped.with_label_values(&[r])),
             dead_lettered: DEAD_LETTER_REASONS.map(|r| self.dead_lettered.with_label_values(&[r])),
             alerts: rules
                 .rules
                 .iter()
                 .map(|rule| {
-                    [AlertState::Raised, AlertState::Cleared].map(|s| {
+                    [
+                        AlertState::Raised,
+                        AlertState::Cleared,
+                        AlertState::Acknowledged,
+                    ]
+                    .map(|s| {
                         self.alerts
                             .with_label_values(&[rule.code.as_str(), s.symbol()])
                     })
@@ -337,7 +350,8 @@ pub struct PartitionMetrics {
     pub(crate) skipped: [IntCounter; SKIP_REASONS.len()],
     pub(crate) dead_lettered: [IntCounter; DEAD_LETTER_REASONS.len()],
     /// Per rule: `[raised, cleared]`.
-    pub(crate) alerts: Vec<[IntCounter; 2]>,
+    pub(crate) alerts: Vec<[IntCounter; 3]>,
+    pub(crate) acks: [IntCounter; 3],
     pub(crate) batch_seconds: Histogram,
     pub(crate) replays: IntCounter,
     pub(crate) next_offset: IntGauge,
@@ -350,6 +364,7 @@ pub struct BatchCounts {
     pub(crate) updates: u64,
     pub(crate) twins_created: u64,
     pub(crate) timers_fired: u64,
+    pub(crate) acks: [u64; 3],
     pub(crate) skipped: [u64; SKIP_REASONS.len()],
     pub(crate) dead_lettered: [u64; DEAD_LETTER_REASONS.len()],
     /// `(rule, state)` pairs, in emission order.
@@ -388,6 +403,9 @@ impl PartitionMetrics {
         self.updates.inc_by(c.updates);
         self.twins_created.inc_by(c.twins_created);
         self.timers_fired.inc_by(c.timers_fired);
+        for (h, n) in self.acks.iter().zip(c.acks) {
+            h.inc_by(n);
+        }
         for (h, n) in self.skipped.iter().zip(c.skipped) {
             h.inc_by(n);
         }

@@ -37,7 +37,7 @@ fn one() -> i32 {
     1
 }
 
-/// The four topics of a pipeline.
+/// The five topics of a pipeline.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Topics {
@@ -49,16 +49,19 @@ pub struct Topics {
     pub alerts: TopicSpec,
     /// Records that could not be applied.
     pub dead_letter: TopicSpec,
+    /// Input: alert acknowledgements, keyed by asset id, partitioned like the telemetry.
+    pub acks: TopicSpec,
 }
 
 impl Topics {
-    /// All four, input first.
-    pub fn all(&self) -> [&TopicSpec; 4] {
+    /// All five, input first.
+    pub fn all(&self) -> [&TopicSpec; 5] {
         [
             &self.telemetry,
             &self.changelog,
             &self.alerts,
             &self.dead_letter,
+            &self.acks,
         ]
     }
 
@@ -304,8 +307,18 @@ impl Topology {
             ));
         }
         let names: HashSet<_> = topics.all().iter().map(|t| t.name.as_str()).collect();
-        if names.len() != 4 {
-            return Err("the four topics must have four different names".into());
+        if names.len() != 5 {
+            return Err("the five topics must have five different names".into());
+        }
+        if topics.acks.partitions != topics.telemetry.partitions {
+            return Err(format!(
+                "acknowledgement topic {} has {} partitions but telemetry {} has {}: they must be equal, \
+                 since an asset's acknowledgements are applied by the owner of its telemetry partition",
+                topics.acks.name,
+                topics.acks.partitions,
+                topics.telemetry.name,
+                topics.telemetry.partitions
+            ));
         }
         Ok(Topology {
             topics,

@@ -113,7 +113,7 @@ fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
     let created = rt
         .block_on(apply_topology(&client(&broker.bootstrap), &topology.topics))
         .unwrap();
-    assert_eq!(created.len(), 4);
+    assert_eq!(created.len(), 5);
     let config = FleetConfig {
         assets: 500,
         seed: 11,

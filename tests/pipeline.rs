@@ -454,3 +454,87 @@ async fn offline_timer_fires_once_on_a_quiet_partition_after_a_move() {
     assert_eq!(second.metrics().total("twinflow_timers_fired_total"), 2);
     second.stop().await;
 }
+
+/// An acknowledgement on the acknowledgement topic marks the active alert in the twin and
+/// emits ACKNOWLEDGED with the alert's id; a repeated, an unknown and a malformed one change
+/// nothing, and are counted (the malformed one is dead-lettered).
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledgements_mark_the_alert_once() {
+    let (_kafka, mut p) = cluster();
+    p.start();
+    let t0 = 1_790_000_000_000;
+    p.send("reefer-9", t0, &[("temperature_c", 9.5)]).await;
+    let raised = p.alerts(1);
+    assert_eq!(text(&raised[0]["state"]), "RAISED");
+    let id = text(&raised[0]["alert_id"]);
+
+    let acks = p.topology.topics.acks.name.clone();
+    let ack = |alert: &str| format!(r#"{{"alert_id": "{alert}", "by": "ops@depot"}}"#);
+    p.send_to(&acks, Some(b"reefer-9"), Some(ack(&id).as_bytes()))
+        .await;
+    let alerts = p.alerts(2);
+    assert_eq!(
+        (
+            text(&alerts[1]["state"]),
+            text(&alerts[1]["alert_id"]),
+            text(&alerts[1]["code"])
+        ),
+        ("ACKNOWLEDGED".into(), id.clone(), "TEMP_BREACH".into())
+    );
+    let twins = p.changelog(2);
+    let alert = &twins[1].alerts[0];
+    assert_eq!(
+        (twins[1].version, alert.acknowledged_by.as_deref()),
+        (2, Some("ops@depot")),
+        "the acknowledgement is a twin change"
+    );
+    assert_eq!(alert.acknowledged_at, Some(p.now()));
+
+    p.send_to(&acks, Some(b"reefer-9"), Some(ack(&id).as_bytes()))
+        .await;
+    p.send_to(
+        &acks,
+        Some(b"reefer-9"),
+        Some(ack("no-such-alert").as_bytes()),
+    )
+    .await;
+    p.send_to(&acks, Some(b"reefer-9"), Some(b"ack!")).await;
+    let dead = p.read(
+        &p.topology.topics.dead_letter.name,
+        1,
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(header(&dead[0], "twinflow.error.stage"), Some("ack"));
+    let m = p.metrics();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while m.total("twinflow_alert_acks_total") < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "acknowledgements not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let count = |result: &str| {
+        m.registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "twinflow_alert_acks_total")
+            .flat_map(|f| f.get_metric().to_vec())
+            .find(|x| x.get_label().iter().any(|l| l.value() == result))
+            .map_or(0.0, |x| x.get_counter().value())
+    };
+    assert_eq!(
+        [count("applied"), count("repeated"), count("unknown")],
+        [1.0, 1.0, 1.0]
+    );
+
+    // Cleared: its events keep the one alert id; acknowledging it now is a no-op.
+    p.send("reefer-9", t0 + 1000, &[("temperature_c", 5.0)])
+        .await;
+    let alerts = p.alerts(3);
+    assert_eq!(
+        (text(&alerts[2]["state"]), text(&alerts[2]["alert_id"])),
+        ("CLEARED".into(), id)
+    );
+    p.stop().await;
+}

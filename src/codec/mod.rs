@@ -189,13 +189,7 @@ impl Codec {
                 TwinField::EventTime => put_long(buf, twin.event_time),
                 TwinField::LastSeen => put_long(buf, twin.last_seen),
                 TwinField::UpdatedAt => put_long(buf, twin.updated_at),
-                TwinField::StillSince => match twin.still_since {
-                    None => put_long(buf, 0),
-                    Some(t) => {
-                        put_long(buf, 1);
-                        put_long(buf, t);
-                    }
-                },
+                TwinField::StillSince => put_opt_long(buf, twin.still_since),
                 TwinField::PendingAlerts => {
                     if !twin.pending.is_empty() {
                         put_long(buf, twin.pending.len() as i64);
@@ -233,6 +227,8 @@ impl Codec {
                             put_double(buf, a.value);
                             put_double(buf, a.threshold);
                             put_long(buf, a.raised_at);
+                            put_opt_long(buf, a.acknowledged_at);
+                            put_opt_str(buf, a.acknowledged_by.as_deref());
                         }
                     }
                     put_long(buf, 0);
@@ -269,11 +265,7 @@ impl Codec {
                 TwinField::LastSeen => twin.last_seen = c.long().map_err(ctx("last_seen"))?,
                 TwinField::UpdatedAt => twin.updated_at = c.long().map_err(ctx("updated_at"))?,
                 TwinField::StillSince => {
-                    twin.still_since = match c.long().map_err(ctx("still_since"))? {
-                        0 => None,
-                        1 => Some(c.long().map_err(ctx("still_since"))?),
-                        b => return Err(decode_err("still_since", format!("union branch {b}"))),
-                    }
+                    twin.still_since = opt_long(&mut c).map_err(ctx("still_since"))?;
                 }
                 TwinField::PendingAlerts => loop {
                     let n = c.block_count().map_err(ctx("pending_alerts"))?;
@@ -331,6 +323,8 @@ impl Codec {
                             value: c.double().map_err(ctx("active_alerts"))?,
                             threshold: c.double().map_err(ctx("active_alerts"))?,
                             raised_at: c.long().map_err(ctx("active_alerts"))?,
+                            acknowledged_at: opt_long(&mut c).map_err(ctx("active_alerts"))?,
+                            acknowledged_by: opt_str(&mut c).map_err(ctx("active_alerts"))?,
                         });
                     }
                 },
@@ -373,6 +367,8 @@ impl Codec {
                 serde_json::json!({
                     "alert_id": a.alert_id, "code": a.code, "severity": a.severity,
                     "value": a.value, "threshold": a.threshold, "raised_at": rfc3339(a.raised_at),
+                    "acknowledged_at": a.acknowledged_at.map(rfc3339),
+                    "acknowledged_by": a.acknowledged_by,
                 })
             })
             .collect();
@@ -409,6 +405,47 @@ pub fn encode_alert(event: &AlertEvent, asset_id: &str, rules: &RuleSet, buf: &m
     put_long(buf, event.event_time);
     put_long(buf, event.raised_at);
     put_long(buf, event.twin_version);
+    put_opt_str(buf, event.acknowledged_by.as_deref());
+}
+
+/// A `["null", "string"]` union.
+fn put_opt_str(buf: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => put_long(buf, 0),
+        Some(s) => {
+            put_long(buf, 1);
+            put_str(buf, s);
+        }
+    }
+}
+
+/// A `["null", "long"]` union.
+fn put_opt_long(buf: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        None => put_long(buf, 0),
+        Some(v) => {
+            put_long(buf, 1);
+            put_long(buf, v);
+        }
+    }
+}
+
+/// Reads a `["null", "long"]` union.
+fn opt_long(c: &mut Cursor<'_>) -> avro::ReadResult<Option<i64>> {
+    match c.long()? {
+        0 => Ok(None),
+        1 => Ok(Some(c.long()?)),
+        b => Err(format!("union branch {b}")),
+    }
+}
+
+/// Reads a `["null", "string"]` union.
+fn opt_str(c: &mut Cursor<'_>) -> avro::ReadResult<Option<String>> {
+    match c.long()? {
+        0 => Ok(None),
+        1 => Ok(Some(c.str()?.to_owned())),
+        b => Err(format!("union branch {b}")),
+    }
 }
 
 /// Formats epoch milliseconds as RFC 3339 (UTC).

@@ -350,7 +350,8 @@ fn avro_name(kind: PropKind) -> &'static str {
 
 fn active_alerts_plan(field: &RecordField) -> Result<[i64; 3]> {
     let wanted = "an array of records with fields alert_id (string), code (string), severity (enum), \
-                  value (double), threshold (double), raised_at (timestamp-millis), in that order";
+                  value (double), threshold (double), raised_at (timestamp-millis), \
+                  acknowledged_at ([null, timestamp-millis]), acknowledged_by ([null, string]), in that order";
     let Schema::Array(a) = &field.schema else {
         return Err(Error::Config(format!(
             "twin field 'active_alerts' must be {wanted}"
@@ -366,13 +367,18 @@ fn active_alerts_plan(field: &RecordField) -> Result<[i64; 3]> {
         .iter()
         .map(|f| (f.name.as_str(), &f.schema))
         .collect();
-    let ok = shape.len() == 6
+    let union = |s: &Schema, of: Schema| matches!(s, Schema::Union(u) if u.variants() == [Schema::Null, of]);
+    let ok = shape.len() == 8
         && shape[0] == ("alert_id", &Schema::String)
         && shape[1] == ("code", &Schema::String)
         && shape[2].0 == "severity"
         && shape[3] == ("value", &Schema::Double)
         && shape[4] == ("threshold", &Schema::Double)
-        && shape[5] == ("raised_at", &Schema::TimestampMillis);
+        && shape[5] == ("raised_at", &Schema::TimestampMillis)
+        && shape[6].0 == "acknowledged_at"
+        && union(shape[6].1, Schema::TimestampMillis)
+        && shape[7].0 == "acknowledged_by"
+        && union(shape[7].1, Schema::String);
     if !ok {
         return Err(Error::Config(format!(
             "twin field 'active_alerts' must be {wanted}"

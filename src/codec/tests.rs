@@ -125,6 +125,8 @@ proptest! {
                 value: i as f64,
                 threshold: 1.5,
                 raised_at: t - i as i64,
+                acknowledged_at: (i % 2 == 1).then_some(t + 30),
+                acknowledged_by: (i % 2 == 1).then(|| format!("ops-{i}")),
             }).collect(),
             pending: (0..alerts).map(|i| PendingAlert { code: format!("P{i}"), since: t - 3 }).collect(),
         };
@@ -166,6 +168,7 @@ fn alert_events_read_in_apache_avro() {
         event_time: 2000,
         raised_at: 1000,
         twin_version: 42,
+        acknowledged_by: None,
     };
     let mut bytes = Vec::new();
     encode_alert(&event, "reefer-1", &rules, &mut bytes);
@@ -178,6 +181,23 @@ fn alert_events_read_in_apache_avro() {
     assert_eq!(field(&v, "threshold"), &AV::Double(8.0));
     assert_eq!(field(&v, "raised_at"), &AV::TimestampMillis(1000));
     assert_eq!(field(&v, "twin_version"), &AV::Long(42));
+    assert_eq!(
+        field(&v, "acknowledged_by"),
+        &AV::Union(0, Box::new(AV::Null))
+    );
+    let ack = AlertEvent {
+        state: AlertState::Acknowledged,
+        acknowledged_by: Some("ops@depot".into()),
+        ..event
+    };
+    let mut bytes = Vec::new();
+    encode_alert(&ack, "reefer-1", &rules, &mut bytes);
+    let v = avro_read(&schema, &bytes);
+    assert_eq!(field(&v, "state"), &AV::Enum(2, "ACKNOWLEDGED".into()));
+    assert_eq!(
+        field(&v, "acknowledged_by"),
+        &AV::Union(1, Box::new(AV::String("ops@depot".into())))
+    );
 }
 
 #[test]

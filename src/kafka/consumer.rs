@@ -30,10 +30,17 @@ pub type TopicPartition = (String, i32);
 
 /// What the pipeline does when partitions come and go.
 pub trait RebalanceHandler: Send + Sync {
-    /// Partitions are about to be assigned: prepare their workers and say where each starts.
-    fn assign(&self, consumer: &Arc<Consumer>, partitions: &[TopicPartition]) -> Vec<Offset>;
-    /// Partitions are being taken away: return once their work is committed and stopped.
-    fn revoke(&self, partitions: &[TopicPartition]);
+    /// Partitions are about to be assigned: prepare their workers and say what to assign and
+    /// where each starts: the group's partitions, and any companion partitions read along
+    /// with them (a companion goes with the group partition of its number).
+    fn assign(
+        &self,
+        consumer: &Arc<Consumer>,
+        partitions: &[TopicPartition],
+    ) -> Vec<(TopicPartition, Offset)>;
+    /// Partitions are being taken away: return once their work is committed and stopped,
+    /// with the companion partitions to let go as well.
+    fn revoke(&self, partitions: &[TopicPartition]) -> Vec<TopicPartition>;
 }
 
 /// Consumer context that routes rebalances to a [`RebalanceHandler`].
@@ -91,22 +98,25 @@ impl ConsumerContext for RebalanceContext {
                     return;
                 };
                 tracing::info!(partitions = ?parts, cooperative, "Partitions assigned.");
-                let offsets = self.handler.assign(&consumer, &parts);
-                for ((topic, partition), offset) in parts.iter().zip(offsets) {
-                    if let Err(error) = tpl.set_partition_offset(topic, *partition, offset) {
+                let mut assignment = TopicPartitionList::new();
+                for ((topic, partition), offset) in self.handler.assign(&consumer, &parts) {
+                    if let Err(error) = assignment.add_partition_offset(&topic, partition, offset) {
                         tracing::error!(%error, topic, partition, "Cannot set the start offset.");
                     }
                 }
                 if cooperative {
-                    base.incremental_assign(tpl)
+                    base.incremental_assign(&assignment)
                 } else {
-                    base.assign(tpl)
+                    base.assign(&assignment)
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, cooperative, "Partitions revoked.");
-                self.handler.revoke(&parts);
+                let companions = self.handler.revoke(&parts);
                 if cooperative {
+                    for (topic, partition) in &companions {
+                        tpl.add_partition(topic, *partition);
+                    }
                     base.incremental_unassign(tpl)
                 } else {
                     base.unassign()

@@ -150,6 +150,11 @@ impl Committer {
                 let next = batch.next_offset.expect("filtered above");
                 offsets.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next))?;
                 batch.store.set_next_offset(&slot.topic, next);
+                if let Some(next) = batch.ack_next {
+                    let acks = &self.shared.topology.topics.acks.name;
+                    offsets.add_partition_offset(acks, slot.partition, Offset::Offset(next))?;
+                    batch.store.set_next_offset(acks, next);
+                }
                 if let Some(c) = deliveries.get(&slot.partition) {
                     batch.store.set_changelog_next(*c);
                 }
@@ -182,6 +187,10 @@ impl Committer {
                 // (librdkafka stores the given offset + 1.)
                 if let Some(c) = self.consumer.get().and_then(Weak::upgrade) {
                     let _ = c.store_offset(&slot.topic, slot.partition, next - 1);
+                    if let Some(next) = batch.ack_next {
+                        let acks = &self.shared.topology.topics.acks.name;
+                        let _ = c.store_offset(acks, slot.partition, next - 1);
+                    }
                 }
             }
         }

@@ -117,7 +117,7 @@ impl Coordinator {
         topic: &str,
         partition: i32,
         committed: Option<i64>,
-    ) -> Result<Offset, Error> {
+    ) -> Result<Vec<(TopicPartition, Offset)>, Error> {
         let store = self.shared.store.partition(partition);
         // A prepared commit left by a crash: under exactly-once the group offset, committed
         // in the same transaction, says whether it counts.
@@ -141,9 +141,25 @@ impl Coordinator {
             Some(start) => start,
             None => self.reset_position(consumer, topic, partition)?,
         };
-        let stream = PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
-            Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
-        })?;
+        let split = |topic: &str| {
+            PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
+                Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
+            })
+        };
+        let stream = split(topic)?;
+        // The partition's acknowledgements: from the store's position, else the group's,
+        // else the beginning (applying an acknowledgement twice changes nothing).
+        let acks = &self.shared.topology.topics.acks.name;
+        let ack_committed = Self::committed(consumer, &[(acks.clone(), partition)])?[0];
+        let ack_start = match store.next_offset(acks)?.max(ack_committed) {
+            Some(start) => start,
+            None => {
+                consumer
+                    .fetch_watermarks(acks, partition, COMMITTED_TIMEOUT)?
+                    .0
+            }
+        };
+        let ack_stream = split(acks)?;
         let slot = self.committer.register(partition, topic);
         let worker = PartitionWorker::new(
             self.shared.clone(),
@@ -151,12 +167,13 @@ impl Coordinator {
             consumer.clone(),
             slot.clone(),
             start,
+            ack_start,
         );
         let stop = CancellationToken::new();
         let shared = self.shared.clone();
         let token = stop.clone();
         let task = self.runtime.spawn(async move {
-            if let Err(e) = worker.run(stream, token).await {
+            if let Err(e) = worker.run(stream, ack_stream, token).await {
                 shared.failure.fail(e);
             }
         });
@@ -167,8 +184,17 @@ impl Coordinator {
             .insert(partition, Running { stop, task, slot });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
         let offset = Offset::Offset(start);
-        tracing::info!(topic, partition, ?offset, "Partition worker started.");
-        Ok(offset)
+        tracing::info!(
+            topic,
+            partition,
+            ?offset,
+            acks_offset = ack_start,
+            "Partition worker started."
+        );
+        Ok(vec![
+            ((topic.to_owned(), partition), offset),
+            ((acks.clone(), partition), Offset::Offset(ack_start)),
+        ])
     }
 
     /// Stops the workers of `partitions`, waits until they finished their batch, and commits.
@@ -217,35 +243,35 @@ impl Coordinator {
 pub struct Handler(pub Arc<Coordinator>);
 
 impl RebalanceHandler for Handler {
-    fn assign(&self, consumer: &Arc<Consumer>, partitions: &[TopicPartition]) -> Vec<Offset> {
+    fn assign(
+        &self,
+        consumer: &Arc<Consumer>,
+        partitions: &[TopicPartition],
+    ) -> Vec<(TopicPartition, Offset)> {
         let committed = match Coordinator::committed(consumer, partitions) {
             Ok(c) => c,
             Err(e) => {
                 self.0.shared.failure.fail(Error::Fatal(format!(
                     "cannot read the group's committed offsets of the assigned partitions: {e}"
                 )));
-                return vec![Offset::Invalid; partitions.len()];
+                return Vec::new();
             }
         };
-        let offsets = partitions
-            .iter()
-            .zip(committed)
-            .map(|((topic, partition), committed)| {
-                match self.0.start(consumer, topic, *partition, committed) {
-                    Ok(offset) => offset,
-                    Err(e) => {
-                        self.0.shared.failure.fail(e);
-                        Offset::Invalid
-                    }
-                }
-            })
-            .collect();
+        let mut assignment = Vec::new();
+        for ((topic, partition), committed) in partitions.iter().zip(committed) {
+            match self.0.start(consumer, topic, *partition, committed) {
+                Ok(mut parts) => assignment.append(&mut parts),
+                Err(e) => self.0.shared.failure.fail(e),
+            }
+        }
         self.0.update_gauge();
-        offsets
+        assignment
     }
 
-    fn revoke(&self, partitions: &[TopicPartition]) {
+    fn revoke(&self, partitions: &[TopicPartition]) -> Vec<TopicPartition> {
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         self.0.stop(&numbers);
+        let acks = &self.0.shared.topology.topics.acks.name;
+        numbers.into_iter().map(|p| (acks.clone(), p)).collect()
     }
 }

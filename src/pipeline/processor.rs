@@ -14,7 +14,7 @@ use rdkafka::message::{BorrowedHeaders, Headers};
 use crate::codec::{encode_alert, rfc3339};
 use crate::error::{Error, Result};
 use crate::metrics::BatchCounts;
-use crate::rules::AlertEvent;
+use crate::rules::{AckOutcome, AlertEvent};
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
 use crate::twin::{Reading, Twin, TwinChange, Untimely};
@@ -120,6 +120,8 @@ pub struct Batch {
     pub outputs: Outputs,
     /// Offset after the last record processed.
     pub next_offset: Option<i64>,
+    /// Offset after the last acknowledgement processed.
+    pub ack_next: Option<i64>,
 }
 
 /// The record logic of one partition.
@@ -133,6 +135,9 @@ pub struct Processor {
     reading: Reading,
     alerts: Vec<AlertEvent>,
     scratch: Vec<u8>,
+    /// Every timer before this deadline has fired or moved (in the store or the staged
+    /// batch); looks at the index start here.
+    due_from: i64,
 }
 
 impl Processor {
@@ -147,6 +152,7 @@ impl Processor {
             reading: Reading::default(),
             alerts: Vec::new(),
             scratch: Vec::new(),
+            due_from: 0,
         }
     }
 
@@ -158,12 +164,14 @@ impl Processor {
             counts: BatchCounts::default(),
             outputs: Outputs::default(),
             next_offset: None,
+            ack_next: None,
         }
     }
 
     /// Forgets the cached twins (after a failed batch: the store is the truth).
     pub fn reset(&mut self) {
         self.cache.clear();
+        self.due_from = 0; // the dropped work's timers are back in the index
     }
 
     /// Processes one record at processing time `now` into `batch`.
@@ -255,6 +263,82 @@ impl Processor {
         Ok(())
     }
 
+    /// Processes one acknowledgement record (key: asset id; value: JSON
+    /// `{"alert_id": "...", "by": "..."}`) at processing time `now`. An acknowledged alert
+    /// changes the twin and emits an ACKNOWLEDGED event, with `source` (the offset of the
+    /// last input processed) on its outputs; an unknown, cleared or already acknowledged one
+    /// is a counted no-op; a malformed record is dead-lettered.
+    ///
+    /// # Errors
+    /// As [`Processor::process`].
+    pub fn process_ack(
+        &mut self,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
+        batch.ack_next = Some(input.offset + 1);
+        #[derive(serde::Deserialize)]
+        struct Ack {
+            alert_id: String,
+            by: Option<String>,
+        }
+        let id = input.key.and_then(|k| std::str::from_utf8(k).ok());
+        let ack = input
+            .payload
+            .ok_or_else(|| "record has no value".to_owned())
+            .and_then(|p| serde_json::from_slice::<Ack>(p).map_err(|e| e.to_string()));
+        let (id, ack) = match (id, ack) {
+            (Some(id), Ok(ack)) if !id.is_empty() => (id, ack),
+            (_, Err(why)) => {
+                let why =
+                    format!("not an acknowledgement ({{\"alert_id\": ..., \"by\": ...}}): {why}");
+                self.dead_letter(input, batch, "decode", "ack", &why);
+                return Ok(());
+            }
+            _ => {
+                self.dead_letter(
+                    input,
+                    batch,
+                    "key_mismatch",
+                    "ack",
+                    "the key must be the asset id",
+                );
+                return Ok(());
+            }
+        };
+        if !self.load(id)? {
+            self.cache.remove(id);
+            batch.counts.acks[AckOutcome::Unknown as usize] += 1;
+            return Ok(());
+        }
+        let topology = self.topology.clone();
+        let twin = self.cache.get_mut(id).expect("loaded above");
+        let deadline = topology.model.deadline(twin);
+        match topology
+            .rules
+            .acknowledge(twin, &ack.alert_id, ack.by.as_deref(), now)
+        {
+            Ok(event) => {
+                batch.counts.acks[AckOutcome::Applied as usize] += 1;
+                self.emit(id, &TwinChange::default(), deadline, source, batch);
+                self.scratch.clear();
+                encode_alert(&event, id, &topology.rules, &mut self.scratch);
+                batch.outputs.push(
+                    Target::Alerts,
+                    source,
+                    Some(id.as_bytes()),
+                    Some(&self.scratch),
+                    Vec::new(),
+                );
+                batch.counts.alerts.push((event.rule, event.state));
+            }
+            Err(outcome) => batch.counts.acks[outcome as usize] += 1,
+        }
+        Ok(())
+    }
+
     /// Fires the timers due at `now` (at most `limit`): twins whose status changes by
     /// processing time alone. Their outputs carry `source`, the offset of the last input
     /// processed. Returns how many fired.
@@ -270,7 +354,9 @@ impl Processor {
     ) -> Result<usize> {
         let model = &self.topology.model.clone();
         let mut fired = 0;
-        for (deadline, id) in self.store.due(now, limit)? {
+        // New deadlines are never before `now`, so nothing lands behind `due_from`.
+        for (deadline, id) in self.store.due(self.due_from, now, limit)? {
+            self.due_from = deadline;
             if !self.load(&id)? {
                 batch.store.delete_deadline(deadline, &id);
                 continue;

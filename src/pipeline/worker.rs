@@ -26,6 +26,18 @@ use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
 use crate::kafka::{Consumer, PartitionStream};
 
+/// What woke the worker.
+enum Next<'a> {
+    /// A telemetry record.
+    Reading(rdkafka::error::KafkaResult<BorrowedMessage<'a>>),
+    /// An acknowledgement record.
+    Ack(rdkafka::error::KafkaResult<BorrowedMessage<'a>>),
+    /// Time to look for due timers.
+    Tick,
+    /// The commit epoch moved: staged work was dropped.
+    Epoch,
+}
+
 /// Consecutive failures after which a transient one counts as fatal.
 const MAX_REPLAYS: u32 = 10;
 
@@ -44,6 +56,8 @@ pub struct PartitionWorker {
     floor: i64,
     /// The next input offset to process: timer output goes with this position.
     position: i64,
+    /// Acknowledgements below this offset are from before a rewind and are ignored.
+    ack_floor: i64,
     epoch: u64,
     epochs: watch::Receiver<u64>,
 }
@@ -56,6 +70,7 @@ impl PartitionWorker {
         consumer: Arc<Consumer>,
         slot: Arc<Slot>,
         start: i64,
+        ack_start: i64,
     ) -> Self {
         let store = shared.store.partition(slot.partition);
         PartitionWorker {
@@ -70,6 +85,7 @@ impl PartitionWorker {
             start,
             floor: start,
             position: start,
+            ack_floor: ack_start,
             shared,
             committer,
             consumer,
@@ -82,7 +98,12 @@ impl PartitionWorker {
     ///
     /// # Errors
     /// A fatal error, or a transient one that kept failing `MAX_REPLAYS` times in a row.
-    pub async fn run(mut self, stream: PartitionStream, stop: CancellationToken) -> Result<()> {
+    pub async fn run(
+        mut self,
+        stream: PartitionStream,
+        acks: PartitionStream,
+        stop: CancellationToken,
+    ) -> Result<()> {
         let mut failures = 0u32;
         loop {
             let shared = self.shared.clone();
@@ -111,18 +132,19 @@ impl PartitionWorker {
             // A dropped commit wakes an idle worker too: its staged work must be replayed
             // even if no more input comes. So does a timer tick: timers fire on a quiet
             // partition.
-            let (first, tick) = tokio::select! {
+            let next = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                _ = self.epochs.changed() => (None, false),
-                _ = ticks.tick(), if timers => (None, true),
-                m = stream.next() => (Some(m), false),
+                _ = self.epochs.changed() => Next::Epoch,
+                _ = ticks.tick(), if timers => Next::Tick,
+                m = stream.next() => Next::Reading(m),
+                m = acks.next() => Next::Ack(m),
             };
             let committer = self.committer.clone();
             let gate = committer.gate().await;
             if self.committer.epoch() != self.epoch {
                 // Staged work was dropped: this record may be ahead of the stored position.
-                drop(first);
+                drop(next);
                 drop(gate);
                 failures = match self.rewind().await {
                     Ok(()) => 0,
@@ -131,10 +153,11 @@ impl PartitionWorker {
                 continue;
             }
             let started = Instant::now();
-            let outcome = match first {
-                Some(first) => self.run_batch(first, &stream).await,
-                None if tick => self.run_timers().await,
-                None => continue,
+            let outcome = match next {
+                Next::Reading(first) => self.run_batch(first, &stream).await,
+                Next::Ack(first) => self.run_acks(first, &acks).await,
+                Next::Tick => self.run_timers().await,
+                Next::Epoch => continue,
             };
             if outcome.is_err() {
                 // Before the gate opens: no commit may take this partition's staged work,
@@ -226,6 +249,60 @@ impl PartitionWorker {
         result
     }
 
+    /// Applies the waiting acknowledgements into the staged batch and sends their outputs.
+    async fn run_acks(
+        &mut self,
+        first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+        acks: &PartitionStream,
+    ) -> Result<()> {
+        let staged = self.slot.staged.lock().expect("slot lock").take();
+        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
+        let now = self.shared.clock.now_ms();
+        let mut next = Some(first);
+        let mut taken = 0;
+        let mut result = Ok(());
+        while let Some(m) = next.take() {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            if m.offset() >= self.ack_floor {
+                let input = Input {
+                    key: m.key(),
+                    payload: m.payload(),
+                    topic: m.topic(),
+                    offset: m.offset(),
+                    headers: m.headers(),
+                };
+                if let Err(e) =
+                    self.processor
+                        .process_ack(&input, &mut batch, now, self.position - 1)
+                {
+                    result = Err(e);
+                    break;
+                }
+            }
+            taken += 1;
+            next = if taken < self.shared.settings.batch_max_records {
+                acks.try_next()
+            } else {
+                None
+            };
+        }
+        drop(next);
+        // Acknowledgements commit with the current input position, like timer output.
+        batch.next_offset.get_or_insert(self.position);
+        if result.is_ok() {
+            result = self.send(&batch.outputs).await;
+        }
+        batch.outputs.clear();
+        *self.slot.staged.lock().expect("slot lock") = Some(batch);
+        result
+    }
+
     /// Fires the due timers into the staged batch and sends their outputs.
     async fn run_timers(&mut self) -> Result<()> {
         let staged = self.slot.staged.lock().expect("slot lock").take();
@@ -299,11 +376,29 @@ impl PartitionWorker {
             .next_offset(&self.slot.topic)?;
         self.floor = stored.unwrap_or(self.start).max(self.start);
         self.position = self.floor;
-        let offset = Offset::Offset(self.floor);
+        let acks = &self.shared.topology.topics.acks.name;
+        let ack_stored = self
+            .shared
+            .store
+            .partition(self.partition)
+            .next_offset(acks)?;
+        // Without a stored position the acknowledgements were read from ack_floor on.
+        self.ack_floor = ack_stored.unwrap_or(self.ack_floor);
+        let seeks = [
+            (self.slot.topic.clone(), self.floor),
+            (acks.clone(), self.ack_floor),
+        ];
         let consumer = self.consumer.clone();
-        let (topic, partition) = (self.slot.topic.clone(), self.partition);
+        let partition = self.partition;
         tokio::task::spawn_blocking(move || {
-            consumer.seek(&topic, partition, offset, Duration::from_secs(10))
+            seeks.iter().try_for_each(|(topic, offset)| {
+                consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(*offset),
+                    Duration::from_secs(10),
+                )
+            })
         })
         .await
         .map_err(|e| Error::Store(format!("seek task: {e}")))??;

@@ -133,6 +133,8 @@ pub enum AlertState {
     Raised,
     /// The condition stopped being true.
     Cleared,
+    /// Someone acknowledged the active alert.
+    Acknowledged,
 }
 
 impl AlertState {
@@ -141,6 +143,7 @@ impl AlertState {
         match self {
             AlertState::Raised => "RAISED",
             AlertState::Cleared => "CLEARED",
+            AlertState::Acknowledged => "ACKNOWLEDGED",
         }
     }
 }
@@ -162,6 +165,37 @@ pub struct AlertEvent {
     pub raised_at: i64,
     /// Twin version the transition belongs to.
     pub twin_version: i64,
+    /// On ACKNOWLEDGED: who acknowledged it.
+    pub acknowledged_by: Option<String>,
+}
+
+/// What an acknowledgement did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// It acknowledged an active alert.
+    Applied,
+    /// No such active alert: unknown, or cleared already.
+    Unknown,
+    /// The alert was acknowledged already.
+    Repeated,
+}
+
+impl AckOutcome {
+    /// All outcomes, in metric label order.
+    pub const ALL: [AckOutcome; 3] = [
+        AckOutcome::Applied,
+        AckOutcome::Unknown,
+        AckOutcome::Repeated,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            AckOutcome::Applied => "applied",
+            AckOutcome::Unknown => "unknown",
+            AckOutcome::Repeated => "repeated",
+        }
+    }
 }
 
 /// The rules of a model.
@@ -226,6 +260,7 @@ impl RuleSet {
                     event_time,
                     raised_at: alert.raised_at,
                     twin_version: twin.version,
+                    acknowledged_by: None,
                 });
             }
             return;
@@ -280,6 +315,7 @@ impl RuleSet {
                     event_time: twin.event_time,
                     raised_at: alert.raised_at,
                     twin_version: twin.version,
+                    acknowledged_by: None,
                 });
             }
             _ => {}
@@ -306,6 +342,8 @@ impl RuleSet {
                 value,
                 threshold: rule.threshold,
                 raised_at: event_time,
+                acknowledged_at: None,
+                acknowledged_by: None,
             },
         );
         out.push(AlertEvent {
@@ -316,7 +354,47 @@ impl RuleSet {
             event_time,
             raised_at: event_time,
             twin_version: twin.version,
+            acknowledged_by: None,
         });
+    }
+
+    /// Acknowledges the active alert `alert_id` at processing time `now`: marks it in the twin
+    /// (a change: `version` grows by one) and returns the ACKNOWLEDGED event.
+    ///
+    /// # Errors
+    /// Why nothing changed: no such active alert (unknown or already cleared), or it is
+    /// acknowledged already.
+    pub fn acknowledge(
+        &self,
+        twin: &mut Twin,
+        alert_id: &str,
+        by: Option<&str>,
+        now: i64,
+    ) -> Result<AlertEvent, AckOutcome> {
+        let alert = twin
+            .alerts
+            .iter_mut()
+            .find(|a| a.alert_id == alert_id)
+            .ok_or(AckOutcome::Unknown)?;
+        if alert.acknowledged_at.is_some() {
+            return Err(AckOutcome::Repeated);
+        }
+        let rule = self.position(&alert.code).ok_or(AckOutcome::Unknown)?;
+        alert.acknowledged_at = Some(now);
+        alert.acknowledged_by = by.map(str::to_owned);
+        let event = AlertEvent {
+            rule,
+            state: AlertState::Acknowledged,
+            alert_id: alert.alert_id.clone(),
+            value: alert.value,
+            event_time: twin.event_time,
+            raised_at: alert.raised_at,
+            twin_version: twin.version + 1,
+            acknowledged_by: alert.acknowledged_by.clone(),
+        };
+        twin.version += 1;
+        twin.updated_at = now;
+        Ok(event)
     }
 
     /// Where an entry of rule `index` goes in a list kept in rule order.

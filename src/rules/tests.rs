@@ -214,3 +214,45 @@ fn offline_raises_when_the_status_turns_offline_and_clears_with_the_next_reading
     assert_eq!(events[0].value, 60.5, "seconds of silence when it fired");
     assert_eq!(twin.status, Status::Active);
 }
+
+#[test]
+fn acknowledgement_marks_the_active_alert_once() {
+    let (model, rules) = setup();
+    let (mut twin, events) = run_with(&model, &rules, &[(1, 0, 9.0)]);
+    let id = events[0].alert_id.clone();
+    let version = twin.version;
+    let ack = rules
+        .acknowledge(&mut twin, &id, Some("ops"), 5000)
+        .unwrap();
+    assert_eq!(
+        (ack.state, ack.alert_id.as_str(), ack.twin_version),
+        (AlertState::Acknowledged, id.as_str(), version + 1)
+    );
+    assert_eq!(ack.acknowledged_by.as_deref(), Some("ops"));
+    assert_eq!(twin.alerts[0].acknowledged_at, Some(5000));
+    assert_eq!((twin.version, twin.updated_at), (version + 1, 5000));
+    let before = twin.clone();
+    assert_eq!(
+        rules.acknowledge(&mut twin, &id, Some("ops"), 6000),
+        Err(AckOutcome::Repeated)
+    );
+    assert_eq!(
+        rules.acknowledge(&mut twin, "no-such-alert", None, 6000),
+        Err(AckOutcome::Unknown)
+    );
+    assert_eq!(twin, before, "no-ops change nothing");
+    // Cleared: the acknowledgement of a cleared alert is unknown.
+    let reading = Reading {
+        asset_id: "reefer-7".into(),
+        event_time: 2,
+        values: vec![(0, Value::Double(5.0))],
+    };
+    let change = twin.apply(&model, &reading, 0).unwrap();
+    let mut cleared = Vec::new();
+    rules.evaluate(&mut twin, &change, &mut cleared);
+    assert_eq!(cleared[0].state, AlertState::Cleared);
+    assert_eq!(
+        rules.acknowledge(&mut twin, &id, None, 7000),
+        Err(AckOutcome::Unknown)
+    );
+}

@@ -186,12 +186,16 @@ impl PartitionStore {
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails.
-    pub fn due(&self, now: i64, limit: usize) -> Result<Vec<(i64, String)>> {
+    /// Starts at deadline `from`: fired timers leave deletion markers behind until RocksDB
+    /// compacts them away, and reading past them on every look would cost as much as the
+    /// timers fired so far.
+    pub fn due(&self, from: i64, now: i64, limit: usize) -> Result<Vec<(i64, String)>> {
         let prefix = key(KIND_DEADLINE, self.partition, b"");
+        let start = deadline_key(self.partition, from, "");
         let mut out = Vec::new();
         for item in self
             .db
-            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+            .iterator(IteratorMode::From(&start, Direction::Forward))
         {
             let (k, _) = item?;
             if !k.starts_with(&prefix) || out.len() == limit || k.len() < prefix.len() + 8 {

@@ -143,6 +143,10 @@ pub struct ActiveAlert {
     pub threshold: f64,
     /// Event time of the raising reading.
     pub raised_at: i64,
+    /// Processing time of its acknowledgement, if acknowledged.
+    pub acknowledged_at: Option<i64>,
+    /// Who acknowledged it.
+    pub acknowledged_by: Option<String>,
 }
 
 /// A rule whose condition holds but not yet for its minimum duration.

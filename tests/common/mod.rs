@@ -152,8 +152,13 @@ impl TestPipeline {
 
     /// Sends raw bytes to the telemetry topic.
     pub async fn send_raw(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
-        let mut r: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topology.topics.telemetry.name);
+        self.send_to(&self.topology.topics.telemetry.name, key, payload)
+            .await;
+    }
+
+    /// Sends a record to `topic`, keyed like a reading (the same partitioner).
+    pub async fn send_to(&self, topic: &str, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
         if let Some(k) = key {
             r = r.key(k);
         }
