@@ -3,7 +3,9 @@
 //!
 //! Vehicles drive between waypoints around a few cities, stop, speed now and then, drain
 //! their batteries and recharge; reefer trucks carry a cold-chain temperature that sometimes
-//! breaches and recovers; some devices fall silent for a while; a configurable fraction of
+//! breaches and recovers; some devices fall silent for a while; some device clocks run
+//! ahead or behind (a few far ahead, broken); about 0.5 % of readings arrive late (held back
+//! up to five rounds, so out of order) and 0.5 % arrive twice; a configurable fraction of
 //! records is malformed in one of several ways. The same seed and start time give the same
 //! records, byte for byte.
 
@@ -42,6 +44,17 @@ pub enum Kind {
     OutOfRange,
     /// A reading whose key is not its asset id.
     WrongKey,
+    /// A valid reading delivered late, after newer ones of its vehicle.
+    Late,
+    /// A valid reading sent a second time.
+    Duplicate,
+}
+
+impl Kind {
+    /// Whether the record is malformed (dead-lettered by the pipeline).
+    pub fn is_malformed(self) -> bool {
+        !matches!(self, Kind::Reading | Kind::Late | Kind::Duplicate)
+    }
 }
 
 /// How to simulate.
@@ -84,6 +97,8 @@ struct Vehicle {
     recharge_below: f64,
     silent_left: u32,
     ticks: u64,
+    /// How far the device clock is off, ms.
+    skew_ms: i64,
 }
 
 /// Indices of the vehicle model's properties.
@@ -105,6 +120,10 @@ pub struct Fleet {
     next: usize,
     round: i64,
     reading: Reading,
+    /// Readings held back to arrive late: `(round to release in, key, value)`.
+    held: Vec<(i64, Vec<u8>, Vec<u8>)>,
+    /// A reading to send again.
+    again: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Fleet {
@@ -166,6 +185,11 @@ impl Fleet {
                     recharge_below: rng.gen_range(8.0..22.0),
                     silent_left: 0,
                     ticks: 0,
+                    skew_ms: match rng.gen_range(0..1000) {
+                        0..2 => 86_400_000, // a broken clock, a day ahead
+                        2..50 => rng.gen_range(-120_000..120_000),
+                        _ => 0,
+                    },
                 }
             })
             .collect();
@@ -178,6 +202,8 @@ impl Fleet {
             next: 0,
             round: 0,
             reading: Reading::default(),
+            held: Vec::new(),
+            again: None,
         })
     }
 
@@ -196,6 +222,17 @@ impl Fleet {
     pub fn next_record(&mut self, key: &mut Vec<u8>, value: &mut Vec<u8>) -> Kind {
         key.clear();
         value.clear();
+        if let Some((k, v)) = self.again.take() {
+            key.extend_from_slice(&k);
+            value.extend_from_slice(&v);
+            return Kind::Duplicate;
+        }
+        if let Some(at) = self.held.iter().position(|(r, _, _)| *r <= self.round) {
+            let (_, k, v) = self.held.swap_remove(at);
+            key.extend_from_slice(&k);
+            value.extend_from_slice(&v);
+            return Kind::Late;
+        }
         loop {
             let i = self.next;
             self.next = (self.next + 1) % self.vehicles.len();
@@ -203,7 +240,10 @@ impl Fleet {
                 self.round += 1;
             }
             let jitter = (i as i64 * 7919) % self.config.interval_ms;
-            let event_time = self.config.start_ms + self.round * self.config.interval_ms + jitter;
+            let event_time = self.config.start_ms
+                + self.round * self.config.interval_ms
+                + jitter
+                + self.vehicles[i].skew_ms;
             let dt_h = self.config.interval_ms as f64 / 3_600_000.0;
             if !step(&mut self.vehicles[i], &mut self.rng, dt_h) {
                 continue; // silent this round
@@ -260,6 +300,19 @@ impl Fleet {
             if kind == Kind::WrongKey {
                 key.clear();
                 key.extend_from_slice(b"unknown-device");
+            }
+            if kind == Kind::Reading {
+                match self.rng.gen_range(0..1000) {
+                    0..5 => {
+                        let release = self.round + self.rng.gen_range(1..=5);
+                        self.held.push((release, key.clone(), value.clone()));
+                        key.clear();
+                        value.clear();
+                        continue; // it arrives later
+                    }
+                    5..10 => self.again = Some((key.clone(), value.clone())),
+                    _ => {}
+                }
             }
             return kind;
         }
@@ -418,7 +471,7 @@ pub fn publish(mut fleet: Fleet, publish: &Publish, stop: &AtomicBool) -> Result
                 continue;
             }
         }
-        if fleet.next_record(&mut key, &mut value) != Kind::Reading {
+        if fleet.next_record(&mut key, &mut value).is_malformed() {
             stats.malformed += 1;
         }
         let mut record = BaseRecord::to(&publish.topic)
@@ -487,8 +540,11 @@ mod tests {
         let c = codec();
         let mut r = Reading::default();
         let (mut speeding, mut hot, mut low, mut bad) = (0, 0, 0, 0);
+        let (mut late, mut twice) = (0, 0);
         for (_, v, kind) in records(1, 200_000, 0.01) {
-            if kind != Kind::Reading {
+            late += usize::from(kind == Kind::Late);
+            twice += usize::from(kind == Kind::Duplicate);
+            if kind.is_malformed() {
                 bad += 1;
                 continue;
             }
@@ -509,5 +565,9 @@ mod tests {
             "speeding {speeding}, hot {hot}, low battery {low}"
         );
         assert!((1000..3000).contains(&bad), "about 1% malformed, got {bad}");
+        assert!(
+            (500..1500).contains(&late) && (500..1500).contains(&twice),
+            "about 0.5% late and 0.5% twice, got {late} and {twice}"
+        );
     }
 }

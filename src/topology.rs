@@ -356,13 +356,18 @@ impl Topology {
         );
         let _ = writeln!(
             s,
-            "       {}   RAISED / CLEARED alert events (schemas/alert_event.avsc)",
+            "       {}   RAISED / CLEARED / ACKNOWLEDGED alert events (schemas/alert_event.avsc)",
             t.alerts.name
         );
         let _ = writeln!(
             s,
             "       {}   records that could not be applied, reason in headers",
             t.dead_letter.name
+        );
+        let _ = writeln!(
+            s,
+            "  {} (JSON acknowledgements, partition p read with telemetry partition p)\n    -> mark the active alert in the twin -> changelog, ACKNOWLEDGED event",
+            t.acks.name
         );
         let _ = writeln!(s, "\nModel properties");
         for p in &self.model.properties {

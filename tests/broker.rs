@@ -6,7 +6,7 @@ mod common;
 
 use common::{NOIDA_CLIENT, Noida, TestPipeline, root, vehicle_topology, venv};
 use twinflow::kafka::{TopicReport, apply_topology};
-use twinflow::sim::{Fleet, FleetConfig, Kind};
+use twinflow::sim::{Fleet, FleetConfig};
 use twinflow::twin::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +69,7 @@ async fn topology_apply_pipeline_and_python_consumers() {
     let (mut key, mut value) = (Vec::new(), Vec::new());
     let mut malformed = 0;
     for _ in 0..3000 {
-        if fleet.next_record(&mut key, &mut value) != Kind::Reading {
+        if fleet.next_record(&mut key, &mut value).is_malformed() {
             malformed += 1;
         }
         p.send_raw(Some(&key), Some(&value)).await;

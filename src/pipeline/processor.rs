@@ -135,9 +135,9 @@ pub struct Processor {
     reading: Reading,
     alerts: Vec<AlertEvent>,
     scratch: Vec<u8>,
-    /// Every timer before this deadline has fired or moved (in the store or the staged
-    /// batch); looks at the index start here.
-    due_from: i64,
+    /// The last timer looked at: every one before it has fired or moved (in the store or
+    /// the staged batch), so the next look starts after it.
+    due_after: Option<(i64, String)>,
 }
 
 impl Processor {
@@ -152,7 +152,7 @@ impl Processor {
             reading: Reading::default(),
             alerts: Vec::new(),
             scratch: Vec::new(),
-            due_from: 0,
+            due_after: None,
         }
     }
 
@@ -171,7 +171,7 @@ impl Processor {
     /// Forgets the cached twins (after a failed batch: the store is the truth).
     pub fn reset(&mut self) {
         self.cache.clear();
-        self.due_from = 0; // the dropped work's timers are back in the index
+        self.due_after = None; // the dropped work's timers are back in the index
     }
 
     /// Processes one record at processing time `now` into `batch`.
@@ -354,9 +354,12 @@ impl Processor {
     ) -> Result<usize> {
         let model = &self.topology.model.clone();
         let mut fired = 0;
-        // New deadlines are never before `now`, so nothing lands behind `due_from`.
-        for (deadline, id) in self.store.due(self.due_from, now, limit)? {
-            self.due_from = deadline;
+        // A new deadline is after `now`, so nothing lands behind `due_after`.
+        let due = self.store.due(self.due_after.as_ref(), now, limit)?;
+        if let Some(last) = due.last() {
+            self.due_after = Some(last.clone());
+        }
+        for (deadline, id) in due {
             if !self.load(&id)? {
                 batch.store.delete_deadline(deadline, &id);
                 continue;

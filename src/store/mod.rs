@@ -186,18 +186,29 @@ impl PartitionStore {
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails.
-    /// Starts at deadline `from`: fired timers leave deletion markers behind until RocksDB
-    /// compacts them away, and reading past them on every look would cost as much as the
-    /// timers fired so far.
-    pub fn due(&self, from: i64, now: i64, limit: usize) -> Result<Vec<(i64, String)>> {
+    /// Starts after `after` (a timer already looked at): fired timers leave deletion markers
+    /// behind until RocksDB compacts them away, and reading past them on every look would
+    /// cost as much as the timers fired so far.
+    pub fn due(
+        &self,
+        after: Option<&(i64, String)>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>> {
         let prefix = key(KIND_DEADLINE, self.partition, b"");
-        let start = deadline_key(self.partition, from, "");
+        let start = after.map_or_else(
+            || prefix.clone(),
+            |(d, id)| deadline_key(self.partition, *d, id),
+        );
         let mut out = Vec::new();
         for item in self
             .db
             .iterator(IteratorMode::From(&start, Direction::Forward))
         {
             let (k, _) = item?;
+            if after.is_some() && *k == *start {
+                continue;
+            }
             if !k.starts_with(&prefix) || out.len() == limit || k.len() < prefix.len() + 8 {
                 break;
             }
