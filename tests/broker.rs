@@ -4,10 +4,11 @@
 
 mod common;
 
-use common::{NOIDA_CLIENT, Noida, TestPipeline, root, vehicle_topology, venv};
+use common::{NOIDA_CLIENT, Noida, TestPipeline, root, text, vehicle_topology, venv};
+use twinflow::config::Guarantee;
 use twinflow::kafka::{TopicReport, apply_topology};
 use twinflow::sim::{Fleet, FleetConfig};
-use twinflow::twin::Value;
+use twinflow::twin::{Status, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_apply_pipeline_and_python_consumers() {
@@ -154,4 +155,40 @@ async fn topology_apply_pipeline_and_python_consumers() {
         .filter(|a| a["state"] == "RAISED")
         .count() as u64;
     assert_eq!(raised, raised_expected);
+}
+
+/// Under exactly-once, timer output is part of a transaction: a read_committed reader sees
+/// the OFFLINE twin and its ASSET_OFFLINE alert, which only a committed transaction shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_output_commits_in_the_transaction_under_exactly_once() {
+    let broker = Noida::start();
+    let mut p = TestPipeline::new(&broker.bootstrap, vehicle_topology(), &NOIDA_CLIENT);
+    p.guarantee = Guarantee::ExactlyOnce;
+    let offline_after = p.topology.model.time.offline_after.unwrap();
+    apply_topology(&p.config().kafka.admin_config(), &p.topology.topics)
+        .await
+        .unwrap();
+    p.start();
+    p.send("truck-x", 1_790_000_000_000, &[("speed_kmh", 50.0)])
+        .await;
+    p.wait_consumed(1).await;
+    p.clock.advance(offline_after + 1000);
+
+    // From here on the test's own readers read committed records only.
+    p.extra
+        .insert("isolation.level".into(), "read_committed".into());
+    let twins = p.changelog(2);
+    assert_eq!(
+        twins
+            .iter()
+            .map(|t| (t.version, t.status))
+            .collect::<Vec<_>>(),
+        [(1, Status::Active), (2, Status::Offline)]
+    );
+    let alerts = p.alerts(1);
+    assert_eq!(
+        (text(&alerts[0]["code"]), text(&alerts[0]["state"])),
+        ("ASSET_OFFLINE".into(), "RAISED".into())
+    );
+    p.stop().await;
 }

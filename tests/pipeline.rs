@@ -164,10 +164,15 @@ async fn bad_records_land_in_the_dead_letter_topic_with_reasons() {
     p.send_raw(Some(b"van-1"), None).await;
     p.send_raw(Some(b"van-1"), Some(&good)).await;
     p.send_raw(Some(b"van-1"), Some(&good)).await; // exact duplicate: a counted skip
+    let hour = 3_600_000;
+    let late = p.encode("van-1", 1_790_000_000_000 - 2 * hour, &[("speed_kmh", 5.0)]);
+    p.send_raw(Some(b"van-1"), Some(&late)).await;
+    let future = p.encode("van-1", p.now() + hour, &[("speed_kmh", 5.0)]);
+    p.send_raw(Some(b"van-1"), Some(&future)).await;
 
     let dead = p.read(
         &p.topology.topics.dead_letter.name,
-        6,
+        8,
         std::time::Duration::from_secs(30),
     );
     let reasons: Vec<_> = dead
@@ -182,10 +187,24 @@ async fn bad_records_land_in_the_dead_letter_topic_with_reasons() {
             "decode",
             "decode",
             "empty",
+            "future",
             "invalid",
             "key_mismatch",
-            "key_mismatch"
+            "key_mismatch",
+            "late"
         ]
+    );
+    let late = dead
+        .iter()
+        .find(|m| header(m, "twinflow.error.reason") == Some("late"))
+        .unwrap();
+    assert_eq!(header(late, "twinflow.error.stage"), Some("time"));
+    assert!(
+        header(late, "twinflow.error.message")
+            .unwrap()
+            .contains("2026-09-21T14:13:20.000Z"),
+        "the message gives the twin's newest reading: {:?}",
+        header(late, "twinflow.error.message")
     );
     let invalid = dead
         .iter()
@@ -216,7 +235,7 @@ async fn bad_records_land_in_the_dead_letter_topic_with_reasons() {
         1,
         "the good reading still becomes a twin"
     );
-    p.wait_consumed(8).await;
+    p.wait_consumed(10).await;
     let m = p.metrics();
     let consumed = m.total("twinflow_records_consumed_total");
     let accounted = m.total("twinflow_twin_updates_total")
@@ -224,7 +243,7 @@ async fn bad_records_land_in_the_dead_letter_topic_with_reasons() {
         + m.total("twinflow_records_dead_lettered_total");
     assert_eq!(
         (consumed, accounted),
-        (8, 8),
+        (10, 10),
         "every record is an update, a skip or a dead letter"
     );
     assert_eq!(

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use twinflow::App;
 use twinflow::clock::{Clock, ManualClock};
 use twinflow::config::{
-    Config, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
+    Config, Guarantee, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
 };
 use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
@@ -67,6 +67,7 @@ pub struct TestPipeline {
     pub clock: ManualClock,
     pub group: String,
     pub extra: BTreeMap<String, String>,
+    pub guarantee: Guarantee,
     pub metrics: Option<Metrics>,
     pub http: Option<std::net::SocketAddr>,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
@@ -96,6 +97,7 @@ impl TestPipeline {
             clock: ManualClock::at(1_800_000_000_000),
             group: format!("twinflow-test-{}", std::process::id()),
             extra,
+            guarantee: Guarantee::AtLeastOnce,
             metrics: None,
             http: None,
             running: None,
@@ -120,6 +122,7 @@ impl TestPipeline {
                 path: self.state.path().join("store"),
             },
             processing: ProcessingConfig {
+                guarantee: self.guarantee,
                 batch_max_records: 500,
                 // Timers fire soon after the test moves the clock past their deadline.
                 timer_interval: Duration::from_millis(20),
