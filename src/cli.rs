@@ -118,8 +118,12 @@ pub enum TopologyAction {
     },
 }
 
-/// Cancels the returned token on the first SIGINT or SIGTERM; exits at once on the second.
-pub fn shutdown_on_signals() -> CancellationToken {
+/// How long `demo` and `simulate` may take to stop cleanly.
+const DEFAULT_SHUTDOWN: Duration = Duration::from_secs(30);
+
+/// Cancels the returned token on the first SIGINT or SIGTERM; exits at once (130) on the
+/// second, or (1) when the clean stop takes longer than `timeout`.
+pub fn shutdown_on_signals(timeout: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -131,10 +135,24 @@ pub fn shutdown_on_signals() -> CancellationToken {
                 _ = term.recv() => {}
             }
             if n > 0 {
-                eprintln!("Second signal: exiting at once.");
+                tracing::error!("Second signal: exiting at once, without a clean stop.");
+                eprintln!("twinflow: second signal: exiting at once.");
                 std::process::exit(130);
             }
             t.cancel();
+            // A plain thread: the runtime may be what is stuck.
+            std::thread::spawn(move || {
+                std::thread::sleep(timeout);
+                tracing::error!(
+                    timeout = %humantime::format_duration(timeout),
+                    "The clean stop did not finish within processing.shutdown_timeout; exiting without it. Uncommitted work is replayed on the next start."
+                );
+                eprintln!(
+                    "twinflow: the clean stop did not finish within {}; exiting.",
+                    humantime::format_duration(timeout)
+                );
+                std::process::exit(1);
+            });
         }
     });
     token
@@ -151,9 +169,10 @@ impl Cli {
                 let config = Config::load(&config)?;
                 let app = App::build(&config)?;
                 tracing::info!(http = %app.http_addr(), "twinflow running.");
-                app.run(shutdown_on_signals()).await
+                app.run(shutdown_on_signals(config.processing.shutdown_timeout))
+                    .await
             }
-            Command::Demo(opts) => demo::run(opts, shutdown_on_signals()).await,
+            Command::Demo(opts) => demo::run(opts, shutdown_on_signals(DEFAULT_SHUTDOWN)).await,
             Command::Simulate {
                 brokers,
                 topic,
@@ -208,7 +227,7 @@ impl Cli {
                 };
                 let stop = std::sync::Arc::new(AtomicBool::new(false));
                 let s = stop.clone();
-                let token = shutdown_on_signals();
+                let token = shutdown_on_signals(DEFAULT_SHUTDOWN);
                 tokio::spawn(async move {
                     token.cancelled().await;
                     s.store(true, std::sync::atomic::Ordering::SeqCst);

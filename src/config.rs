@@ -143,6 +143,11 @@ pub struct ProcessingConfig {
     /// How long to back off before replaying after a transient failure.
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// How long a clean stop (SIGTERM or SIGINT: finish the batch, commit, close the stores,
+    /// leave the group) may take; past it the process exits non-zero at once, and the
+    /// uncommitted work is replayed by the next owner.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
     /// How often each partition looks for due timers (offline, idle): a timer fires at most
     /// this long after its deadline. Each look reads only the due part of the deadline index.
     #[serde(with = "humantime_serde")]
@@ -163,6 +168,7 @@ impl Default for ProcessingConfig {
             twin_cache_per_partition: 100_000,
             retry_backoff: Duration::from_millis(500),
             timer_interval: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(30),
             transactional_id: None,
         }
     }

@@ -83,6 +83,7 @@ fn spawn(dir: &Path, bootstrap: &str, guarantee: &str) -> Instance {
         group: &group,
         guarantee,
         librdkafka: &NOIDA_CLIENT,
+        processing: &[],
         consumer: &[
             ("fetch.wait.max.ms", "10"),
             ("session.timeout.ms", "6000"),

@@ -64,6 +64,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
         group: "scale",
         guarantee: "at_least_once",
         librdkafka: &[],
+        processing: &[],
         consumer: &[
             ("fetch.wait.max.ms", "10"),
             ("session.timeout.ms", "2000"),

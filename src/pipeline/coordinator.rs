@@ -209,6 +209,7 @@ impl Coordinator {
         for (_, r) in &running {
             r.stop.cancel();
         }
+        let stopped: Vec<i32> = running.iter().map(|(p, _)| *p).collect();
         self.runtime.block_on(async {
             for (partition, r) in running {
                 if let Err(e) = r.task.await {
@@ -220,8 +221,8 @@ impl Coordinator {
                 tracing::warn!(error = %e, "Commit before hand-over failed.");
             }
         });
-        for p in partitions {
-            self.committer.unregister(*p);
+        for p in stopped {
+            self.committer.unregister(p);
             tracing::info!(partition = p, "Partition worker stopped.");
         }
         self.update_gauge();

@@ -22,6 +22,8 @@ pub struct Settings<'a> {
     pub librdkafka: &'a [(&'a str, &'a str)],
     /// Consumer-only properties.
     pub consumer: &'a [(&'a str, &'a str)],
+    /// `[processing]` keys, as TOML values (`"\"3s\""`).
+    pub processing: &'a [(&'a str, &'a str)],
 }
 
 /// A running `twinflow run` process.
@@ -47,7 +49,7 @@ impl Instance {
         let text = format!(
             "[kafka]\nbootstrap_servers = \"{}\"\ngroup_id = \"{}\"\n[kafka.librdkafka]\n{}[kafka.consumer]\n{}\
              [topology]\ntopics = \"{}\"\nmodel = \"{}\"\n[store]\npath = \"{}\"\n\
-             [processing]\nguarantee = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+             [processing]\nguarantee = \"{}\"\n{}[http]\nlisten = \"127.0.0.1:{http}\"\n",
             s.bootstrap,
             s.group,
             table(s.librdkafka),
@@ -56,6 +58,10 @@ impl Instance {
             t.model.display(),
             dir.join(format!("{name}-store")).display(),
             s.guarantee,
+            s.processing
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect::<String>(),
         );
         let config = dir.join(format!("{name}-{http}.toml"));
         std::fs::write(&config, text).unwrap();

@@ -1,0 +1,216 @@
+//! Stopping the `twinflow` binary (on the mock cluster): SIGTERM finishes the batch, commits,
+//! closes the stores, leaves the group and exits 0; a stop that cannot finish ends after
+//! `processing.shutdown_timeout`; a second signal ends it at once.
+
+mod common;
+
+use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use common::instance::{Instance, Settings, caught_up, feed};
+use common::untimed_vehicle_topology;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use twinflow::embedded::EmbeddedKafka;
+use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::topology::Topology;
+
+const GROUP: &str = "shutdown";
+
+/// A one-broker cluster with the topics and `n` readings waiting in the input.
+fn cluster(n: usize) -> (EmbeddedKafka, ClientConfig) {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let t = untimed_vehicle_topology();
+    let topology = Topology::load(&t.topics, &t.model).unwrap();
+    for spec in topology.topics.all() {
+        kafka.create_topic(&spec.name, spec.partitions).unwrap();
+    }
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", kafka.bootstrap_servers());
+    let config = FleetConfig {
+        assets: 500,
+        seed: 3,
+        malformed: 0.01,
+        start_ms: 1_790_000_000_000,
+        interval_ms: 5000,
+    };
+    let input = Fleet::new(config, &topology.codec).unwrap().take(n);
+    feed(&client, "telemetry", &input, 1000, Duration::ZERO)
+        .join()
+        .unwrap();
+    (kafka, client)
+}
+
+fn spawn(dir: &Path, kafka: &EmbeddedKafka, timeout: &str) -> Instance {
+    let bootstrap = kafka.bootstrap_servers();
+    let timeout = format!("\"{timeout}\"");
+    let settings = Settings {
+        bootstrap: &bootstrap,
+        group: GROUP,
+        guarantee: "at_least_once",
+        librdkafka: &[],
+        consumer: &[("fetch.wait.max.ms", "10")],
+        processing: &[("shutdown_timeout", &timeout)],
+    };
+    Instance::spawn(dir, "stopping", &settings)
+}
+
+/// Waits (polling) for `done`, at most 60 s.
+fn wait(what: &str, instance: &Instance, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; log tail:\n{}",
+            instance.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(instance: &Instance, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(instance.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Sends SIGTERM and returns how the process ended and how long after the signal.
+fn terminate(instance: &mut Instance) -> (ExitStatus, Duration) {
+    let started = Instant::now();
+    kill(instance, "TERM");
+    let status = instance.child.wait().unwrap();
+    (status, started.elapsed())
+}
+
+/// The group's committed offsets of the telemetry partitions.
+fn committed(client: &ClientConfig) -> Vec<i64> {
+    let consumer: BaseConsumer = client.clone().set("group.id", GROUP).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition("telemetry", p);
+    }
+    let offsets = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    offsets
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+fn high_watermarks(client: &ClientConfig) -> Vec<i64> {
+    let consumer: BaseConsumer = client.create().unwrap();
+    (0..4)
+        .map(|p| {
+            consumer
+                .fetch_watermarks("telemetry", p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_commits_and_exits_zero() {
+    let (kafka, client) = cluster(20_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = spawn(dir.path(), &kafka, "30s");
+    wait("every reading is applied", &instance, || {
+        caught_up(&client, &[&instance], "telemetry")
+    });
+    let (status, took) = terminate(&mut instance);
+    let log = std::fs::read_to_string(&instance.log).unwrap();
+    assert!(
+        status.success() && log.contains("Stopped cleanly."),
+        "{status}; log tail:\n{}",
+        instance.log_tail()
+    );
+    assert!(took < Duration::from_secs(30), "stopped in {took:?}");
+    assert_eq!(
+        committed(&client),
+        high_watermarks(&client),
+        "the group's offsets were committed on the way out"
+    );
+}
+
+const STUCK: usize = 5000;
+
+/// Produce requests keep failing (retriably), so the final commit cannot finish.
+fn stuck(kafka: &EmbeddedKafka) {
+    kafka
+        .push_request_errors(
+            1,
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; STUCK],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_stop_that_cannot_finish_ends_after_its_timeout() {
+    let (kafka, _client) = cluster(5_000);
+    stuck(&kafka);
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = spawn(dir.path(), &kafka, "3s");
+    wait("outputs are waiting to be delivered", &instance, || {
+        kafka
+            .pending_request_errors(1, RDKafkaApiKey::Produce)
+            .unwrap()
+            < STUCK
+    });
+    let (status, took) = terminate(&mut instance);
+    assert_eq!(status.code(), Some(1), "log tail:\n{}", instance.log_tail());
+    assert!(
+        (Duration::from_secs(3)..Duration::from_secs(15)).contains(&took),
+        "ended {took:?} after the signal"
+    );
+    let log = std::fs::read_to_string(&instance.log).unwrap();
+    assert!(
+        log.contains("did not finish within"),
+        "{}",
+        instance.log_tail()
+    );
+}
+
+#[test]
+fn a_second_signal_ends_a_stop_at_once() {
+    let (kafka, _client) = cluster(5_000);
+    stuck(&kafka);
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = spawn(dir.path(), &kafka, "10m");
+    wait("outputs are waiting to be delivered", &instance, || {
+        kafka
+            .pending_request_errors(1, RDKafkaApiKey::Produce)
+            .unwrap()
+            < STUCK
+    });
+    kill(&instance, "TERM");
+    wait("the stop began", &instance, || {
+        std::fs::read_to_string(&instance.log)
+            .unwrap()
+            .contains("Shutting down.")
+    });
+    let started = Instant::now();
+    kill(&instance, "TERM");
+    let status = instance.child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "log tail:\n{}",
+        instance.log_tail()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "ended {:?} after the second signal",
+        started.elapsed()
+    );
+}
