@@ -43,7 +43,7 @@ pub async fn serve(
 fn router(state: ApiState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/twins", get(list_twins))
         .route("/twins/{id}", get(get_twin))
@@ -63,6 +63,21 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .encode_to_string(&s.shared.metrics.registry().gather())
         .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
+}
+
+/// Live unless wedged: a partition with input waiting whose position has not moved for
+/// `processing.stall_after`.
+async fn healthz(State(s): State<ApiState>) -> Response {
+    let stalled = s.coordinator.stalled();
+    if stalled.is_empty() {
+        "ok\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged: partitions {stalled:?} have input waiting and made no progress for processing.stall_after\n"),
+        )
+            .into_response()
+    }
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {

@@ -148,6 +148,10 @@ pub struct ProcessingConfig {
     /// uncommitted work is replayed by the next owner.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `/healthz` turns false when a partition has input waiting but its committed position
+    /// has not moved for this long (the pipeline is wedged).
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
     /// How often each partition looks for due timers (offline, idle): a timer fires at most
     /// this long after its deadline. Each look reads only the due part of the deadline index.
     #[serde(with = "humantime_serde")]
@@ -169,6 +173,7 @@ impl Default for ProcessingConfig {
             retry_backoff: Duration::from_millis(500),
             timer_interval: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(30),
+            stall_after: Duration::from_secs(60),
             transactional_id: None,
         }
     }

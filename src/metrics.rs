@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Partitions being restored from the changelog right now.
     pub restoring_partitions: IntGauge,
     next_offset: IntGaugeVec,
+    lag: IntGaugeVec,
+    end_to_end: Histogram,
     /// Partitions this instance currently owns.
     pub assigned_partitions: IntGauge,
     /// Approximate size of the local store.
@@ -101,7 +103,31 @@ impl Metrics {
         .expect("metric names are static and valid");
         r.register(Box::new(next_offset.clone()))
             .expect("each family registers once");
+        let lag = IntGaugeVec::new(
+            Opts::new(
+                "twinflow_consumer_lag_records",
+                "Input records not yet committed, per partition: the partition's end (as of the last fetch) minus the committed position.",
+            ),
+            &["partition"],
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(lag.clone()))
+            .expect("each family registers once");
+        let end_to_end = Histogram::with_opts(
+            HistogramOpts::new(
+                "twinflow_end_to_end_latency_seconds",
+                "From a reading's event time to the commit that made its twin update durable (device clock skew included).",
+            )
+            .buckets(
+                prometheus::exponential_buckets(0.001, 2.0, 22).expect("static buckets are valid"),
+            ),
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(end_to_end.clone()))
+            .expect("each family registers once");
         Metrics {
+            lag,
+            end_to_end,
             consumed: counter(
                 r,
                 "twinflow_records_consumed_total",
@@ -305,6 +331,8 @@ impl Metrics {
             batch_seconds: self.batch_seconds.with_label_values(&[&p]),
             replays: self.replays.with_label_values(&[&p]),
             next_offset: self.next_offset.with_label_values(&[&p]),
+            lag: self.lag.with_label_values(&[&p]),
+            end_to_end: self.end_to_end.clone(),
         }
     }
 
@@ -355,6 +383,8 @@ pub struct PartitionMetrics {
     pub(crate) batch_seconds: Histogram,
     pub(crate) replays: IntCounter,
     pub(crate) next_offset: IntGauge,
+    pub(crate) lag: IntGauge,
+    end_to_end: Histogram,
 }
 
 /// Counts gathered during one batch.
@@ -365,6 +395,8 @@ pub struct BatchCounts {
     pub(crate) twins_created: u64,
     pub(crate) timers_fired: u64,
     pub(crate) acks: [u64; 3],
+    /// Event times of the readings that changed a twin.
+    pub(crate) event_times: Vec<i64>,
     pub(crate) skipped: [u64; SKIP_REASONS.len()],
     pub(crate) dead_lettered: [u64; DEAD_LETTER_REASONS.len()],
     /// `(rule, state)` pairs, in emission order.
@@ -397,8 +429,11 @@ impl BatchCounts {
 }
 
 impl PartitionMetrics {
-    /// Publishes a committed batch's counts.
-    pub fn publish(&self, c: &BatchCounts) {
+    /// Publishes a committed batch's counts; `now` is when it became durable.
+    pub fn publish(&self, c: &BatchCounts, now: i64) {
+        for t in &c.event_times {
+            self.end_to_end.observe((now - t).max(0) as f64 / 1000.0);
+        }
         self.consumed.inc_by(c.consumed);
         self.updates.inc_by(c.updates);
         self.twins_created.inc_by(c.twins_created);

@@ -134,6 +134,25 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
+/// A partition's `(low, high)` offsets as of the client's last fetch from it: no request, so
+/// cheap enough to read after every batch. `None` before the first fetch.
+pub fn cached_watermarks(consumer: &Consumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client outlives the call; librdkafka reads the NUL-terminated topic name
+    // and writes the two offsets, nothing else.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
+}
+
 /// Messages of one partition, awaitable. Wakes on librdkafka's "queue became non-empty"
 /// callback; `Notify` keeps a wake-up that comes between an empty poll and the wait.
 pub struct PartitionStream {

@@ -9,5 +9,8 @@ mod consumer;
 mod producer;
 
 pub use admin::{TopicReport, apply_topology};
-pub use consumer::{Consumer, PartitionStream, RebalanceContext, RebalanceHandler, TopicPartition};
+pub use consumer::{
+    Consumer, PartitionStream, RebalanceContext, RebalanceHandler, TopicPartition,
+    cached_watermarks,
+};
 pub use producer::{Deliveries, OutputProducer};

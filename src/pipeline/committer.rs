@@ -27,7 +27,7 @@ use super::Shared;
 use super::processor::Batch;
 use crate::config::Guarantee;
 use crate::error::{Error, Result};
-use crate::kafka::Consumer;
+use crate::kafka::{Consumer, cached_watermarks};
 use crate::metrics::PartitionMetrics;
 
 /// Consecutive failed commits after which the instance stops.
@@ -47,6 +47,30 @@ pub struct Slot {
     pub metrics: PartitionMetrics,
     /// Set once the partition is restored and its worker processes input.
     pub processing: AtomicBool,
+    /// The last committed input position, and when it last moved (monotonic).
+    progress: Mutex<(i64, Instant)>,
+}
+
+impl Slot {
+    /// Records a committed position.
+    fn progressed(&self, next: i64) {
+        let mut p = self.progress.lock().expect("progress lock");
+        if p.0 != next {
+            *p = (next, Instant::now());
+        }
+    }
+
+    /// The last committed input position (where processing started, before any commit).
+    pub fn committed(&self) -> i64 {
+        self.progress.lock().expect("progress lock").0
+    }
+
+    /// Whether the partition has input waiting (lag) but its position has not moved for
+    /// `after`: the pipeline is wedged.
+    pub fn stalled(&self, after: std::time::Duration) -> bool {
+        let since = self.progress.lock().expect("progress lock").1;
+        self.metrics.lag.get() > 0 && since.elapsed() > after
+    }
 }
 
 /// Commits the progress of every partition of the instance.
@@ -78,7 +102,7 @@ impl Committer {
     }
 
     /// Registers a partition's slot.
-    pub fn register(&self, partition: i32, topic: &str) -> Arc<Slot> {
+    pub fn register(&self, partition: i32, topic: &str, start: i64) -> Arc<Slot> {
         let slot = Arc::new(Slot {
             partition,
             topic: topic.to_owned(),
@@ -88,6 +112,7 @@ impl Committer {
                 .metrics
                 .partition(partition, &self.shared.topology.rules),
             processing: AtomicBool::new(false),
+            progress: Mutex::new((start, Instant::now())),
         });
         self.slots
             .lock()
@@ -178,7 +203,14 @@ impl Committer {
                 .await
                 .map_err(|e| Error::CorruptStore(format!("store commit task: {e}")))?
                 .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
-            slot.metrics.publish(&batch.counts);
+            slot.metrics
+                .publish(&batch.counts, self.shared.clock.now_ms());
+            slot.progressed(next);
+            if let Some(c) = self.consumer.get().and_then(Weak::upgrade)
+                && let Some((_, high)) = cached_watermarks(&c, &slot.topic, slot.partition)
+            {
+                slot.metrics.lag.set((high - next).max(0));
+            }
             slot.metrics.next_offset.set(next);
             if !exactly_once {
                 // The store owns the position; the group offset follows it (librdkafka commits

@@ -71,6 +71,17 @@ impl Coordinator {
                 .all(|w| w.slot.processing.load(Ordering::SeqCst))
     }
 
+    /// Partitions with input waiting whose position has not moved for `stall_after`.
+    pub fn stalled(&self) -> Vec<i32> {
+        let after = self.shared.settings.stall_after;
+        let workers = self.workers.lock().expect("worker map lock");
+        workers
+            .iter()
+            .filter(|(_, w)| w.slot.stalled(after))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
     /// The group's committed offsets of `partitions`, in order (`None`: nothing committed).
     fn committed(
         consumer: &Consumer,
@@ -160,7 +171,7 @@ impl Coordinator {
             }
         };
         let ack_stream = split(acks)?;
-        let slot = self.committer.register(partition, topic);
+        let slot = self.committer.register(partition, topic, start);
         let worker = PartitionWorker::new(
             self.shared.clone(),
             self.committer.clone(),

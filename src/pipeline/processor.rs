@@ -259,6 +259,7 @@ impl Processor {
             }
         };
         batch.counts.twins_created += u64::from(change.created);
+        batch.counts.event_times.push(reading.event_time);
         self.emit(id, &change, deadline, input.offset, batch);
         Ok(())
     }

@@ -24,7 +24,7 @@ use super::committer::{Committer, Slot};
 use super::processor::{Input, Outputs, Processor, SOURCE_OFFSET_HEADER, Target};
 use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
-use crate::kafka::{Consumer, PartitionStream};
+use crate::kafka::{Consumer, PartitionStream, cached_watermarks};
 
 /// What woke the worker.
 enum Next<'a> {
@@ -240,6 +240,13 @@ impl PartitionWorker {
         drop(next);
         if let Some(next) = batch.next_offset {
             self.position = next;
+        }
+        // Input not yet committed: the end as of the last fetch (cached by the client, no
+        // request) minus the committed position.
+        if let Some((_, high)) = cached_watermarks(&self.consumer, &self.slot.topic, self.partition)
+        {
+            let lag = high - self.slot.committed();
+            self.slot.metrics.lag.set(lag.max(0));
         }
         if result.is_ok() {
             result = self.send(&batch.outputs).await;

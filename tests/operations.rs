@@ -1,6 +1,7 @@
-//! Stopping the `twinflow` binary (on the mock cluster): SIGTERM finishes the batch, commits,
-//! closes the stores, leaves the group and exits 0; a stop that cannot finish ends after
-//! `processing.shutdown_timeout`; a second signal ends it at once.
+//! Operating the `twinflow` binary (on the mock cluster). Stopping: SIGTERM finishes the
+//! batch, commits, closes the stores, leaves the group and exits 0; a stop that cannot finish
+//! ends after `processing.shutdown_timeout`; a second signal ends it at once. Health:
+//! `/healthz` turns false when the pipeline is wedged.
 
 mod common;
 
@@ -46,15 +47,28 @@ fn cluster(n: usize) -> (EmbeddedKafka, ClientConfig) {
 fn spawn(dir: &Path, kafka: &EmbeddedKafka, timeout: &str) -> Instance {
     let bootstrap = kafka.bootstrap_servers();
     let timeout = format!("\"{timeout}\"");
+    let stall = "\"2s\"".to_owned();
     let settings = Settings {
         bootstrap: &bootstrap,
         group: GROUP,
         guarantee: "at_least_once",
         librdkafka: &[],
         consumer: &[("fetch.wait.max.ms", "10")],
-        processing: &[("shutdown_timeout", &timeout)],
+        processing: &[("shutdown_timeout", &timeout), ("stall_after", &stall)],
     };
     Instance::spawn(dir, "stopping", &settings)
+}
+
+/// `GET path` on the instance's HTTP port: status code and body.
+fn get(instance: &Instance, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", instance.http)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
 }
 
 /// Waits (polling) for `done`, at most 60 s.
@@ -127,6 +141,13 @@ fn sigterm_commits_and_exits_zero() {
     wait("every reading is applied", &instance, || {
         caught_up(&client, &[&instance], "telemetry")
     });
+    // Idle with nothing waiting is healthy, however long the position stands still.
+    std::thread::sleep(Duration::from_secs(3)); // longer than stall_after, not a wait for anything
+    assert_eq!(get(&instance, "/healthz").0, 200);
+    assert!(
+        instance.metric("twinflow_end_to_end_latency_seconds_count") > 0.0,
+        "end-to-end latency is measured"
+    );
     let (status, took) = terminate(&mut instance);
     let log = std::fs::read_to_string(&instance.log).unwrap();
     assert!(
@@ -213,4 +234,21 @@ fn a_second_signal_ends_a_stop_at_once() {
         "ended {:?} after the second signal",
         started.elapsed()
     );
+}
+
+#[test]
+fn healthz_turns_false_when_the_pipeline_is_wedged() {
+    let (kafka, _client) = cluster(5_000);
+    stuck(&kafka);
+    let dir = tempfile::tempdir().unwrap();
+    let mut instance = spawn(dir.path(), &kafka, "3s");
+    wait("input is waiting", &instance, || {
+        instance.metric("twinflow_consumer_lag_records") > 0.0
+    });
+    wait("/healthz says the pipeline is wedged", &instance, || {
+        get(&instance, "/healthz").0 == 503
+    });
+    let (_, body) = get(&instance, "/healthz");
+    assert!(body.contains("wedged: partitions"), "{body}");
+    instance.stop("KILL");
 }
