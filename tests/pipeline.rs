@@ -557,3 +557,68 @@ async fn acknowledgements_mark_the_alert_once() {
     );
     p.stop().await;
 }
+
+/// Every metric the shipped Grafana dashboard queries is exported by a running pipeline that
+/// went through what the panels show: readings, alerts, dead letters, a restore into a new
+/// store, a broker outage.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_queries_only_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::root().join("docker/grafana/dashboards/twinflow.json"))
+            .unwrap(),
+    )
+    .expect("the dashboard is valid JSON");
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("twinflow_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                queried.insert(name);
+            }
+        }
+    }
+    assert!(queried.len() > 10, "{queried:?}");
+
+    let (kafka, mut first) = cluster();
+    first.start();
+    let t0 = 1_790_000_000_000;
+    first.send("reefer-1", t0, &[("temperature_c", 9.5)]).await;
+    first.send_raw(Some(b"reefer-1"), Some(b"garbage")).await;
+    first.wait_consumed(2).await;
+    first.stop().await;
+    let mut second = TestPipeline::new(&first.bootstrap, vehicle_topology(), &[]);
+    second.start();
+    second
+        .send("reefer-1", t0 + 1000, &[("temperature_c", 5.0)])
+        .await;
+    second.wait_consumed(1).await;
+    kafka.broker_down(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while second.metrics().total("twinflow_kafka_errors_total") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no client error seen");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    kafka.broker_up(1).unwrap();
+
+    let page = reqwest::get(format!("http://{}/metrics", second.http.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported = |name: &str| {
+        page.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(['{', ' ']))
+        })
+    };
+    let missing: Vec<_> = queried.iter().filter(|n| !exported(n)).collect();
+    assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+    second.stop().await;
+}
