@@ -8,7 +8,9 @@
 //! `TWINFLOW_KAFKA__BOOTSTRAP_SERVERS=broker:9092`. Under `kafka.librdkafka`, underscores
 //! stand for the dots of librdkafka property names:
 //! `TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD=...` sets `sasl.password`, so secrets need not
-//! be written into the file.
+//! be written into the file. A name ending in `_FILE` reads the value from that file instead
+//! (trailing newline dropped), as container secrets are mounted:
+//! `TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD_FILE=/run/secrets/kafka_password`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -222,6 +224,14 @@ impl Config {
             let Some(rest) = name.strip_prefix("TWINFLOW_").filter(|r| r.contains("__")) else {
                 continue;
             };
+            let (rest, value) = match rest.strip_suffix("_FILE") {
+                Some(rest) => {
+                    let secret = std::fs::read_to_string(&value)
+                        .map_err(|e| format!("{name}: reading {value}: {e}"))?;
+                    (rest, secret.trim_end_matches(['\r', '\n']).to_owned())
+                }
+                None => (rest, value),
+            };
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
             apply_override(&mut table, &path, value).map_err(|e| format!("{name}: {e}"))?;
         }
@@ -412,5 +422,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("group.id"), "{err}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_named_in_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("kafka_password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let file = secret.display().to_string();
+        let c = parse(
+            MINIMAL,
+            &[("TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD_FILE", &file)],
+        )
+        .unwrap();
+        assert_eq!(
+            c.kafka.librdkafka.get("sasl.password").map(String::as_str),
+            Some("s3cret")
+        );
+        let err = parse(
+            MINIMAL,
+            &[(
+                "TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD_FILE",
+                "/nonexistent/secret",
+            )],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("SASL_PASSWORD_FILE") && err.contains("/nonexistent/secret"),
+            "{err}"
+        );
     }
 }

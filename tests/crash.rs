@@ -84,6 +84,7 @@ fn spawn(dir: &Path, bootstrap: &str, guarantee: &str) -> Instance {
         guarantee,
         librdkafka: &NOIDA_CLIENT,
         processing: &[],
+        env: &[],
         consumer: &[
             ("fetch.wait.max.ms", "10"),
             ("session.timeout.ms", "6000"),

@@ -44,7 +44,14 @@ fn cluster(n: usize) -> (EmbeddedKafka, ClientConfig) {
     (kafka, client)
 }
 
+/// A password the instances get the way container secrets come: a file named in the
+/// environment. It must never show in a log or on /metrics.
+const SECRET: &str = "pa55-7f3c9e1d-never-logged";
+
 fn spawn(dir: &Path, kafka: &EmbeddedKafka, timeout: &str) -> Instance {
+    let secret = dir.join("kafka_password");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let secret = secret.display().to_string();
     let bootstrap = kafka.bootstrap_servers();
     let timeout = format!("\"{timeout}\"");
     let stall = "\"2s\"".to_owned();
@@ -55,6 +62,7 @@ fn spawn(dir: &Path, kafka: &EmbeddedKafka, timeout: &str) -> Instance {
         librdkafka: &[],
         consumer: &[("fetch.wait.max.ms", "10")],
         processing: &[("shutdown_timeout", &timeout), ("stall_after", &stall)],
+        env: &[("TWINFLOW_KAFKA__LIBRDKAFKA__SASL_PASSWORD_FILE", &secret)],
     };
     Instance::spawn(dir, "stopping", &settings)
 }
@@ -148,8 +156,13 @@ fn sigterm_commits_and_exits_zero() {
         instance.metric("twinflow_end_to_end_latency_seconds_count") > 0.0,
         "end-to-end latency is measured"
     );
+    assert!(
+        !instance.scrape().unwrap().contains(SECRET),
+        "the secret is not on /metrics"
+    );
     let (status, took) = terminate(&mut instance);
     let log = std::fs::read_to_string(&instance.log).unwrap();
+    assert!(!log.contains(SECRET), "the secret is not in the log");
     assert!(
         status.success() && log.contains("Stopped cleanly."),
         "{status}; log tail:\n{}",

@@ -65,6 +65,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
         guarantee: "at_least_once",
         librdkafka: &[],
         processing: &[],
+        env: &[],
         consumer: &[
             ("fetch.wait.max.ms", "10"),
             ("session.timeout.ms", "2000"),

@@ -24,6 +24,8 @@ pub struct Settings<'a> {
     pub consumer: &'a [(&'a str, &'a str)],
     /// `[processing]` keys, as TOML values (`"\"3s\""`).
     pub processing: &'a [(&'a str, &'a str)],
+    /// Environment variables of the process (configuration overrides, secrets).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 /// A running `twinflow run` process.
@@ -75,6 +77,7 @@ impl Instance {
             .args(["run", "--config"])
             .arg(&config)
             .current_dir(root())
+            .envs(s.env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
