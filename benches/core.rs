@@ -78,26 +78,7 @@ fn main() {
         let store = Store::open(dir.path()).unwrap();
         let mut processor = Processor::new(topology.clone(), store.partition(0), twins.max(batch));
         let t = Instant::now();
-        let mut updates = 0;
-        for (i, chunk) in data.chunks(batch).enumerate() {
-            let mut b = processor.batch();
-            for (j, (k, v)) in chunk.iter().enumerate() {
-                let input = Input {
-                    key: Some(k),
-                    payload: Some(v),
-                    topic: "telemetry",
-                    offset: (i * batch + j) as i64,
-                    headers: None,
-                };
-                processor
-                    .process(&input, &mut b, 1_790_000_000_000)
-                    .unwrap();
-            }
-            updates += b.counts.updates();
-            b.store
-                .set_next_offset("telemetry", ((i + 1) * batch) as i64);
-            store.partition(0).commit(b.store).unwrap();
-        }
+        let updates = process_all(&mut processor, &store, &data, batch, 1_790_000_000_000);
         core.push(records as f64 / t.elapsed().as_secs_f64());
         assert!(updates > 0);
     }
@@ -148,6 +129,36 @@ fn main() {
     );
 }
 
+/// Runs `data` through `processor` at processing time `now`, committing every `batch`
+/// records to `store` as a worker would. Returns the number of twin updates.
+fn process_all(
+    processor: &mut Processor,
+    store: &Store,
+    data: &[(Vec<u8>, Vec<u8>)],
+    batch: usize,
+    now: i64,
+) -> u64 {
+    let mut updates = 0;
+    for (i, chunk) in data.chunks(batch).enumerate() {
+        let mut b = processor.batch();
+        for (j, (k, v)) in chunk.iter().enumerate() {
+            let input = Input {
+                key: Some(k),
+                payload: Some(v),
+                topic: "telemetry",
+                offset: (i * batch + j) as i64,
+                headers: None,
+            };
+            processor.process(&input, &mut b, now).unwrap();
+        }
+        updates += b.counts.updates();
+        b.store
+            .set_next_offset("telemetry", ((i + 1) * batch) as i64);
+        store.partition(0).commit(b.store).unwrap();
+    }
+    updates
+}
+
 struct TimerFigures {
     scan_ms: f64,
     look_us: f64,
@@ -178,20 +189,7 @@ fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut processor = Processor::new(topology.clone(), store.partition(0), 10_000);
-        for (i, chunk) in data.chunks(2000).enumerate() {
-            let mut b = processor.batch();
-            for (j, (k, v)) in chunk.iter().enumerate() {
-                let input = Input {
-                    key: Some(k),
-                    payload: Some(v),
-                    topic: "telemetry",
-                    offset: (i * 2000 + j) as i64,
-                    headers: None,
-                };
-                processor.process(&input, &mut b, now).unwrap();
-            }
-            store.partition(0).commit(b.store).unwrap();
-        }
+        process_all(&mut processor, &store, &data, 2000, now);
 
         let t = Instant::now();
         let mut due = 0;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use common::instance::{Instance, Settings, caught_up, feed};
+use common::instance::{Instance, Settings, caught_up, committed_offsets, feed};
 use common::untimed_vehicle_topology;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -109,26 +109,6 @@ fn terminate(instance: &mut Instance) -> (ExitStatus, Duration) {
     (status, started.elapsed())
 }
 
-/// The group's committed offsets of the telemetry partitions.
-fn committed(client: &ClientConfig) -> Vec<i64> {
-    let consumer: BaseConsumer = client.clone().set("group.id", GROUP).create().unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition("telemetry", p);
-    }
-    let offsets = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    offsets
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
 fn high_watermarks(client: &ClientConfig) -> Vec<i64> {
     let consumer: BaseConsumer = client.create().unwrap();
     (0..4)
@@ -170,7 +150,7 @@ fn sigterm_commits_and_exits_zero() {
     );
     assert!(took < Duration::from_secs(30), "stopped in {took:?}");
     assert_eq!(
-        committed(&client),
+        committed_offsets(&client, GROUP, "telemetry"),
         high_watermarks(&client),
         "the group's offsets were committed on the way out"
     );
@@ -178,8 +158,10 @@ fn sigterm_commits_and_exits_zero() {
 
 const STUCK: usize = 5000;
 
-/// Produce requests keep failing (retriably), so the final commit cannot finish.
-fn stuck(kafka: &EmbeddedKafka) {
+/// An instance (with `shutdown_timeout`) whose produce requests keep failing (retriably), so
+/// its commits cannot finish; returned once it has outputs waiting to be delivered.
+fn stuck_instance(shutdown_timeout: &str) -> (EmbeddedKafka, tempfile::TempDir, Instance) {
+    let (kafka, _) = cluster(5_000);
     kafka
         .push_request_errors(
             1,
@@ -187,20 +169,20 @@ fn stuck(kafka: &EmbeddedKafka) {
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; STUCK],
         )
         .unwrap();
-}
-
-#[test]
-fn a_stop_that_cannot_finish_ends_after_its_timeout() {
-    let (kafka, _client) = cluster(5_000);
-    stuck(&kafka);
     let dir = tempfile::tempdir().unwrap();
-    let mut instance = spawn(dir.path(), &kafka, "3s");
+    let instance = spawn(dir.path(), &kafka, shutdown_timeout);
     wait("outputs are waiting to be delivered", &instance, || {
         kafka
             .pending_request_errors(1, RDKafkaApiKey::Produce)
             .unwrap()
             < STUCK
     });
+    (kafka, dir, instance)
+}
+
+#[test]
+fn a_stop_that_cannot_finish_ends_after_its_timeout() {
+    let (_kafka, _dir, mut instance) = stuck_instance("3s");
     let (status, took) = terminate(&mut instance);
     assert_eq!(status.code(), Some(1), "log tail:\n{}", instance.log_tail());
     assert!(
@@ -217,16 +199,7 @@ fn a_stop_that_cannot_finish_ends_after_its_timeout() {
 
 #[test]
 fn a_second_signal_ends_a_stop_at_once() {
-    let (kafka, _client) = cluster(5_000);
-    stuck(&kafka);
-    let dir = tempfile::tempdir().unwrap();
-    let mut instance = spawn(dir.path(), &kafka, "10m");
-    wait("outputs are waiting to be delivered", &instance, || {
-        kafka
-            .pending_request_errors(1, RDKafkaApiKey::Produce)
-            .unwrap()
-            < STUCK
-    });
+    let (_kafka, _dir, mut instance) = stuck_instance("10m");
     kill(&instance, "TERM");
     wait("the stop began", &instance, || {
         std::fs::read_to_string(&instance.log)
@@ -251,10 +224,7 @@ fn a_second_signal_ends_a_stop_at_once() {
 
 #[test]
 fn healthz_turns_false_when_the_pipeline_is_wedged() {
-    let (kafka, _client) = cluster(5_000);
-    stuck(&kafka);
-    let dir = tempfile::tempdir().unwrap();
-    let mut instance = spawn(dir.path(), &kafka, "3s");
+    let (_kafka, _dir, mut instance) = stuck_instance("10m");
     wait("input is waiting", &instance, || {
         instance.metric("twinflow_consumer_lag_records") > 0.0
     });

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::instance::{Instance, Settings, caught_up, feed, read_all};
+use common::instance::{Instance, Settings, caught_up, committed_offsets, feed, read_all};
 use common::{assert_outputs_match, now_ms, oracle, untimed_vehicle_topology};
 use rdkafka::ClientConfig;
 use twinflow::embedded::EmbeddedKafka;
@@ -84,7 +84,9 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     // State follows a partition through the changelog up to the group's committed offset
     // (at-least-once replays the rest): let every partition's offset be committed once.
     wait("every partition has a committed offset", || {
-        committed(&client, "scale").len() == 4
+        committed_offsets(&client, "scale", "telemetry")
+            .iter()
+            .all(|o| *o > 0)
     });
 
     a.stop("KILL");
@@ -149,25 +151,6 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
 }
 
 /// Polls `done` until it holds, for at most a minute.
-/// The partitions of `telemetry` with an offset committed by `group`.
-fn committed(client: &ClientConfig, group: &str) -> Vec<i32> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = client.clone().set("group.id", group).create().unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..4 {
-        tpl.add_partition("telemetry", p);
-    }
-    let offsets = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    offsets
-        .elements()
-        .iter()
-        .filter(|e| matches!(e.offset(), rdkafka::Offset::Offset(o) if o > 0))
-        .map(|e| e.partition())
-        .collect()
-}
-
 fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done() {

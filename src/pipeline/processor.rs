@@ -260,7 +260,7 @@ impl Processor {
         };
         batch.counts.twins_created += u64::from(change.created);
         batch.counts.event_times.push(reading.event_time);
-        self.emit(id, &change, deadline, input.offset, batch);
+        self.emit(id, &change, deadline, input.offset, batch, None);
         Ok(())
     }
 
@@ -323,17 +323,8 @@ impl Processor {
         {
             Ok(event) => {
                 batch.counts.acks[AckOutcome::Applied as usize] += 1;
-                self.emit(id, &TwinChange::default(), deadline, source, batch);
-                self.scratch.clear();
-                encode_alert(&event, id, &topology.rules, &mut self.scratch);
-                batch.outputs.push(
-                    Target::Alerts,
-                    source,
-                    Some(id.as_bytes()),
-                    Some(&self.scratch),
-                    Vec::new(),
-                );
-                batch.counts.alerts.push((event.rule, event.state));
+                let change = TwinChange::default();
+                self.emit(id, &change, deadline, source, batch, Some(event));
             }
             Err(outcome) => batch.counts.acks[outcome as usize] += 1,
         }
@@ -378,7 +369,7 @@ impl Processor {
                 continue;
             }
             fired += 1;
-            self.emit(&id, &TwinChange::default(), actual, source, batch);
+            self.emit(&id, &TwinChange::default(), actual, source, batch, None);
         }
         batch.counts.timers_fired += fired as u64;
         Ok(fired)
@@ -404,7 +395,7 @@ impl Processor {
     }
 
     /// Evaluates the rules on the changed twin of `id`, moves its timer from `deadline`, and
-    /// stages the twin, its changelog record and its alert events.
+    /// stages the twin, its changelog record and its alert events (`event` too, if given).
     fn emit(
         &mut self,
         id: &str,
@@ -412,11 +403,13 @@ impl Processor {
         deadline: Option<i64>,
         source: i64,
         batch: &mut Batch,
+        event: Option<AlertEvent>,
     ) {
         let topology = &self.topology;
         let twin = self.cache.get_mut(id).expect("emit after load");
         self.alerts.clear();
         topology.rules.evaluate(twin, change, &mut self.alerts);
+        self.alerts.extend(event);
         let next = topology.model.deadline(twin);
         if next != deadline {
             if let Some(old) = deadline {

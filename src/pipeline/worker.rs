@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::committer::{Committer, Slot};
-use super::processor::{Input, Outputs, Processor, SOURCE_OFFSET_HEADER, Target};
+use super::processor::{Batch, Input, Outputs, Processor, SOURCE_OFFSET_HEADER, Target};
 use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
 use crate::kafka::{Consumer, PartitionStream, cached_watermarks};
@@ -36,6 +36,15 @@ enum Next<'a> {
     Tick,
     /// The commit epoch moved: staged work was dropped.
     Epoch,
+}
+
+/// The two inputs of a partition.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Telemetry readings.
+    Readings,
+    /// Alert acknowledgements.
+    Acks,
 }
 
 /// Consecutive failures after which a transient one counts as fatal.
@@ -154,8 +163,8 @@ impl PartitionWorker {
             }
             let started = Instant::now();
             let outcome = match next {
-                Next::Reading(first) => self.run_batch(first, &stream).await,
-                Next::Ack(first) => self.run_acks(first, &acks).await,
+                Next::Reading(first) => self.run_records(Source::Readings, first, &stream).await,
+                Next::Ack(first) => self.run_records(Source::Acks, first, &acks).await,
                 Next::Tick => self.run_timers().await,
                 Next::Epoch => continue,
             };
@@ -196,15 +205,22 @@ impl PartitionWorker {
         Ok(failures + 1)
     }
 
-    async fn run_batch(
+    /// Processes the waiting records of one input (`first` and what else is fetched, up to a
+    /// batch) into the staged batch and sends their outputs.
+    async fn run_records(
         &mut self,
+        source: Source,
         first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
         stream: &PartitionStream,
     ) -> Result<()> {
-        let staged = self.slot.staged.lock().expect("slot lock").take();
         // Nothing staged means the last commit took everything, so the cache is clean.
+        let staged = self.slot.staged.lock().expect("slot lock").take();
         let mut batch = staged.unwrap_or_else(|| self.processor.batch());
         let now = self.shared.clock.now_ms();
+        let floor = match source {
+            Source::Readings => self.floor,
+            Source::Acks => self.ack_floor,
+        };
         let mut next = Some(first);
         let mut taken = 0;
         let mut result = Ok(());
@@ -217,15 +233,22 @@ impl PartitionWorker {
                     break;
                 }
             };
-            if m.offset() >= self.floor {
-                let input = Input {
+            if m.offset() >= floor {
+                let record = Input {
                     key: m.key(),
                     payload: m.payload(),
                     topic: m.topic(),
                     offset: m.offset(),
                     headers: m.headers(),
                 };
-                if let Err(e) = self.processor.process(&input, &mut batch, now) {
+                let processed = match source {
+                    Source::Readings => self.processor.process(&record, &mut batch, now),
+                    Source::Acks => {
+                        self.processor
+                            .process_ack(&record, &mut batch, now, self.position - 1)
+                    }
+                };
+                if let Err(e) = processed {
                     result = Err(e);
                     break;
                 }
@@ -238,76 +261,18 @@ impl PartitionWorker {
             };
         }
         drop(next);
-        if let Some(next) = batch.next_offset {
+        if let Some(next) = batch.next_offset.filter(|_| source == Source::Readings) {
             self.position = next;
-        }
-        // Input not yet committed: the end as of the last fetch (cached by the client, no
-        // request) minus the committed position.
-        if let Some((_, high)) = cached_watermarks(&self.consumer, &self.slot.topic, self.partition)
-        {
-            let lag = high - self.slot.committed();
-            self.slot.metrics.lag.set(lag.max(0));
-        }
-        if result.is_ok() {
-            result = self.send(&batch.outputs).await;
-        }
-        batch.outputs.clear();
-        *self.slot.staged.lock().expect("slot lock") = Some(batch);
-        result
-    }
-
-    /// Applies the waiting acknowledgements into the staged batch and sends their outputs.
-    async fn run_acks(
-        &mut self,
-        first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
-        acks: &PartitionStream,
-    ) -> Result<()> {
-        let staged = self.slot.staged.lock().expect("slot lock").take();
-        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
-        let now = self.shared.clock.now_ms();
-        let mut next = Some(first);
-        let mut taken = 0;
-        let mut result = Ok(());
-        while let Some(m) = next.take() {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            };
-            if m.offset() >= self.ack_floor {
-                let input = Input {
-                    key: m.key(),
-                    payload: m.payload(),
-                    topic: m.topic(),
-                    offset: m.offset(),
-                    headers: m.headers(),
-                };
-                if let Err(e) =
-                    self.processor
-                        .process_ack(&input, &mut batch, now, self.position - 1)
-                {
-                    result = Err(e);
-                    break;
-                }
+            // Input not yet committed: the end as of the last fetch (cached by the client,
+            // no request) minus the committed position.
+            if let Some((_, high)) =
+                cached_watermarks(&self.consumer, &self.slot.topic, self.partition)
+            {
+                let lag = high - self.slot.committed();
+                self.slot.metrics.lag.set(lag.max(0));
             }
-            taken += 1;
-            next = if taken < self.shared.settings.batch_max_records {
-                acks.try_next()
-            } else {
-                None
-            };
         }
-        drop(next);
-        // Acknowledgements commit with the current input position, like timer output.
-        batch.next_offset.get_or_insert(self.position);
-        if result.is_ok() {
-            result = self.send(&batch.outputs).await;
-        }
-        batch.outputs.clear();
-        *self.slot.staged.lock().expect("slot lock") = Some(batch);
-        result
+        self.send_and_stage(batch, result).await
     }
 
     /// Fires the due timers into the staged batch and sends their outputs.
@@ -317,14 +282,20 @@ impl PartitionWorker {
         let mut batch = staged.unwrap_or_else(|| self.processor.batch());
         let now = self.shared.clock.now_ms();
         let limit = self.shared.settings.batch_max_records;
-        let mut result = self
+        let result = self
             .processor
             .fire_timers(&mut batch, now, self.position - 1, limit)
             .map(|_| ());
         if result.is_ok() && fresh && batch.store.is_empty() {
             return Ok(()); // nothing due: nothing to commit
         }
-        // Timer output commits with the current position, like a batch of input.
+        self.send_and_stage(batch, result).await
+    }
+
+    /// Sends the batch's outputs (unless processing failed) and stages it for the committer.
+    /// Work without input of its own (acknowledgements, timers) commits with the current
+    /// input position.
+    async fn send_and_stage(&mut self, mut batch: Batch, mut result: Result<()>) -> Result<()> {
         batch.next_offset.get_or_insert(self.position);
         if result.is_ok() {
             result = self.send(&batch.outputs).await;

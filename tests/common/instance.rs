@@ -171,6 +171,30 @@ pub fn caught_up(client: &ClientConfig, instances: &[&Instance], topic: &str) ->
     })
 }
 
+/// The offsets `group` committed for each partition of `topic`, in partition order (-1 for
+/// none).
+pub fn committed_offsets(client: &ClientConfig, group: &str, topic: &str) -> Vec<i64> {
+    let consumer: BaseConsumer = client.clone().set("group.id", group).create().unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..metadata.topics()[0].partitions().len() as i32 {
+        tpl.add_partition(topic, p);
+    }
+    let offsets = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    offsets
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
 /// Every record of `topic`, read to its end, in partition/offset order. `settings` are the
 /// reader's client settings (broker workarounds, isolation level).
 pub fn read_all(bootstrap: &str, topic: &str, settings: &[(&str, &str)]) -> Vec<OwnedMessage> {
