@@ -157,10 +157,12 @@ async fn topology_apply_pipeline_and_python_consumers() {
     assert_eq!(raised, raised_expected);
 }
 
-/// Under exactly-once, timer output is part of a transaction: a read_committed reader sees
-/// the OFFLINE twin and its ASSET_OFFLINE alert, which only a committed transaction shows.
+/// Under exactly-once, timer and acknowledgement output is part of a transaction: a
+/// read_committed reader sees the OFFLINE twin, its ASSET_OFFLINE alert and then the
+/// ACKNOWLEDGED event, which only committed transactions show (the acknowledgement's offset
+/// goes into the transaction with them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timer_output_commits_in_the_transaction_under_exactly_once() {
+async fn timer_and_ack_output_commit_in_the_transaction_under_exactly_once() {
     let broker = Noida::start();
     let mut p = TestPipeline::new(&broker.bootstrap, vehicle_topology(), &NOIDA_CLIENT);
     p.guarantee = Guarantee::ExactlyOnce;
@@ -189,6 +191,24 @@ async fn timer_output_commits_in_the_transaction_under_exactly_once() {
     assert_eq!(
         (text(&alerts[0]["code"]), text(&alerts[0]["state"])),
         ("ASSET_OFFLINE".into(), "RAISED".into())
+    );
+
+    let id = text(&alerts[0]["alert_id"]);
+    let ack = format!(r#"{{"alert_id": "{id}", "by": "ops"}}"#);
+    p.send_to(
+        &p.topology.topics.acks.name,
+        Some(b"truck-x"),
+        Some(ack.as_bytes()),
+    )
+    .await;
+    let alerts = p.alerts(2);
+    assert_eq!(
+        (text(&alerts[1]["state"]), text(&alerts[1]["alert_id"])),
+        ("ACKNOWLEDGED".into(), id)
+    );
+    assert_eq!(
+        p.changelog(3)[2].alerts[0].acknowledged_by.as_deref(),
+        Some("ops")
     );
     p.stop().await;
 }
