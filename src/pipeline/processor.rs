@@ -344,7 +344,8 @@ impl Processor {
         source: i64,
         limit: usize,
     ) -> Result<usize> {
-        let model = &self.topology.model.clone();
+        let topology = self.topology.clone();
+        let model = &topology.model;
         let mut fired = 0;
         // A new deadline is after `now`, so nothing lands behind `due_after`.
         let due = self.store.due(self.due_after.as_ref(), now, limit)?;

@@ -171,10 +171,15 @@ pub fn caught_up(client: &ClientConfig, instances: &[&Instance], topic: &str) ->
     })
 }
 
-/// The offsets `group` committed for each partition of `topic`, in partition order (-1 for
-/// none).
-pub fn committed_offsets(client: &ClientConfig, group: &str, topic: &str) -> Vec<i64> {
-    let consumer: BaseConsumer = client.clone().set("group.id", group).create().unwrap();
+/// The offsets `group` committed for each partition of `topic`, in partition order (`None`:
+/// nothing committed), read by a client that does not join the group.
+pub fn committed_offsets(client: &ClientConfig, group: &str, topic: &str) -> Vec<Option<i64>> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
@@ -189,8 +194,8 @@ pub fn committed_offsets(client: &ClientConfig, group: &str, topic: &str) -> Vec
         .elements()
         .iter()
         .map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => o,
-            _ => -1,
+            rdkafka::Offset::Offset(o) => Some(o),
+            _ => None,
         })
         .collect()
 }
