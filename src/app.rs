@@ -20,6 +20,7 @@ use crate::kafka::OutputProducer;
 use crate::kafka::{Consumer, RebalanceContext};
 use crate::metrics::Metrics;
 use crate::pipeline::{Committer, Coordinator, Failure, Handler, Shared};
+use crate::registry::Registry;
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -104,6 +105,14 @@ impl App {
         let mut restore_client = ClientConfig::new();
         config.kafka.apply(&mut restore_client, Role::Consumer);
 
+        let registry = match (&config.schema_registry, topology.topics.uses_registry()) {
+            (Some(r), true) => Some(Arc::new(Registry::new(r)?)),
+            (None, true) => anyhow::bail!(
+                "a topic in {} has format = \"confluent_avro\": configure [schema_registry]",
+                config.topology.topics.display()
+            ),
+            (_, false) => None,
+        };
         let telemetry = topology.topics.telemetry.name.clone();
         let shared = Arc::new(Shared {
             topology: Arc::new(topology),
@@ -114,6 +123,7 @@ impl App {
             producer,
             restore_client,
             failure: Failure::default(),
+            registry,
         });
         let committer = Arc::new(Committer::new(shared.clone()));
         let coordinator = Arc::new(Coordinator::new(
@@ -196,6 +206,13 @@ impl App {
             consumer,
             listener,
         } = self;
+        if let Some(registry) = &shared.registry {
+            // Before the first poll, so before any partition is assigned.
+            registry
+                .prepare(&shared.topology)
+                .await
+                .context("preparing the schema registry subjects")?;
+        }
         let committing = CancellationToken::new();
         let committer_task = tokio::spawn(committer.clone().run(committing.clone()));
         let listener =

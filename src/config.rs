@@ -40,6 +40,53 @@ pub struct Config {
     /// The HTTP endpoint (metrics, health, twins).
     #[serde(default)]
     pub http: HttpConfig,
+    /// The Confluent-compatible schema registry, for topics with `format = "confluent_avro"`.
+    pub schema_registry: Option<RegistryConfig>,
+}
+
+/// A Confluent-compatible schema registry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL, `http://` or `https://`.
+    pub url: String,
+    /// Basic auth user (Confluent's `basic.auth.user.info` is `username:password`).
+    pub username: Option<String>,
+    /// Basic auth password; set it from the environment or a secret file.
+    pub password: Option<Secret>,
+    /// PEM file of the CA that signed the registry's certificate (default: the system's).
+    pub ca_location: Option<PathBuf>,
+    /// PEM client certificate, for registries that require mutual TLS.
+    pub certificate_location: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `certificate_location`.
+    pub key_location: Option<PathBuf>,
+    /// Timeout of one registry request.
+    #[serde(default = "registry_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Register the output schemas under `<topic>-value` at start (true), or only look them
+    /// up and refuse to start when they are not registered (false, for registries where
+    /// schemas are registered by a pipeline of their own).
+    #[serde(default = "yes")]
+    pub auto_register: bool,
+}
+
+fn registry_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A secret: never printed, not even by `Debug`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 /// Kafka settings shared by every client twinflow creates.
@@ -263,6 +310,23 @@ impl Config {
                 "key `processing.twin_cache_per_partition`: must be at least batch_max_records ({}), since a batch keeps its twins in memory",
                 self.processing.batch_max_records
             ));
+        }
+        if let Some(r) = &self.schema_registry {
+            if !(r.url.starts_with("http://") || r.url.starts_with("https://")) {
+                return Err(format!(
+                    "key `schema_registry.url`: '{}' must start with http:// or https://",
+                    r.url
+                ));
+            }
+            if r.password.is_some() && r.username.is_none() {
+                return Err("key `schema_registry.password`: set `username` too".into());
+            }
+            if r.certificate_location.is_some() != r.key_location.is_some() {
+                return Err(
+                    "keys `schema_registry.certificate_location` and `key_location`: set both or neither"
+                        .into(),
+                );
+            }
         }
         let passthrough = || {
             self.kafka

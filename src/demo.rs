@@ -79,6 +79,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         store: StoreConfig { path: state },
         processing: ProcessingConfig::default(),
         http: HttpConfig { listen: opts.http },
+        schema_registry: None,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let app = App::build(&config)?;

@@ -39,6 +39,13 @@ pub enum Error {
     /// The configuration, topology or schemas are wrong.
     #[error("config: {0}")]
     Config(String),
+    /// A Confluent-framed record names a schema registry id not fetched yet: fetch it and
+    /// read the record again.
+    #[error("schema id {0} not fetched from the schema registry yet")]
+    SchemaNeeded(u32),
+    /// The schema registry could not be reached or refused a request.
+    #[error("schema registry: {0}")]
+    Registry(String),
     /// The instance cannot go on safely (for example, its transaction cannot be aborted).
     #[error("{0}")]
     Fatal(String),
@@ -49,7 +56,7 @@ impl Error {
     pub fn disposition(&self) -> Disposition {
         match self {
             Error::Decode(_) | Error::Invalid(_) => Disposition::Skip,
-            Error::Store(_) => Disposition::Retry,
+            Error::Store(_) | Error::SchemaNeeded(_) | Error::Registry(_) => Disposition::Retry,
             // A transaction error says itself whether it is fatal (fenced, broken producer)
             // or can be aborted and replayed.
             Error::Kafka(rdkafka::error::KafkaError::Transaction(e)) => {
@@ -73,6 +80,7 @@ impl Error {
             Error::Decode(_) => "decode",
             Error::Invalid(_) => "invalid",
             Error::Store(_) => "store",
+            Error::SchemaNeeded(_) | Error::Registry(_) => "schema_registry",
             Error::CorruptStore(_) => "corrupt_store",
             Error::Kafka(_) => "kafka",
             Error::Config(_) => "config",

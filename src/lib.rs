@@ -5,7 +5,9 @@
 //! - [`topology`]: topics, twin model and rules, loaded from `topology/` and `schemas/`.
 //! - [`twin`]: the twin, readings and the merge (pure).
 //! - [`rules`]: edge-triggered alert rules (pure).
-//! - [`codec`]: Avro/JSON decoding and encoding, driven by the model's schemas.
+//! - [`codec`]: Avro/JSON decoding and encoding, driven by the model's schemas; the
+//!   Confluent wire format.
+//! - [`registry`]: the schema registry client (register outputs, fetch input schemas by id).
 //! - [`store`]: the RocksDB state store: twins and input positions per partition.
 //! - [`kafka`]: consumer with rebalance hand-off, partition streams, output producer, topic admin.
 //! - [`pipeline`]: the coordinator and the partition workers' hot loop.
@@ -32,6 +34,7 @@ pub mod error;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod registry;
 pub mod rules;
 pub mod sim;
 pub mod store;

@@ -25,7 +25,8 @@ pub struct TopicSpec {
     /// Replication factor.
     #[serde(default = "one")]
     pub replication_factor: i32,
-    /// Wire format; only meaningful for the telemetry topic.
+    /// Wire format: `avro` (default), `confluent_avro` or, for telemetry only, `json`. The
+    /// dead-letter and acknowledgement topics take none.
     #[serde(default)]
     pub format: Option<Format>,
     /// Topic configs (`cleanup.policy`, `retention.ms`, ...).
@@ -68,6 +69,13 @@ impl Topics {
     /// The telemetry topic's wire format.
     pub fn telemetry_format(&self) -> Format {
         self.telemetry.format.unwrap_or_default()
+    }
+
+    /// Whether any topic uses the Confluent wire format, which needs `[schema_registry]`.
+    pub fn uses_registry(&self) -> bool {
+        self.all()
+            .iter()
+            .any(|t| t.format == Some(Format::ConfluentAvro))
     }
 }
 
@@ -305,6 +313,24 @@ impl Topology {
                 "changelog {} must have cleanup.policy = \"compact\"",
                 topics.changelog.name
             ));
+        }
+        for (spec, allowed) in [
+            (&topics.changelog, "avro or confluent_avro"),
+            (&topics.alerts, "avro or confluent_avro"),
+            (
+                &topics.dead_letter,
+                "none: dead letters are the input bytes, untouched",
+            ),
+            (&topics.acks, "none: acknowledgements are JSON"),
+        ] {
+            let ok = match spec.format {
+                None | Some(Format::Avro) => true,
+                Some(Format::ConfluentAvro) => allowed.starts_with("avro"),
+                Some(Format::Json) => false,
+            };
+            if !ok {
+                return Err(format!("topic {}: format must be {allowed}", spec.name));
+            }
         }
         let names: HashSet<_> = topics.all().iter().map(|t| t.name.as_str()).collect();
         if names.len() != 5 {

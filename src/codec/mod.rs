@@ -10,12 +10,16 @@
 //! This module knows nothing of Kafka or RocksDB.
 
 pub mod avro;
+pub mod confluent;
 mod schema;
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
+use apache_avro::Schema;
 use serde::Deserialize;
 
+use confluent::WriterSchemas;
 pub use schema::SchemaProperty;
 use schema::{Plans, PropType, ReadingField, TimeUnit, TwinField};
 
@@ -28,12 +32,16 @@ use avro::{Cursor, put_bool, put_double, put_float, put_long, put_str};
 
 /// The wire format of an input topic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Format {
-    /// A plain Avro datum written with the model's telemetry schema.
+    /// A plain Avro datum written with the model's schema.
     #[default]
     Avro,
-    /// One JSON object with the telemetry schema's field names.
+    /// The Confluent wire format: magic byte, schema registry id, Avro datum. On input, the
+    /// writer schema is looked up by id and resolved against the model's; on output, the
+    /// model's schema is registered under `<topic>-value`.
+    ConfluentAvro,
+    /// One JSON object with the telemetry schema's field names (input only).
     Json,
 }
 
@@ -45,6 +53,15 @@ pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert_event.avsc");
 pub struct Codec {
     plans: Plans,
     by_name: HashMap<String, usize>,
+    telemetry_schema: Schema,
+    twin_schema: Schema,
+    /// The schemas' JSON text, as registered.
+    texts: (String, String),
+    /// Registry schemas seen on Confluent-framed input and changelog records.
+    writers: WriterSchemas,
+    /// Registry ids of the twin and alert schemas when those topics use the Confluent format
+    /// (set once, at start, before any record is processed).
+    output_ids: OnceLock<(Option<u32>, Option<u32>)>,
 }
 
 fn decode_err(field: &str, e: String) -> Error {
@@ -64,7 +81,63 @@ impl Codec {
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i))
             .collect();
-        Ok(Codec { plans, by_name })
+        let parse = |text| Schema::parse_str(text).map_err(|e| Error::Config(e.to_string()));
+        Ok(Codec {
+            plans,
+            by_name,
+            telemetry_schema: parse(telemetry_schema)?,
+            twin_schema: parse(twin_schema)?,
+            texts: (telemetry_schema.to_owned(), twin_schema.to_owned()),
+            writers: WriterSchemas::default(),
+            output_ids: OnceLock::new(),
+        })
+    }
+
+    /// The model's telemetry and twin schemas.
+    pub fn schemas(&self) -> (&Schema, &Schema) {
+        (&self.telemetry_schema, &self.twin_schema)
+    }
+
+    /// The model's telemetry and twin schemas as JSON text.
+    pub fn schema_texts(&self) -> (&str, &str) {
+        (&self.texts.0, &self.texts.1)
+    }
+
+    /// Registry schemas by id, for Confluent-framed input and changelog records.
+    pub fn writers(&self) -> &WriterSchemas {
+        &self.writers
+    }
+
+    /// Frames changelog and alert values in the Confluent wire format with these registry
+    /// ids (`None`: plain Avro datums).
+    /// Only the first call counts.
+    pub fn set_output_ids(&self, changelog: Option<u32>, alerts: Option<u32>) {
+        let _ = self.output_ids.set((changelog, alerts));
+    }
+
+    fn changelog_id(&self) -> Option<u32> {
+        self.output_ids.get().and_then(|ids| ids.0)
+    }
+
+    /// The bytes that go before each changelog value: the Confluent header, or nothing.
+    pub fn changelog_header(&self) -> Option<[u8; 5]> {
+        self.changelog_id().map(confluent::header)
+    }
+
+    /// The bytes that go before each alert value: the Confluent header, or nothing.
+    pub fn alerts_header(&self) -> Option<[u8; 5]> {
+        self.output_ids
+            .get()
+            .and_then(|ids| ids.1)
+            .map(confluent::header)
+    }
+
+    /// The writer of a Confluent-framed value, or `Error::SchemaNeeded` when its id has not
+    /// been fetched from the registry yet.
+    fn framed<'a>(&self, bytes: &'a [u8]) -> Result<(u32, Arc<confluent::Writer>, &'a [u8])> {
+        let (id, datum) = confluent::split(bytes)?;
+        let writer = self.writers.get(id).ok_or(Error::SchemaNeeded(id))?;
+        Ok((id, writer, datum))
     }
 
     /// The model's properties, in telemetry schema order.
@@ -85,12 +158,73 @@ impl Codec {
         match format {
             Format::Avro => self.decode_avro_reading(bytes, out),
             Format::Json => self.decode_json_reading(bytes, out),
+            Format::ConfluentAvro => {
+                let (id, writer, datum) = self.framed(bytes)?;
+                match &writer.telemetry {
+                    confluent::Reading::Direct => self.decode_avro_reading(datum, out),
+                    confluent::Reading::Resolve(w) => {
+                        let own = confluent::resolve(datum, w, &self.telemetry_schema)
+                            .map_err(|e| Error::Decode(format!("schema id {id}: {e}")))?;
+                        self.decode_avro_reading(&own, out)
+                    }
+                    confluent::Reading::Unreadable(why) => {
+                        Err(Error::Decode(format!("schema id {id}: {why}")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// A changelog value in the form the store keeps: the model's plain twin datum (the
+    /// Confluent header stripped, an older writer schema resolved).
+    ///
+    /// # Errors
+    /// As [`Codec::decode_changelog_twin`].
+    pub fn stored_twin<'a>(&self, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+        let Some(own) = self.changelog_id() else {
+            return Ok(value.into());
+        };
+        let (id, datum) = confluent::split(value)?;
+        if id == own {
+            return Ok(datum.into());
+        }
+        let mut buf = Vec::new();
+        self.encode_twin(&self.decode_changelog_twin(value)?, &mut buf);
+        Ok(buf.into())
+    }
+
+    /// Decodes a changelog value: a twin, Confluent-framed when the changelog is.
+    ///
+    /// # Errors
+    /// `Error::Decode` when it is not a twin of this model; `Error::SchemaNeeded` when its
+    /// registry id has not been fetched yet.
+    pub fn decode_changelog_twin(&self, bytes: &[u8]) -> Result<Twin> {
+        let Some(own) = self.changelog_id() else {
+            return self.decode_twin(bytes);
+        };
+        let (id, datum) = confluent::split(bytes)?;
+        if id == own {
+            return self.decode_twin(datum);
+        }
+        let (_, writer, datum) = self.framed(bytes)?;
+        match &writer.twin {
+            confluent::Reading::Direct => self.decode_twin(datum),
+            confluent::Reading::Resolve(w) => self.decode_twin(
+                &confluent::resolve(datum, w, &self.twin_schema)
+                    .map_err(|e| Error::Decode(format!("schema id {id}: {e}")))?,
+            ),
+            confluent::Reading::Unreadable(why) => {
+                Err(Error::Decode(format!("schema id {id}: {why}")))
+            }
         }
     }
 
     fn decode_avro_reading(&self, bytes: &[u8], out: &mut Reading) -> Result<()> {
         let mut c = Cursor::new(bytes);
-        for field in &self.plans.reading {
+        for (i, field) in self.plans.reading.iter().enumerate() {
+            if i >= self.plans.reading_tail && c.remaining() == 0 {
+                break; // written before the remaining optional fields were added
+            }
             match field {
                 ReadingField::AssetId => {
                     let s = c.str().map_err(|e| decode_err("asset_id", e))?;
@@ -256,7 +390,10 @@ impl Codec {
             pending: Vec::new(),
         };
         let mut times: Vec<(usize, i64)> = Vec::new();
-        for field in &self.plans.twin {
+        for (i, field) in self.plans.twin.iter().enumerate() {
+            if i >= self.plans.twin_tail && c.remaining() == 0 {
+                break; // written before the remaining optional fields were added
+            }
             let ctx = |name: &'static str| move |e: String| decode_err(name, e);
             match field {
                 TwinField::AssetId => twin.asset_id = c.str().map_err(ctx("asset_id"))?.to_owned(),

@@ -74,6 +74,22 @@ pub struct Plans {
     pub properties: Vec<SchemaProperty>,
     pub reading: Vec<ReadingField>,
     pub twin: Vec<TwinField>,
+    /// From this index on, every reading field has default null: a datum that ends there
+    /// was written by a producer whose schema did not have them yet (see [`optional_tail`]).
+    pub reading_tail: usize,
+    /// The same for the twin fields.
+    pub twin_tail: usize,
+}
+
+/// The index from which every field has default null, so that a datum written before they
+/// were appended to the schema ends there and reads them as null, exactly as Avro schema
+/// resolution would with the older schema as the writer's. Fields appended this way are how
+/// a model gains a property without reprocessing (see `ARCHITECTURE.md`).
+fn optional_tail(fields: &[RecordField]) -> usize {
+    fields
+        .iter()
+        .rposition(|f| f.default != Some(serde_json::Value::Null))
+        .map_or(0, |i| i + 1)
 }
 
 fn record<'a>(schema: &'a Schema, what: &str) -> Result<&'a RecordSchema> {
@@ -333,6 +349,8 @@ impl Plans {
             properties,
             reading,
             twin: twin_fields,
+            reading_tail: optional_tail(&telemetry.fields),
+            twin_tail: optional_tail(&twin.fields),
         })
     }
 }

@@ -252,3 +252,214 @@ fn twin_schema_must_mirror_every_telemetry_property() {
         "{err}"
     );
 }
+
+/// `schema` (JSON) with `field` (JSON) appended to its fields.
+fn appended(schema: &str, field: &str) -> String {
+    let mut s: serde_json::Value = serde_json::from_str(schema).unwrap();
+    s["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::from_str(field).unwrap());
+    s.to_string()
+}
+
+/// `schema` (JSON) without the field `name`.
+fn without(schema: &str, name: &str) -> String {
+    let mut s: serde_json::Value = serde_json::from_str(schema).unwrap();
+    s["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != name);
+    s.to_string()
+}
+
+const PRESSURE: &str = r#"{"name": "pressure_bar", "type": ["null", "double"], "default": null}"#;
+
+fn framed(id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut v = confluent::header(id).to_vec();
+    v.extend_from_slice(datum);
+    v
+}
+
+#[test]
+fn confluent_frames_are_split_or_refused() {
+    assert_eq!(confluent::header(258), [0, 0, 0, 1, 2]);
+    assert_eq!(
+        confluent::split(&[0, 0, 0, 1, 2, 9]).unwrap(),
+        (258, &[9u8][..])
+    );
+    for bad in [&[][..], &[1, 0, 0, 0, 1, 2][..], &[0, 0, 1][..]] {
+        let err = confluent::split(bad).unwrap_err();
+        assert!(matches!(err, Error::Decode(_)), "{err}");
+    }
+}
+
+#[test]
+fn confluent_readings_resolve_compatible_writer_schemas() {
+    let codec = Codec::new(VEHICLE, VEHICLE_TWIN).unwrap();
+    let (own_telemetry, own_twin) = codec.schemas();
+    let newer = Schema::parse_str(&appended(VEHICLE, PRESSURE)).unwrap();
+    let older = Schema::parse_str(&without(VEHICLE, "battery_pct")).unwrap();
+    let incompatible = Schema::parse_str(&VEHICLE.replace(
+        r#"{"name": "speed_kmh", "type": ["null", "double"]"#,
+        r#"{"name": "speed_kmh", "type": ["null", "string"]"#,
+    ))
+    .unwrap();
+    let writers = codec.writers();
+    for (id, schema) in [(1, VEHICLE.to_owned()), (2, newer.canonical_form())] {
+        writers.insert(id, confluent::Writer::new(&schema, own_telemetry, own_twin));
+    }
+    // Defaults matter for resolution: register the older schema's full text.
+    writers.insert(
+        3,
+        confluent::Writer::new(&without(VEHICLE, "battery_pct"), own_telemetry, own_twin),
+    );
+    writers.insert(
+        4,
+        confluent::Writer::new(&incompatible.canonical_form(), own_telemetry, own_twin),
+    );
+    writers.insert(5, confluent::Writer::unknown(5));
+    let base = || {
+        vec![
+            ("asset_id".to_string(), AV::String("van-1".into())),
+            ("event_time".to_string(), AV::TimestampMillis(1000)),
+            ("lat".to_string(), opt(Some(52.5))),
+            ("lng".to_string(), opt(None)),
+            ("speed_kmh".to_string(), opt(Some(30.0))),
+            ("temperature_c".to_string(), opt(None)),
+        ]
+    };
+    let mut with_battery = base();
+    with_battery.push(("battery_pct".into(), opt(Some(80.0))));
+    let mut newer_fields = with_battery.clone();
+    newer_fields.push(("pressure_bar".into(), opt(Some(2.5))));
+    let own = Schema::parse_str(VEHICLE).unwrap();
+    let mut r = Reading::default();
+    for (id, bytes, battery) in [
+        (1, avro_write(&own, AV::Record(with_battery)), Some(80.0)),
+        (2, avro_write(&newer, AV::Record(newer_fields)), Some(80.0)),
+        (3, avro_write(&older, AV::Record(base())), None),
+    ] {
+        codec
+            .decode_reading(Format::ConfluentAvro, &framed(id, &bytes), &mut r)
+            .unwrap_or_else(|e| panic!("schema {id}: {e}"));
+        assert_eq!(r.asset_id, "van-1");
+        assert_eq!(r.event_time, 1000);
+        let mut expected = vec![(0, Value::Double(52.5)), (2, Value::Double(30.0))];
+        expected.extend(battery.map(|b| (4, Value::Double(b))));
+        assert_eq!(r.values, expected, "schema {id}");
+    }
+    let err = codec
+        .decode_reading(Format::ConfluentAvro, &framed(4, &[2, b'x']), &mut r)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Decode(_)) && err.to_string().contains("schema id 4"),
+        "{err}"
+    );
+    let err = codec
+        .decode_reading(Format::ConfluentAvro, &framed(5, &[2, b'x']), &mut r)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not in the schema registry"),
+        "{err}"
+    );
+    let err = codec
+        .decode_reading(Format::ConfluentAvro, &framed(6, &[2, b'x']), &mut r)
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaNeeded(6)), "{err}");
+}
+
+#[test]
+fn a_model_with_appended_optional_properties_reads_older_data() {
+    let old = Codec::new(VEHICLE, VEHICLE_TWIN).unwrap();
+    let new = Codec::new(
+        &appended(VEHICLE, PRESSURE),
+        &appended(VEHICLE_TWIN, PRESSURE),
+    )
+    .unwrap();
+    let reading = Reading {
+        asset_id: "van-9".into(),
+        event_time: 5,
+        values: vec![(2, Value::Double(12.0))],
+    };
+    let mut bytes = Vec::new();
+    old.encode_reading(&reading, &mut bytes);
+    let mut r = Reading::default();
+    new.decode_reading(Format::Avro, &bytes, &mut r).unwrap();
+    assert_eq!(r, reading);
+
+    let mut twin = Twin {
+        asset_id: "van-9".into(),
+        version: 3,
+        event_time: 5,
+        last_seen: 6,
+        updated_at: 7,
+        still_since: None,
+        status: Status::Active,
+        props: vec![None; 5],
+        alerts: Vec::new(),
+        pending: Vec::new(),
+    };
+    twin.props[2] = Some(Prop {
+        value: Value::Double(12.0),
+        time: 5,
+    });
+    let mut stored = Vec::new();
+    old.encode_twin(&twin, &mut stored);
+    let read = new.decode_twin(&stored).unwrap();
+    assert_eq!(read.props.len(), 6);
+    assert_eq!(read.props[2], twin.props[2]);
+    assert_eq!(read.props[5], None);
+
+    // And a reader still on the old schema reads the new twins: the appended field comes
+    // after everything it knows.
+    let mut newer = Vec::new();
+    new.encode_twin(&read, &mut newer);
+    let av = avro_read(&Schema::parse_str(VEHICLE_TWIN).unwrap(), &newer);
+    assert_eq!(field(&av, "version"), &AV::Long(3));
+    // A datum cut short anywhere else is still an error.
+    assert!(new.decode_twin(&stored[..stored.len() - 1]).is_err());
+}
+
+#[test]
+fn confluent_changelog_values_are_stored_plain() {
+    let codec = Codec::new(VEHICLE, VEHICLE_TWIN).unwrap();
+    codec.set_output_ids(Some(11), None);
+    assert_eq!(codec.changelog_header(), Some([0, 0, 0, 0, 11]));
+    assert_eq!(codec.alerts_header(), None);
+    let twin = Twin {
+        asset_id: "van-2".into(),
+        version: 1,
+        event_time: 5,
+        last_seen: 6,
+        updated_at: 7,
+        still_since: None,
+        status: Status::Offline,
+        props: vec![None; 5],
+        alerts: Vec::new(),
+        pending: Vec::new(),
+    };
+    let mut plain = Vec::new();
+    codec.encode_twin(&twin, &mut plain);
+    let value = framed(11, &plain);
+    let stored = codec.stored_twin(&value).unwrap();
+    assert_eq!(&*stored, &plain[..]);
+    // A changelog record of an older twin schema is resolved into the current one.
+    let (t, w) = codec.schemas();
+    let older_twin = without(VEHICLE_TWIN, "pending_alerts");
+    let older = Schema::parse_str(&older_twin).unwrap();
+    codec
+        .writers()
+        .insert(12, confluent::Writer::new(&older_twin, t, w));
+    let av = avro_read(&Schema::parse_str(VEHICLE_TWIN).unwrap(), &plain);
+    let AV::Record(mut fields) = av else { panic!() };
+    fields.retain(|(n, _)| n != "pending_alerts");
+    let older_bytes = avro_write(&older, AV::Record(fields));
+    let value = framed(12, &older_bytes);
+    let stored = codec.stored_twin(&value).unwrap();
+    assert_eq!(codec.decode_twin(&stored).unwrap(), twin);
+    assert!(matches!(
+        codec.stored_twin(&framed(13, &older_bytes)),
+        Err(Error::SchemaNeeded(13))
+    ));
+}

@@ -23,6 +23,7 @@ use crate::config::ProcessingConfig;
 use crate::error::Error;
 use crate::kafka::OutputProducer;
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -47,6 +48,8 @@ pub struct Shared {
     pub restore_client: ClientConfig,
     /// The first fatal error; the instance stops when it is set.
     pub failure: Failure,
+    /// The schema registry, when a topic uses the Confluent wire format.
+    pub registry: Option<Arc<Registry>>,
 }
 
 /// The first fatal error of an instance, and a token cancelled when it happens.

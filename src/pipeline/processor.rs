@@ -75,6 +75,29 @@ impl Outputs {
         });
     }
 
+    /// Pushes a changelog or alert record, its value framed by `header` if given.
+    fn push_value(
+        &mut self,
+        target: Target,
+        source: i64,
+        key: &[u8],
+        header: Option<[u8; 5]>,
+        value: &[u8],
+    ) {
+        let k = self.append(key);
+        let start = self.buf.len();
+        self.buf
+            .extend_from_slice(header.as_ref().map_or(&[][..], |h| &h[..]));
+        self.buf.extend_from_slice(value);
+        self.records.push(Output {
+            target,
+            source,
+            key: Some(k),
+            payload: Some(start..self.buf.len()),
+            headers: Vec::new(),
+        });
+    }
+
     fn append(&mut self, bytes: &[u8]) -> Range<usize> {
         let start = self.buf.len();
         self.buf.extend_from_slice(bytes);
@@ -179,23 +202,34 @@ impl Processor {
     /// Bad input is dead-lettered and counted, never returned as an error.
     ///
     /// # Errors
-    /// Only store failures (`Retry`) and corrupt stored twins (`Fatal`).
+    /// Store failures (`Retry`), corrupt stored twins (`Fatal`), and `SchemaNeeded` for a
+    /// Confluent-framed record whose writer schema is not known yet; then the record was
+    /// not processed and nothing was staged for it.
     pub fn process(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
+        let topology = self.topology.clone();
+        let decoded = input.payload.map(|payload| {
+            topology.codec.decode_reading(
+                topology.topics.telemetry_format(),
+                payload,
+                &mut self.reading,
+            )
+        });
+        if let Some(Err(Error::SchemaNeeded(id))) = decoded {
+            // Not processed: the caller fetches the schema and reads this record again.
+            return Err(Error::SchemaNeeded(id));
+        }
         batch.next_offset = Some(input.offset + 1);
         batch.counts.consumed += 1;
-        let topology = self.topology.clone();
-
-        let Some(payload) = input.payload else {
-            self.dead_letter(input, batch, "empty", "decode", "record has no value");
-            return Ok(());
-        };
-        if let Err(e) = topology.codec.decode_reading(
-            topology.topics.telemetry_format(),
-            payload,
-            &mut self.reading,
-        ) {
-            self.dead_letter(input, batch, "decode", "decode", &e.to_string());
-            return Ok(());
+        match decoded {
+            None => {
+                self.dead_letter(input, batch, "empty", "decode", "record has no value");
+                return Ok(());
+            }
+            Some(Err(e)) => {
+                self.dead_letter(input, batch, "decode", "decode", &e.to_string());
+                return Ok(());
+            }
+            Some(Ok(())) => {}
         }
         if let Err(why) = topology.model.validate(&self.reading) {
             self.dead_letter(input, batch, "invalid", "validate", &why);
@@ -425,22 +459,22 @@ impl Processor {
 
         batch.counts.updates += 1;
         batch.store.put_twin(id, &self.scratch);
-        batch.outputs.push(
+        batch.outputs.push_value(
             Target::Changelog,
             source,
-            Some(id.as_bytes()),
-            Some(&self.scratch),
-            Vec::new(),
+            id.as_bytes(),
+            topology.codec.changelog_header(),
+            &self.scratch,
         );
         for event in &self.alerts {
             self.scratch.clear();
             encode_alert(event, id, &topology.rules, &mut self.scratch);
-            batch.outputs.push(
+            batch.outputs.push_value(
                 Target::Alerts,
                 source,
-                Some(id.as_bytes()),
-                Some(&self.scratch),
-                Vec::new(),
+                id.as_bytes(),
+                topology.codec.alerts_header(),
+                &self.scratch,
             );
             batch.counts.alerts.push((event.rule, event.state));
         }

@@ -19,7 +19,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use super::Shared;
 use super::processor::SOURCE_OFFSET_HEADER;
 use crate::config::Guarantee;
-use crate::error::Result;
+use crate::error::{Disposition, Error, Result};
 
 /// Records per store write during a restore.
 const RESTORE_BATCH: u64 = 10_000;
@@ -88,16 +88,16 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
             ),
             (Some(_), Some(source)) if source >= resume => unfinished += 1,
             (Some(key), _) => {
-                match m.payload() {
-                    Some(twin) => {
-                        batch.put_twin(key, twin);
+                match m.payload().map(|v| stored_twin(shared, v)) {
+                    Some(Ok(twin)) => {
+                        batch.put_twin(key, &twin);
                         if timers {
                             // An older entry of this twin may stay behind: a timer that
                             // comes due checks the twin before it fires.
                             let deadline = shared
                                 .topology
                                 .codec
-                                .decode_twin(twin)
+                                .decode_twin(&twin)
                                 .ok()
                                 .and_then(|t| shared.topology.model.deadline(&t));
                             if let Some(deadline) = deadline {
@@ -105,6 +105,13 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
                             }
                         }
                     }
+                    Some(Err(e)) if e.disposition() == Disposition::Skip => tracing::warn!(
+                        partition,
+                        offset = m.offset(),
+                        error = %e,
+                        "Changelog record that is not a twin of this model; skipped."
+                    ),
+                    Some(Err(e)) => return Err(e),
                     None => batch.delete_twin(key),
                 }
                 in_batch += 1;
@@ -139,6 +146,24 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
         "Restore finished."
     );
     Ok(total)
+}
+
+/// A changelog value as the store keeps it, fetching its writer schema from the registry
+/// first when it is Confluent-framed with an id not seen yet.
+fn stored_twin<'a>(shared: &Shared, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let codec = &shared.topology.codec;
+    loop {
+        match codec.stored_twin(value) {
+            Err(Error::SchemaNeeded(id)) => {
+                let registry = shared.registry.as_ref().ok_or_else(|| {
+                    Error::Config("a Confluent-framed changelog needs [schema_registry]".into())
+                })?;
+                // On a blocking thread: wait for the fetch on the instance's runtime.
+                tokio::runtime::Handle::current().block_on(registry.fetch(id, codec))?;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The input offset a changelog record came from, from its header.

@@ -69,6 +69,9 @@ pub struct PartitionWorker {
     ack_floor: i64,
     epoch: u64,
     epochs: watch::Receiver<u64>,
+    /// A record that was not processed because its writer schema (this registry id) must
+    /// be fetched first, and its offset, where processing goes on.
+    needs_schema: Option<(u32, i64)>,
 }
 
 impl PartitionWorker {
@@ -95,6 +98,7 @@ impl PartitionWorker {
             floor: start,
             position: start,
             ack_floor: ack_start,
+            needs_schema: None,
             shared,
             committer,
             consumer,
@@ -174,6 +178,10 @@ impl PartitionWorker {
                 self.committer.poison();
             }
             drop(gate);
+            if let Some((id, offset)) = self.needs_schema.take() {
+                // Outside the gate: a slow registry must not hold up other partitions' commits.
+                self.fetch_schema(id, offset, &stop).await?;
+            }
             match outcome {
                 Ok(()) => self
                     .slot
@@ -248,9 +256,18 @@ impl PartitionWorker {
                             .process_ack(&record, &mut batch, now, self.position - 1)
                     }
                 };
-                if let Err(e) = processed {
-                    result = Err(e);
-                    break;
+                match processed {
+                    Ok(()) => {}
+                    Err(Error::SchemaNeeded(id)) => {
+                        // The batch ends before this record; it is read again once the
+                        // schema is known.
+                        self.needs_schema = Some((id, m.offset()));
+                        break;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
             }
             taken += 1;
@@ -338,6 +355,43 @@ impl PartitionWorker {
                 .send(topic, partition, key, payload, headers)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Fetches writer schema `id` from the registry, retrying while it cannot be reached, and
+    /// seeks back to `offset`, the record that needs it.
+    async fn fetch_schema(&mut self, id: u32, offset: i64, stop: &CancellationToken) -> Result<()> {
+        let registry = self.shared.registry.clone().ok_or_else(|| {
+            Error::Config("a Confluent-framed input needs [schema_registry]".into())
+        })?;
+        let mut failures = 0u32;
+        while let Err(e) = registry.fetch(id, &self.shared.topology.codec).await {
+            if e.disposition() != Disposition::Retry {
+                return Err(e);
+            }
+            let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6));
+            tracing::warn!(error = %e, partition = self.partition, "Schema registry unavailable; retrying.");
+            failures += 1;
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
+            }
+        }
+        let (consumer, topic, partition) = (
+            self.consumer.clone(),
+            self.slot.topic.clone(),
+            self.partition,
+        );
+        tokio::task::spawn_blocking(move || {
+            consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+        })
+        .await
+        .map_err(|e| Error::Store(format!("seek task: {e}")))??;
         Ok(())
     }
 

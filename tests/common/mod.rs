@@ -131,6 +131,7 @@ impl TestPipeline {
             http: HttpConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
             },
+            schema_registry: None,
         }
     }
 
