@@ -130,3 +130,119 @@ async fn a_pump_model_runs_on_the_same_binary() {
     assert!(alerts.iter().all(|a| text(&a["state"]) == "RAISED"));
     p.stop().await;
 }
+
+/// Appends an optional `pressure_bar` to the fields of the schema at `path`.
+fn append_pressure(path: &std::path::Path) {
+    let mut schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    schema["fields"].as_array_mut().unwrap().push(serde_json::json!(
+        {"name": "pressure_bar", "type": ["null", "double"], "default": null, "doc": "Tyre pressure."}
+    ));
+    std::fs::write(path, schema.to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appending_an_optional_property_needs_no_reprocessing_and_keeps_old_readers_working() {
+    // Version 1: the shipped model, copied so it can be edited.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root().join("schemas"), &dir.path().join("schemas"));
+    copy_dir(&root().join("topology"), &dir.path().join("topology"));
+    let v1_twin = dir.path().join("v1_twin.avsc");
+    std::fs::copy(dir.path().join("schemas/vehicle_twin.avsc"), &v1_twin).unwrap();
+    let topology = || TopologyConfig {
+        topics: dir.path().join("topology/topics.toml"),
+        model: dir.path().join("topology/vehicle.toml"),
+    };
+    let (kafka, mut v1) = start(topology());
+    let t0 = v1.now() - 60_000;
+    v1.send("van-1", t0, &[("speed_kmh", 50.0), ("temperature_c", 4.0)])
+        .await;
+    v1.send("van-2", t0, &[("speed_kmh", 20.0)]).await;
+    v1.changelog(2);
+    v1.stop().await;
+
+    // Version 2: pressure_bar appended to both schemas; the same store, no reprocessing.
+    append_pressure(&dir.path().join("schemas/vehicle_telemetry.avsc"));
+    append_pressure(&dir.path().join("schemas/vehicle_twin.avsc"));
+    let mut v2 = TestPipeline::new(&kafka.bootstrap_servers(), topology(), &[]);
+    std::mem::swap(&mut v2.state, &mut v1.state);
+    v2.group = v1.group.clone();
+    v2.start();
+    v2.send("van-1", t0 + 1000, &[("pressure_bar", 2.5)]).await;
+    // A device still on version 1 of the telemetry schema.
+    let old = v1.encode("van-2", t0 + 1000, &[("temperature_c", 5.0)]);
+    v2.send_raw(Some(b"van-2"), Some(&old)).await;
+    let twins = v2.changelog(4);
+    let model = v2.topology.model.clone();
+    let prop = |t: &twinflow::twin::Twin, name: &str| {
+        t.value(model.property(name).unwrap()).cloned()
+    };
+    let van1 = twins
+        .iter()
+        .find(|t| t.asset_id == "van-1" && t.version == 2)
+        .unwrap();
+    assert_eq!(prop(van1, "pressure_bar"), Some(Value::Double(2.5)));
+    assert_eq!(
+        prop(van1, "speed_kmh"),
+        Some(Value::Double(50.0)),
+        "the twin stored under version 1 was read, not rebuilt"
+    );
+    let van2 = twins
+        .iter()
+        .find(|t| t.asset_id == "van-2" && t.version == 2)
+        .unwrap();
+    assert_eq!(prop(van2, "temperature_c"), Some(Value::Double(5.0)));
+    assert_eq!(prop(van2, "pressure_bar"), None);
+
+    // A changelog consumer still on version 1 of the twin schema (Python, fastavro) reads
+    // every record, before and after the change.
+    let out = std::process::Command::new(common::venv().join("bin/python"))
+        .arg(root().join("tests/python/read_outputs.py"))
+        .args([
+            "--bootstrap",
+            &v2.bootstrap,
+            "--changelog",
+            "twin-changelog",
+        ])
+        .args(["--alerts", "twin-alerts", "--twin-schema"])
+        .arg(&v1_twin)
+        .arg("--alert-schema")
+        .arg(root().join("schemas/alert_event.avsc"))
+        .args([
+            "--expect-changelog",
+            "4",
+            "--expect-alerts",
+            "0",
+            "--timeout",
+            "30",
+            "--older-schema",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["twins"]["van-1"]["version"], 2);
+    assert_eq!(doc["twins"]["van-1"]["speed_kmh"], 50.0);
+    assert_eq!(doc["twins"]["van-2"]["temperature_c"], 5.0);
+    v2.stop().await;
+
+    // An instance with an empty store restores from the mixed changelog.
+    let mut fresh = TestPipeline::new(&kafka.bootstrap_servers(), topology(), &[]);
+    fresh.group = v2.group.clone();
+    fresh.start();
+    fresh
+        .send("van-1", t0 + 2000, &[("battery_pct", 90.0)])
+        .await;
+    let twins = fresh.changelog(5);
+    let van1 = &twins
+        .iter()
+        .find(|t| t.asset_id == "van-1" && t.version == 3)
+        .unwrap();
+    assert_eq!(prop(van1, "pressure_bar"), Some(Value::Double(2.5)));
+    assert_eq!(prop(van1, "speed_kmh"), Some(Value::Double(50.0)));
+    fresh.stop().await;
+}

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use twinflow::App;
 use twinflow::clock::{Clock, ManualClock};
 use twinflow::config::{
-    Config, Guarantee, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
+    Config, Guarantee, HttpConfig, KafkaConfig, ProcessingConfig, RegistryConfig, StoreConfig,
+    TopologyConfig,
 };
 use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
@@ -70,6 +71,7 @@ pub struct TestPipeline {
     pub guarantee: Guarantee,
     pub metrics: Option<Metrics>,
     pub http: Option<std::net::SocketAddr>,
+    pub registry: Option<RegistryConfig>,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -100,6 +102,7 @@ impl TestPipeline {
             guarantee: Guarantee::AtLeastOnce,
             metrics: None,
             http: None,
+            registry: None,
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -131,7 +134,7 @@ impl TestPipeline {
             http: HttpConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
             },
-            schema_registry: None,
+            schema_registry: self.registry.clone(),
         }
     }
 
