@@ -21,3 +21,25 @@ fn compose_file_and_its_references_hold_together() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_image_configuration_loads_with_the_registry_it_needs() {
+    // The image's config names /etc/twinflow/topics.toml, copied from docker/topics.toml.
+    let config = twinflow::Config::load(&root().join("docker/twinflow.toml")).unwrap();
+    let topology = twinflow::topology::Topology::load(
+        &root().join("docker/topics.toml"),
+        &root().join("topology/vehicle.toml"),
+    )
+    .unwrap();
+    assert!(
+        topology.topics.uses_registry(),
+        "the compose setup shows the Confluent format"
+    );
+    let registry = config.schema_registry.expect("[schema_registry] is set");
+    assert_eq!(registry.url, "http://schema-registry:8081");
+    let compose = std::fs::read_to_string(root().join("docker/compose.yaml")).unwrap();
+    assert!(
+        compose.contains("SCHEMA_REGISTRY_LISTENERS: http://0.0.0.0:8081"),
+        "compose runs the registry the config names"
+    );
+}
