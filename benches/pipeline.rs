@@ -313,6 +313,7 @@ fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) -> C
         },
         http: HttpConfig {
             listen: ([127, 0, 0, 1], 0).into(),
+            token: None,
         },
         schema_registry: None,
     }

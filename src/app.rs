@@ -23,6 +23,7 @@ use crate::pipeline::{Committer, Coordinator, Failure, Handler, Shared};
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::topology::Topology;
+use crate::view::FleetView;
 
 /// Consumer settings twinflow relies on; passthrough properties may override the first group.
 const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
@@ -48,6 +49,7 @@ pub struct App {
     coordinator: Arc<Coordinator>,
     consumer: Arc<Consumer>,
     listener: std::net::TcpListener,
+    token: Option<String>,
 }
 
 impl App {
@@ -178,6 +180,7 @@ impl App {
             coordinator,
             consumer,
             listener,
+            token: config.http.token.as_ref().map(|t| t.0.clone()),
         })
     }
 
@@ -205,6 +208,7 @@ impl App {
             coordinator,
             consumer,
             listener,
+            token,
         } = self;
         if let Some(registry) = &shared.registry {
             // Before the first poll, so before any partition is assigned.
@@ -218,9 +222,27 @@ impl App {
         let listener =
             tokio::net::TcpListener::from_std(listener).context("starting the HTTP endpoint")?;
         let http_stop = CancellationToken::new();
+        let view = FleetView::open(shared.store.view(), shared.topology.clone())
+            .context("opening the fleet view")?;
+        let stop_view = Arc::new(AtomicBool::new(false));
+        let viewer = {
+            let (view, stop) = (view.clone(), stop_view.clone());
+            let mut client = shared.restore_client.clone();
+            if shared.settings.guarantee == Guarantee::ExactlyOnce {
+                client.set("isolation.level", "read_committed");
+            }
+            let (registry, runtime) = (shared.registry.clone(), tokio::runtime::Handle::current());
+            std::thread::Builder::new()
+                .name("twinflow-view".into())
+                .spawn(move || view.run(client, registry, runtime, stop))
+                .context("starting the fleet view thread")?
+        };
         let state = ApiState {
             shared: shared.clone(),
             coordinator: coordinator.clone(),
+            view,
+            token: token.clone(),
+            stop: http_stop.clone(),
         };
         let http = tokio::spawn(api::serve(listener, state, http_stop.clone()));
 
@@ -244,7 +266,18 @@ impl App {
             .context("joining the consumer thread")?
             .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?;
         http_stop.cancel();
-        http.await.context("joining the HTTP endpoint")??;
+        // Requests in flight get a moment to finish; open streams are ended (they close on
+        // the stop token), and a client that reads nothing does not hold up the exit.
+        let http_abort = http.abort_handle();
+        match tokio::time::timeout(Duration::from_secs(2), http).await {
+            Ok(joined) => joined.context("joining the HTTP endpoint")??,
+            Err(_) => http_abort.abort(),
+        }
+        stop_view.store(true, Ordering::SeqCst);
+        tokio::task::spawn_blocking(move || viewer.join())
+            .await
+            .context("joining the fleet view thread")?
+            .map_err(|_| anyhow::anyhow!("the fleet view thread panicked"))?;
         // The poller committed and closed everything; stop the periodic commits.
         committing.cancel();
         committer_task.await.context("joining the committer")?;

@@ -234,12 +234,17 @@ impl Default for ProcessingConfig {
 pub struct HttpConfig {
     /// Address to listen on; loopback unless you mean to expose it.
     pub listen: SocketAddr,
+    /// Bearer token required by everything but `/healthz` (`Authorization: Bearer <token>`,
+    /// or `?access_token=<token>` where a header cannot be set, as for EventSource). None:
+    /// no authentication. Set it from the environment or a secret file.
+    pub token: Option<Secret>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
+            token: None,
         }
     }
 }

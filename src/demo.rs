@@ -78,7 +78,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         topology: opts.topology.clone(),
         store: StoreConfig { path: state },
         processing: ProcessingConfig::default(),
-        http: HttpConfig { listen: opts.http },
+        http: HttpConfig {
+            listen: opts.http,
+            token: None,
+        },
         schema_registry: None,
     };
     config.validate().map_err(anyhow::Error::msg)?;

@@ -12,7 +12,9 @@
 //! - [`kafka`]: consumer with rebalance hand-off, partition streams, output producer, topic admin.
 //! - [`pipeline`]: the coordinator and the partition workers' hot loop.
 //! - [`metrics`]: Prometheus metrics on the instance's own registry.
-//! - [`api`]: the HTTP endpoint (metrics, health, twins).
+//! - [`view`]: the fleet view: a read replica of every twin, fed from the changelog, and the
+//!   live event stream.
+//! - [`api`]: the HTTP endpoint (metrics, health, the twin API, the fleet page).
 //! - [`app`]: config → build → run.
 //! - [`clock`]: processing time, controllable in tests.
 //! - [`embedded`]: the in-process Kafka-protocol cluster of the demo and tests.
@@ -40,6 +42,7 @@ pub mod sim;
 pub mod store;
 pub mod topology;
 pub mod twin;
+pub mod view;
 
 pub use app::App;
 pub use config::Config;

@@ -174,9 +174,8 @@ async fn appending_an_optional_property_needs_no_reprocessing_and_keeps_old_read
     v2.send_raw(Some(b"van-2"), Some(&old)).await;
     let twins = v2.changelog(4);
     let model = v2.topology.model.clone();
-    let prop = |t: &twinflow::twin::Twin, name: &str| {
-        t.value(model.property(name).unwrap()).cloned()
-    };
+    let prop =
+        |t: &twinflow::twin::Twin, name: &str| t.value(model.property(name).unwrap()).cloned();
     let van1 = twins
         .iter()
         .find(|t| t.asset_id == "van-1" && t.version == 2)

@@ -509,9 +509,18 @@ impl Codec {
                 })
             })
             .collect();
+        let number = |name: &str| {
+            let index = *self.by_name.get(name)?;
+            twin.props[index].as_ref()?.value.as_f64()
+        };
+        let location = match (number("lat"), number("lng")) {
+            (Some(lat), Some(lng)) => serde_json::json!({ "lat": lat, "lng": lng }),
+            _ => serde_json::Value::Null,
+        };
         serde_json::json!({
             "asset_id": twin.asset_id,
             "version": twin.version,
+            "location": location,
             "event_time": rfc3339(twin.event_time),
             "last_seen": rfc3339(twin.last_seen),
             "updated_at": rfc3339(twin.updated_at),

@@ -12,6 +12,12 @@
 //! |      |                                       | i64 BE, then the `WriteBatch` bytes |
 //! | 0x05 | `05 · partition u32 · deadline i64 ·  | empty: the twin's status changes by |
 //! |      |   asset_id utf-8`                     | itself at `deadline` (a timer)      |
+//! | 0x06 | `06 · asset_id utf-8`                 | fleet view: the newest changelog    |
+//! |      |                                       | twin of every asset, any partition  |
+//! | 0x07 | `07 · partition u32`                  | fleet view: next changelog offset   |
+//!
+//! The fleet view (kinds 0x06, 0x07) is a read replica of the whole changelog for the HTTP
+//! API (see `crate::view`), apart from the owned state: nothing in the pipeline reads it.
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
 //!
@@ -37,6 +43,8 @@ const KIND_OFFSET: u8 = 0x02;
 const KIND_CHANGELOG: u8 = 0x03;
 const KIND_PREPARED: u8 = 0x04;
 const KIND_DEADLINE: u8 = 0x05;
+const KIND_VIEW_TWIN: u8 = 0x06;
+const KIND_VIEW_POSITION: u8 = 0x07;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -69,6 +77,13 @@ impl Store {
         PartitionStore {
             db: self.db.clone(),
             partition: partition as u32,
+        }
+    }
+
+    /// The fleet view: the read replica of the whole changelog.
+    pub fn view(&self) -> ViewStore {
+        ViewStore {
+            db: self.db.clone(),
         }
     }
 
@@ -145,15 +160,7 @@ impl PartitionStore {
     }
 
     fn offset(&self, k: Vec<u8>) -> Result<Option<i64>> {
-        match self.db.get(&k)? {
-            None => Ok(None),
-            Some(v) => {
-                let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
-                    Error::CorruptStore(format!("position {k:?} has {} bytes", v.len()))
-                })?;
-                Ok(Some(i64::from_be_bytes(bytes)))
-            }
-        }
+        offset(&self.db, k)
     }
 
     /// Up to `limit` twins whose asset id sorts after `after`, in asset id order.
@@ -161,24 +168,7 @@ impl PartitionStore {
     /// # Errors
     /// `Error::Store` when RocksDB fails.
     pub fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
-        let prefix = key(KIND_TWIN, self.partition, b"");
-        let start = key(KIND_TWIN, self.partition, after.unwrap_or("").as_bytes());
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) || out.len() == limit {
-                break;
-            }
-            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if after == Some(id.as_str()) {
-                continue;
-            }
-            out.push((id, v.into_vec()));
-        }
-        Ok(out)
+        scan(&self.db, &key(KIND_TWIN, self.partition, b""), after, limit)
     }
 
     /// Up to `limit` timers due at `now`: `(deadline, asset_id)`, earliest first. The index
@@ -317,6 +307,107 @@ impl PartitionStore {
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         Ok(self.db.write_opt(batch.batch, &opts)?)
+    }
+}
+
+/// A stored position (i64 big-endian).
+fn offset(db: &DB, k: Vec<u8>) -> Result<Option<i64>> {
+    match db.get(&k)? {
+        None => Ok(None),
+        Some(v) => {
+            let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
+                Error::CorruptStore(format!("position {k:?} has {} bytes", v.len()))
+            })?;
+            Ok(Some(i64::from_be_bytes(bytes)))
+        }
+    }
+}
+
+/// Up to `limit` entries under `prefix` whose id (the rest of the key) sorts after `after`.
+fn scan(
+    db: &DB,
+    prefix: &[u8],
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut start = prefix.to_vec();
+    start.extend_from_slice(after.unwrap_or("").as_bytes());
+    let mut out = Vec::new();
+    for item in db.iterator(IteratorMode::From(&start, Direction::Forward)) {
+        let (k, v) = item?;
+        if !k.starts_with(prefix) || out.len() == limit {
+            break;
+        }
+        let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        if after == Some(id.as_str()) {
+            continue;
+        }
+        out.push((id, v.into_vec()));
+    }
+    Ok(out)
+}
+
+/// The fleet view's keys: the newest changelog twin of every asset, and how far each
+/// changelog partition has been read.
+#[derive(Clone)]
+pub struct ViewStore {
+    db: Arc<DB>,
+}
+
+fn view_key(asset_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + asset_id.len());
+    k.push(KIND_VIEW_TWIN);
+    k.extend_from_slice(asset_id.as_bytes());
+    k
+}
+
+impl ViewStore {
+    /// The viewed twin of `asset_id` (a plain twin datum).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn twin(&self, asset_id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(view_key(asset_id))?)
+    }
+
+    /// Up to `limit` viewed twins whose asset id sorts after `after`, in asset id order.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, Vec<u8>)>> {
+        scan(&self.db, &[KIND_VIEW_TWIN], after, limit)
+    }
+
+    /// The next changelog offset of `partition` the view has not read.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn position(&self, partition: i32) -> Result<Option<i64>> {
+        offset(&self.db, key(KIND_VIEW_POSITION, partition as u32, b""))
+    }
+
+    /// Writes twins (`None`: a tombstone) and read positions at once.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn write(
+        &self,
+        twins: &[(String, Option<Vec<u8>>)],
+        positions: &[(i32, i64)],
+    ) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        for (id, twin) in twins {
+            match twin {
+                Some(t) => batch.put(view_key(id), t),
+                None => batch.delete(view_key(id)),
+            }
+        }
+        for (p, next) in positions {
+            batch.put(key(KIND_VIEW_POSITION, *p as u32, b""), next.to_be_bytes());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        Ok(self.db.write_opt(batch, &opts)?)
     }
 }
 

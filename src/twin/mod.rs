@@ -62,7 +62,7 @@ impl Reading {
 }
 
 /// Operating status of an asset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
     /// Reporting and moving (or, for models without a motion property, reporting).

@@ -102,6 +102,18 @@ impl Model {
         self.properties.iter().position(|p| p.name == name)
     }
 
+    /// The twin's location: its `lat` and `lng` properties, when the model has both and the
+    /// twin knows both.
+    pub fn location_of(&self, twin: &Twin) -> Option<(f64, f64)> {
+        let (lat, lng) = self.location()?;
+        Some((twin.value(lat)?.as_f64()?, twin.value(lng)?.as_f64()?))
+    }
+
+    /// The indices of the `lat` and `lng` properties, when the model has both.
+    pub fn location(&self) -> Option<(usize, usize)> {
+        Some((self.property("lat")?, self.property("lng")?))
+    }
+
     /// Whether the twin's values say it is standing still (IDLE rather than ACTIVE).
     pub fn is_still(&self, twin: &Twin) -> bool {
         let Some(rule) = self.active_when else {

@@ -72,6 +72,7 @@ pub struct TestPipeline {
     pub metrics: Option<Metrics>,
     pub http: Option<std::net::SocketAddr>,
     pub registry: Option<RegistryConfig>,
+    pub token: Option<twinflow::config::Secret>,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -103,6 +104,7 @@ impl TestPipeline {
             metrics: None,
             http: None,
             registry: None,
+            token: None,
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -133,6 +135,7 @@ impl TestPipeline {
             },
             http: HttpConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
+                token: self.token.clone(),
             },
             schema_registry: self.registry.clone(),
         }

@@ -1,0 +1,460 @@
+//! The HTTP endpoint: operations (`/metrics`, `/healthz`, `/readyz`) and the twin API
+//! (`/twins`, `/twins/{id}`, `/alerts`, `/fleet`, the live `/twins/stream`), the fleet page
+//! at `/` and the API's OpenAPI document at `/openapi.json`. It never changes state.
+//!
+//! Twins are read from the fleet view ([`crate::view`]): every instance answers for every
+//! twin, as of the changelog it has read (see `ARCHITECTURE.md` for how stale that is).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::{Coordinator, Shared};
+use crate::twin::{Severity, Status, Twin};
+use crate::view::{EventKind, FleetView};
+
+/// Largest page of `GET /twins` and `GET /alerts`.
+pub const MAX_PAGE: usize = 1000;
+
+/// Twins one list request reads at most; a filtered page that needs more ends early, with
+/// `next_after` saying where to go on.
+const SCAN_BUDGET: usize = 100_000;
+
+/// Longest query string accepted.
+const MAX_QUERY: usize = 2048;
+
+/// The fleet page: one static file, no build step, no outside resources.
+const PAGE: &str = include_str!("page.html");
+
+/// The OpenAPI document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct ApiState {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) coordinator: Arc<Coordinator>,
+    pub(crate) view: Arc<FleetView>,
+    pub(crate) token: Option<String>,
+    /// Cancelled when the instance stops: open streams end.
+    pub(crate) stop: CancellationToken,
+}
+
+/// Serves the endpoint on `listener` until `stop` is cancelled.
+///
+/// # Errors
+/// When the server fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(())
+}
+
+fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/twins", get(list_twins))
+        .route("/twins/stream", get(stream))
+        .route("/twins/{id}", get(get_twin))
+        .route("/alerts", get(list_alerts))
+        .route("/fleet", get(fleet))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(1024))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Limits and authentication, before any handler: the query string's length, and the
+/// bearer token (header or `access_token` parameter) on everything but `/healthz`.
+async fn guard(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    let query = request.uri().query().unwrap_or("");
+    if query.len() > MAX_QUERY {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("query string longer than {MAX_QUERY} bytes"),
+        );
+    }
+    if let Some(token) = &s.token
+        && request.uri().path() != "/healthz"
+    {
+        let bearer = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let param = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("access_token="));
+        if bearer != Some(token.as_str()) && param != Some(token.as_str()) {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required: Authorization: Bearer <token>, or ?access_token=<token>",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("valid header"),
+            );
+            return r;
+        }
+    }
+    next.run(request).await
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    s.shared
+        .metrics
+        .store_bytes
+        .set(s.shared.store.size_bytes() as i64);
+    let body = prometheus::TextEncoder::new()
+        .encode_to_string(&s.shared.metrics.registry().gather())
+        .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
+}
+
+/// Live unless wedged: a partition with input waiting whose position has not moved for
+/// `processing.stall_after`.
+async fn healthz(State(s): State<ApiState>) -> Response {
+    let stalled = s.coordinator.stalled();
+    if stalled.is_empty() {
+        "ok\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("wedged: partitions {stalled:?} have input waiting and made no progress for processing.stall_after\n"),
+        )
+            .into_response()
+    }
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let assigned = s.coordinator.assigned();
+    if assigned.is_empty() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no partitions assigned yet",
+        )
+    } else if !s.coordinator.ready() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "restoring twins from the changelog",
+        )
+    } else {
+        Json(serde_json::json!({ "ready": true, "partitions": assigned })).into_response()
+    }
+}
+
+/// A query string that did not parse, as a 400 saying why.
+type Params<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+fn params<T>(p: Params<T>) -> Result<T, Response> {
+    p.map(|Query(q)| q)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+async fn get_twin(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.view.twin(&id) {
+        Ok(Some(twin)) => Json(s.view.topology().codec.twin_json(&twin)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no twin '{id}'")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+    status: Option<Status>,
+    alert: Option<String>,
+    /// `south,west,north,east` in degrees.
+    bbox: Option<String>,
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+/// A latitude/longitude box.
+struct BBox {
+    south: f64,
+    west: f64,
+    north: f64,
+    east: f64,
+}
+
+impl BBox {
+    fn parse(text: &str) -> Result<BBox, String> {
+        let v: Vec<f64> = text
+            .split(',')
+            .map(|x| x.trim().parse::<f64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("bbox '{text}': expected four numbers south,west,north,east"))?;
+        let [south, west, north, east] = v[..] else {
+            return Err(format!(
+                "bbox '{text}': expected four numbers south,west,north,east"
+            ));
+        };
+        if !(-90.0..=90.0).contains(&south)
+            || !(-90.0..=90.0).contains(&north)
+            || !(-180.0..=180.0).contains(&west)
+            || !(-180.0..=180.0).contains(&east)
+            || south > north
+            || west > east
+        {
+            return Err(format!(
+                "bbox '{text}': need -90 <= south <= north <= 90 and -180 <= west <= east <= 180"
+            ));
+        }
+        Ok(BBox {
+            south,
+            west,
+            north,
+            east,
+        })
+    }
+
+    fn contains(&self, (lat, lng): (f64, f64)) -> bool {
+        (self.south..=self.north).contains(&lat) && (self.west..=self.east).contains(&lng)
+    }
+}
+
+fn page_limit(limit: Option<usize>) -> Result<usize, Response> {
+    let limit = limit.unwrap_or(100);
+    if (1..=MAX_PAGE).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be between 1 and {MAX_PAGE}"),
+        ))
+    }
+}
+
+/// Walks the view in asset id order from `after`, handing each twin to `take` until it
+/// says the page is full or [`SCAN_BUDGET`] twins were read. Returns where to go on.
+fn walk(
+    view: &FleetView,
+    after: Option<String>,
+    mut take: impl FnMut(&Twin) -> bool,
+) -> Result<Option<String>, Response> {
+    let mut cursor = after;
+    let mut read = 0;
+    loop {
+        let chunk = view
+            .scan(cursor.as_deref(), 1000)
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let Some(last) = chunk.last() else {
+            return Ok(None); // the end of the fleet
+        };
+        let last_id = last.asset_id.clone();
+        for twin in &chunk {
+            read += 1;
+            if take(twin) {
+                return Ok(Some(twin.asset_id.clone()));
+            }
+        }
+        if read >= SCAN_BUDGET {
+            return Ok(Some(last_id));
+        }
+        cursor = Some(last_id);
+    }
+}
+
+async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Response {
+    let q = match params(q) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let bbox = match q.bbox.as_deref().map(BBox::parse).transpose() {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let model = &s.view.topology().model;
+    if bbox.is_some() && model.location().is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bbox: this model has no location (properties named lat and lng)",
+        );
+    }
+    let codec = &s.view.topology().codec;
+    let mut twins = Vec::new();
+    let next = walk(&s.view, q.after, |t| {
+        let keep = q.status.is_none_or(|st| t.status == st)
+            && q.alert
+                .as_ref()
+                .is_none_or(|code| t.alerts.iter().any(|a| &a.code == code))
+            && bbox
+                .as_ref()
+                .is_none_or(|b| model.location_of(t).is_some_and(|at| b.contains(at)));
+        if keep {
+            twins.push(codec.twin_json(t));
+        }
+        twins.len() == limit
+    });
+    match next {
+        Ok(next) => Json(serde_json::json!({ "twins": twins, "next_after": next })).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+    code: Option<String>,
+    severity: Option<Severity>,
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+async fn list_alerts(State(s): State<ApiState>, q: Params<AlertQuery>) -> Response {
+    let q = match params(q) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let limit = match page_limit(q.limit) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let codec = &s.view.topology().codec;
+    let mut alerts = Vec::new();
+    // A page ends after a whole twin, so it may hold a few more than `limit` alerts.
+    let next = walk(&s.view, q.after, |t| {
+        let json = codec.twin_json(t);
+        for (a, j) in t
+            .alerts
+            .iter()
+            .zip(json["active_alerts"].as_array().into_iter().flatten())
+        {
+            if q.code.as_ref().is_none_or(|c| &a.code == c)
+                && q.severity.is_none_or(|sev| a.severity == sev)
+            {
+                let mut j = j.clone();
+                j["asset_id"] = t.asset_id.clone().into();
+                alerts.push(j);
+            }
+        }
+        alerts.len() >= limit
+    });
+    match next {
+        Ok(next) => {
+            Json(serde_json::json!({ "alerts": alerts, "next_after": next })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn fleet(State(s): State<ApiState>) -> Response {
+    let counts = s.view.counts();
+    Json(serde_json::json!({
+        "twins": counts.twins,
+        "by_status": counts.by_status,
+        "by_alert": counts.by_alert,
+        "caught_up": s.view.caught_up(),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    asset: Option<String>,
+    alert: Option<String>,
+    #[allow(dead_code)]
+    access_token: Option<String>,
+}
+
+/// Server-sent events: `twin` (the twin after a change) and `alert` (an alert event),
+/// optionally only for one asset or one alert code. A client that falls
+/// [`crate::view::STREAM_BUFFER`] events behind gets a `close` event saying so and is
+/// dropped; the pipeline never waits for it.
+async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Response {
+    let q = match params(q) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let rx = s.view.subscribe();
+    Sse::new(events(rx, q, s.stop.clone()))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn events(
+    rx: tokio::sync::broadcast::Receiver<Arc<crate::view::Event>>,
+    q: StreamQuery,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
+    futures::stream::unfold(Some((rx, q, stop)), |state| async move {
+        let (mut rx, q, stop) = state?;
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => Err(RecvError::Closed),
+                next = rx.recv() => next,
+            };
+            match next {
+                Ok(e) => {
+                    let wanted = q.asset.as_ref().is_none_or(|a| *a == e.asset_id)
+                        && q.alert.as_ref().is_none_or(|c| e.codes.contains(c));
+                    if wanted {
+                        let name = match e.kind {
+                            EventKind::Twin => "twin",
+                            EventKind::Alert => "alert",
+                        };
+                        let event = SseEvent::default().event(name).data(e.json.clone());
+                        return Some((Ok(event), Some((rx, q, stop))));
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    let reason = format!(
+                        "client too slow: fell {n} events behind (at most {} are kept); reconnect and reload the snapshot",
+                        crate::view::STREAM_BUFFER
+                    );
+                    let event = SseEvent::default()
+                        .event("close")
+                        .data(serde_json::json!({ "reason": reason }).to_string());
+                    return Some((Ok(event), None));
+                }
+                Err(RecvError::Closed) => {
+                    let event = SseEvent::default()
+                        .event("close")
+                        .data(r#"{"reason":"server shutting down"}"#);
+                    return Some((Ok(event), None));
+                }
+            }
+        }
+    })
+}

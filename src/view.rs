@@ -1,0 +1,390 @@
+//! The fleet view: every instance keeps a read replica of the whole fleet, fed from the
+//! changelog, so any instance answers for any twin (see `ARCHITECTURE.md`, "The twin API").
+//!
+//! One thread tails every changelog partition (from where the view last stopped) and every
+//! alert partition (from its end: alerts are live only), writes the newest twin of each
+//! asset to the store's view keys, keeps the fleet counts (by status, by active alert) up
+//! to date, and publishes each change on a bounded broadcast channel for the live stream.
+//! It never touches the pipeline's state and the pipeline never waits for it: a slow
+//! view or a slow stream client costs the pipeline nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apache_avro::types::Value as AV;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use tokio::sync::broadcast;
+
+use crate::codec::{ALERT_SCHEMA, rfc3339};
+use crate::error::{Error, Result};
+use crate::registry::Registry;
+use crate::store::ViewStore;
+use crate::topology::Topology;
+use crate::twin::{Status, Twin};
+
+/// Events a stream client may fall behind by before it is dropped.
+pub const STREAM_BUFFER: usize = 4096;
+
+/// Changelog records applied per view write.
+const VIEW_BATCH: usize = 2000;
+
+/// Fleet-wide counts.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Counts {
+    /// Twins in the view.
+    pub twins: u64,
+    /// Twins by status.
+    pub by_status: BTreeMap<&'static str, u64>,
+    /// Active alerts by rule code.
+    pub by_alert: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    fn add(&mut self, twin: &Twin, sign: i64) {
+        let step = |n: &mut u64| *n = n.saturating_add_signed(sign);
+        step(&mut self.twins);
+        step(self.by_status.entry(twin.status.symbol()).or_default());
+        for a in &twin.alerts {
+            step(self.by_alert.entry(a.code.clone()).or_default());
+        }
+        self.by_alert.retain(|_, n| *n > 0);
+    }
+}
+
+/// What a stream event is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A twin changed; the JSON is the twin.
+    Twin,
+    /// An alert was raised, cleared or acknowledged; the JSON is the alert event.
+    Alert,
+}
+
+/// One live event.
+#[derive(Debug)]
+pub struct Event {
+    /// Twin or alert.
+    pub kind: EventKind,
+    /// The asset.
+    pub asset_id: String,
+    /// Alert codes it concerns: the twin's active alerts, or the alert's code.
+    pub codes: Vec<String>,
+    /// The event as JSON text.
+    pub json: String,
+}
+
+/// The fleet view of one instance.
+pub struct FleetView {
+    store: ViewStore,
+    topology: Arc<Topology>,
+    counts: Mutex<Counts>,
+    events: broadcast::Sender<Arc<Event>>,
+    caught_up: AtomicBool,
+    alert_schema: apache_avro::Schema,
+}
+
+impl FleetView {
+    /// The view over `store`, its counts rebuilt from what the store holds.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn open(store: ViewStore, topology: Arc<Topology>) -> Result<Arc<FleetView>> {
+        let mut counts = Counts::default();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.scan(after.as_deref(), 10_000)?;
+            for (_, bytes) in &page {
+                if let Ok(twin) = topology.codec.decode_twin(bytes) {
+                    counts.add(&twin, 1);
+                }
+            }
+            match page.last() {
+                Some((id, _)) => after = Some(id.clone()),
+                None => break,
+            }
+        }
+        let alert_schema = apache_avro::Schema::parse_str(ALERT_SCHEMA)
+            .map_err(|e| Error::Config(format!("alert schema: {e}")))?;
+        Ok(Arc::new(FleetView {
+            store,
+            topology,
+            counts: Mutex::new(counts),
+            events: broadcast::channel(STREAM_BUFFER).0,
+            caught_up: AtomicBool::new(false),
+            alert_schema,
+        }))
+    }
+
+    /// The twin of `asset_id`.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails; `Error::Decode` for an unreadable twin.
+    pub fn twin(&self, asset_id: &str) -> Result<Option<Twin>> {
+        self.store
+            .twin(asset_id)?
+            .map(|b| self.topology.codec.decode_twin(&b))
+            .transpose()
+    }
+
+    /// Up to `limit` twins after `after`, in asset id order.
+    ///
+    /// # Errors
+    /// As [`FleetView::twin`].
+    pub fn scan(&self, after: Option<&str>, limit: usize) -> Result<Vec<Twin>> {
+        self.store
+            .scan(after, limit)?
+            .iter()
+            .map(|(_, b)| self.topology.codec.decode_twin(b))
+            .collect()
+    }
+
+    /// The fleet counts.
+    pub fn counts(&self) -> Counts {
+        self.counts.lock().expect("counts lock").clone()
+    }
+
+    /// Whether the view has read the changelog up to where it stood when the view started.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+
+    /// A receiver of every change from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// The model the twins follow.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Tails the changelog and alert topics until `stop` is set. Blocking: run it on a
+    /// thread of its own. `client` carries the connection and security settings.
+    pub fn run(
+        self: Arc<Self>,
+        mut client: ClientConfig,
+        registry: Option<Arc<Registry>>,
+        runtime: tokio::runtime::Handle,
+        stop: Arc<AtomicBool>,
+    ) {
+        client
+            .set("group.id", "twinflow-view")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false");
+        let mut failures = 0u32;
+        while !stop.load(Ordering::SeqCst) {
+            match self.tail(&client, registry.as_deref(), &runtime, &stop) {
+                Ok(()) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "Fleet view failed; starting over.");
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(failures.min(25))));
+                }
+            }
+        }
+    }
+
+    fn tail(
+        &self,
+        client: &ClientConfig,
+        registry: Option<&Registry>,
+        runtime: &tokio::runtime::Handle,
+        stop: &AtomicBool,
+    ) -> Result<()> {
+        let consumer: BaseConsumer = client.create()?;
+        let topics = &self.topology.topics;
+        let changelog = topics.changelog.name.as_str();
+        let mut tpl = TopicPartitionList::new();
+        let mut targets = HashMap::new();
+        for p in 0..topics.changelog.partitions {
+            let from = self.store.position(p)?;
+            tpl.add_partition_offset(changelog, p, from.map_or(Offset::Beginning, Offset::Offset))?;
+            let (_, high) = consumer.fetch_watermarks(changelog, p, Duration::from_secs(10))?;
+            targets.insert(p, high);
+        }
+        for p in 0..topics.alerts.partitions {
+            // From the end as it is now: alerts are live only.
+            let (_, high) =
+                consumer.fetch_watermarks(&topics.alerts.name, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(&topics.alerts.name, p, Offset::Offset(high))?;
+        }
+        consumer.assign(&tpl)?;
+        let mut positions: HashMap<i32, i64> = HashMap::new();
+        let mut pending: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let message = consumer.poll(Duration::from_millis(50));
+            let idle = message.is_none();
+            if let Some(m) = message {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(error) => {
+                        // Transport errors pass: librdkafka reconnects and fetches on.
+                        tracing::debug!(%error, "Fleet view consumer error.");
+                        continue;
+                    }
+                };
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                if m.topic() == changelog {
+                    positions.insert(m.partition(), m.offset() + 1);
+                    if let Some(id) = key {
+                        let twin = match m.payload() {
+                            Some(v) => Some(self.stored(v, registry, runtime)?),
+                            None => None,
+                        };
+                        pending.push((id, twin));
+                    }
+                } else if let (Some(id), Some(v)) = (key, m.payload()) {
+                    self.publish_alert(id, v);
+                }
+            }
+            if pending.len() >= VIEW_BATCH || (idle && !positions.is_empty()) {
+                self.apply(std::mem::take(&mut pending), &positions)?;
+                positions.clear();
+                if !self.caught_up() {
+                    let reached = targets.iter().all(|(p, high)| {
+                        self.store.position(*p).ok().flatten().unwrap_or(0) >= *high
+                    });
+                    self.caught_up.store(reached, Ordering::SeqCst);
+                }
+            } else if idle && !self.caught_up() {
+                let reached = targets.iter().all(|(p, high)| {
+                    *high == 0 || self.store.position(*p).ok().flatten().unwrap_or(0) >= *high
+                });
+                self.caught_up.store(reached, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
+    /// A changelog value as a plain twin datum, its writer schema fetched if need be.
+    fn stored(
+        &self,
+        value: &[u8],
+        registry: Option<&Registry>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Vec<u8>> {
+        let codec = &self.topology.codec;
+        loop {
+            match codec.stored_twin(value) {
+                Err(Error::SchemaNeeded(id)) => {
+                    let registry = registry.ok_or_else(|| {
+                        Error::Config("a Confluent-framed changelog needs [schema_registry]".into())
+                    })?;
+                    runtime.block_on(registry.fetch(id, codec))?;
+                }
+                other => return other.map(|c| c.into_owned()),
+            }
+        }
+    }
+
+    /// Writes a batch of changelog twins, updates the counts and publishes the changes.
+    fn apply(
+        &self,
+        changes: Vec<(String, Option<Vec<u8>>)>,
+        positions: &HashMap<i32, i64>,
+    ) -> Result<()> {
+        let codec = &self.topology.codec;
+        let live = self.events.receiver_count() > 0;
+        let mut latest: HashMap<&str, Option<&Vec<u8>>> = HashMap::new();
+        let mut diff = Counts::default();
+        let mut removed = Counts::default();
+        for (id, twin) in &changes {
+            let before = match latest.get(id.as_str()) {
+                Some(b) => b.and_then(|b| codec.decode_twin(b).ok()),
+                None => self
+                    .store
+                    .twin(id)?
+                    .and_then(|b| codec.decode_twin(&b).ok()),
+            };
+            if let Some(b) = &before {
+                removed.add(b, 1);
+            }
+            let after = twin.as_ref().and_then(|b| codec.decode_twin(b).ok());
+            if let Some(a) = &after {
+                diff.add(a, 1);
+                if live {
+                    let _ = self.events.send(Arc::new(Event {
+                        kind: EventKind::Twin,
+                        asset_id: id.clone(),
+                        codes: a.alerts.iter().map(|x| x.code.clone()).collect(),
+                        json: codec.twin_json(a).to_string(),
+                    }));
+                }
+            }
+            latest.insert(id, twin.as_ref());
+        }
+        let positions: Vec<(i32, i64)> = positions.iter().map(|(p, n)| (*p, *n)).collect();
+        self.store.write(&changes, &positions)?;
+        let mut counts = self.counts.lock().expect("counts lock");
+        merge(&mut counts, &diff, 1);
+        merge(&mut counts, &removed, -1);
+        Ok(())
+    }
+
+    fn publish_alert(&self, asset_id: String, value: &[u8]) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let datum = match self.topology.codec.alerts_header() {
+            Some(_) if value.len() >= 5 => &value[5..],
+            _ => value,
+        };
+        let Ok(v) = apache_avro::reader::datum::GenericDatumReader::builder(&self.alert_schema)
+            .build()
+            .and_then(|r| r.read_value(&mut &datum[..]))
+        else {
+            return;
+        };
+        let json = avro_json(&v);
+        let code = json["code"].as_str().unwrap_or_default().to_owned();
+        let _ = self.events.send(Arc::new(Event {
+            kind: EventKind::Alert,
+            asset_id,
+            codes: vec![code],
+            json: json.to_string(),
+        }));
+    }
+}
+
+fn merge(into: &mut Counts, from: &Counts, sign: i64) {
+    into.twins = into.twins.saturating_add_signed(sign * from.twins as i64);
+    for (s, n) in &from.by_status {
+        let e = into.by_status.entry(s).or_default();
+        *e = e.saturating_add_signed(sign * *n as i64);
+    }
+    for (c, n) in &from.by_alert {
+        let e = into.by_alert.entry(c.clone()).or_default();
+        *e = e.saturating_add_signed(sign * *n as i64);
+    }
+    into.by_alert.retain(|_, n| *n > 0);
+    for s in Status::ALL {
+        into.by_status.entry(s.symbol()).or_default();
+    }
+}
+
+/// An Avro value (of the alert schema) as JSON: enums as symbols, times as RFC 3339.
+fn avro_json(v: &AV) -> serde_json::Value {
+    use serde_json::json;
+    match v {
+        AV::Null => serde_json::Value::Null,
+        AV::Boolean(b) => json!(b),
+        AV::Int(i) => json!(i),
+        AV::Long(i) => json!(i),
+        AV::Float(f) => json!(f),
+        AV::Double(f) => json!(f),
+        AV::String(s) | AV::Enum(_, s) => json!(s),
+        AV::TimestampMillis(t) => json!(rfc3339(*t)),
+        AV::Union(_, inner) => avro_json(inner),
+        AV::Record(fields) => fields
+            .iter()
+            .map(|(k, v)| (k.clone(), avro_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        AV::Array(items) => items.iter().map(avro_json).collect(),
+        other => json!(format!("{other:?}")),
+    }
+}
