@@ -147,6 +147,33 @@ fn main() {
         pick(|r| r.phase / r.baseline)
     );
 
+    let api =
+        |f: fn(&Api) -> [f64; 3], i: usize| median(restore.iter().map(|r| f(&r.api)[i]).collect());
+    println!();
+    println!(
+        "twin API on the restored fleet: {twins} changelog records in the fleet view, sequential requests on one connection, after the view filled ({:.1} s from start)",
+        median(restore.iter().map(|r| r.api.view_full).collect())
+    );
+    println!(
+        "| request                                  | p50 ms | p99 ms | p99.9 ms | p99 vs baseline |"
+    );
+    println!(
+        "|------------------------------------------|-------:|-------:|---------:|----------------:|"
+    );
+    println!(
+        "| GET /healthz (baseline: HTTP stack only) | {:>6.3} | {:>6.3} | {:>8.3} |            1.00 |",
+        api(|a| a.health, 0),
+        api(|a| a.health, 1),
+        api(|a| a.health, 2)
+    );
+    println!(
+        "| GET /twins/{{id}}, random of all twins     | {:>6.3} | {:>6.3} | {:>8.3} | {:>15.2} |",
+        api(|a| a.twin, 0),
+        api(|a| a.twin, 1),
+        api(|a| a.twin, 2),
+        api(|a| a.twin, 1) / api(|a| a.health, 1)
+    );
+
     let telemetry = &topology.topics.telemetry;
     let ratio = median(alo.iter().zip(&eos).map(|(a, e)| e.rate / a.rate).collect());
     println!();
@@ -182,6 +209,80 @@ struct Restore {
     phase: f64,
     /// Seconds from start until every partition was assigned.
     assigned: f64,
+    /// The twin API on the restored fleet.
+    api: Api,
+}
+
+/// Latencies of the twin API, in milliseconds: `[p50, p99, p99.9]`.
+struct Api {
+    /// Seconds from the instance's start until its fleet view held every twin.
+    view_full: f64,
+    /// `GET /twins/{id}` of random assets.
+    twin: [f64; 3],
+    /// `GET /healthz` on the same connection: the HTTP stack alone (baseline).
+    health: [f64; 3],
+}
+
+/// Sequential requests on one keep-alive connection, once the fleet view holds every twin.
+fn measure_api(rt: &Runtime, instance: &Instance, ids: &[String], started: Instant) -> Api {
+    let twins = ids.len();
+    // The simulator repeats a few readings (duplicates), so some assets come twice.
+    let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
+    let base = format!("http://{}", instance.http);
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout_for(twins);
+        loop {
+            let fleet: serde_json::Value = client
+                .get(format!("{base}/fleet"))
+                .send()
+                .await
+                .expect("GET /fleet")
+                .json()
+                .await
+                .expect("fleet JSON");
+            if fleet["twins"].as_u64() == Some(distinct as u64) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the fleet view did not fill: {fleet}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        let view_full = started.elapsed().as_secs_f64();
+        let requests = (twins / 100).clamp(200, 20_000);
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(7);
+        let time = async |path: String| {
+            let t = Instant::now();
+            let r = client
+                .get(format!("{base}{path}"))
+                .send()
+                .await
+                .expect("GET");
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+            r.bytes().await.expect("body");
+            t.elapsed().as_secs_f64() * 1000.0
+        };
+        let mut twin = Vec::with_capacity(requests);
+        let mut health = Vec::with_capacity(requests);
+        for _ in 0..requests {
+            let id = &ids[rand::Rng::gen_range(&mut rng, 0..twins)];
+            twin.push(time(format!("/twins/{id}")).await);
+            health.push(time("/healthz".to_owned()).await);
+        }
+        Api {
+            view_full,
+            twin: percentiles(twin),
+            health: percentiles(health),
+        }
+    })
+}
+
+fn percentiles(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    [at(0.5), at(0.99), at(0.999)]
 }
 
 fn measure_restore(rt: &Runtime, topology: &Topology, twins: usize, run: usize) -> Restore {
@@ -189,7 +290,7 @@ fn measure_restore(rt: &Runtime, topology: &Topology, twins: usize, run: usize) 
     create_topics(rt, &broker, topology);
     let topic = &topology.topics.changelog.name;
     let partitions = topology.topics.changelog.partitions;
-    let bytes = write_changelog(&broker.bootstrap, topology, twins);
+    let (bytes, ids) = write_changelog(&broker.bootstrap, topology, twins);
     let held: i64 = end_offsets(&broker.bootstrap, topic, partitions)
         .iter()
         .sum();
@@ -224,6 +325,7 @@ fn measure_restore(rt: &Runtime, topology: &Topology, twins: usize, run: usize) 
     let longest = partition_gauges(&instance.metrics, "twinflow_restore_duration_seconds")
         .into_values()
         .fold(0.0, f64::max);
+    let api = measure_api(rt, &instance, &ids, started);
     instance.stop(rt);
     Restore {
         bytes,
@@ -231,6 +333,7 @@ fn measure_restore(rt: &Runtime, topology: &Topology, twins: usize, run: usize) 
         ready: restored / elapsed.as_secs_f64(),
         phase: restored / longest,
         assigned: assigned.map_or(f64::NAN, |d| d.as_secs_f64()),
+        api,
     }
 }
 
@@ -329,6 +432,7 @@ fn owned(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 /// A twinflow instance running on the benchmark's runtime.
 struct Instance {
     metrics: Metrics,
+    http: std::net::SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -338,10 +442,12 @@ impl Instance {
         let _runtime = rt.enter();
         let app = App::build(config).expect("the instance builds");
         let metrics = app.metrics();
+        let http = app.http_addr();
         let stop = CancellationToken::new();
         let task = rt.spawn(app.run(stop.clone()));
         Instance {
             metrics,
+            http,
             stop,
             task,
         }
@@ -434,7 +540,8 @@ fn end_offsets(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
 
 /// Writes one changelog record per twin as the pipeline would after each asset's first
 /// reading; returns the bytes of the values.
-fn write_changelog(bootstrap: &str, topology: &Topology, twins: usize) -> usize {
+/// Returns the bytes written and the asset ids.
+fn write_changelog(bootstrap: &str, topology: &Topology, twins: usize) -> (usize, Vec<String>) {
     let simulation = FleetConfig {
         assets: twins,
         seed: 2,
@@ -449,8 +556,10 @@ fn write_changelog(bootstrap: &str, topology: &Topology, twins: usize) -> usize 
     let mut reading = Reading::default();
     let mut alerts = Vec::new();
     let mut bytes = 0;
+    let mut ids = Vec::with_capacity(twins);
     for _ in 0..twins {
         fleet.next_record(&mut key, &mut value);
+        ids.push(String::from_utf8_lossy(&key).into_owned());
         topology
             .codec
             .decode_reading(Format::Avro, &value, &mut reading)
@@ -467,7 +576,7 @@ fn write_changelog(bootstrap: &str, topology: &Topology, twins: usize) -> usize 
         sender.send(&key, &encoded);
     }
     sender.finish();
-    bytes
+    (bytes, ids)
 }
 
 /// Reads every partition of `topic` from the beginning until `expected` records came, with
