@@ -221,10 +221,7 @@ impl Codec {
 
     fn decode_avro_reading(&self, bytes: &[u8], out: &mut Reading) -> Result<()> {
         let mut c = Cursor::new(bytes);
-        for (i, field) in self.plans.reading.iter().enumerate() {
-            if i >= self.plans.reading_tail && c.remaining() == 0 {
-                break; // written before the remaining optional fields were added
-            }
+        for field in &self.plans.reading {
             match field {
                 ReadingField::AssetId => {
                     let s = c.str().map_err(|e| decode_err("asset_id", e))?;

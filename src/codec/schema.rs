@@ -74,10 +74,9 @@ pub struct Plans {
     pub properties: Vec<SchemaProperty>,
     pub reading: Vec<ReadingField>,
     pub twin: Vec<TwinField>,
-    /// From this index on, every reading field has default null: a datum that ends there
-    /// was written by a producer whose schema did not have them yet (see [`optional_tail`]).
-    pub reading_tail: usize,
-    /// The same for the twin fields.
+    /// From this index on, every twin field has default null: a stored or changelog twin
+    /// that ends there was written before they were added (see [`optional_tail`]). Input is
+    /// not read this way: a plain telemetry datum cut short at a field boundary would pass.
     pub twin_tail: usize,
 }
 
@@ -349,7 +348,6 @@ impl Plans {
             properties,
             reading,
             twin: twin_fields,
-            reading_tail: optional_tail(&telemetry.fields),
             twin_tail: optional_tail(&twin.fields),
         })
     }
