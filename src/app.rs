@@ -222,8 +222,12 @@ impl App {
         let listener =
             tokio::net::TcpListener::from_std(listener).context("starting the HTTP endpoint")?;
         let http_stop = CancellationToken::new();
-        let view = FleetView::open(shared.store.view(), shared.topology.clone())
-            .context("opening the fleet view")?;
+        let view = FleetView::open(
+            shared.store.view(),
+            shared.topology.clone(),
+            shared.metrics.clone(),
+        )
+        .context("opening the fleet view")?;
         let stop_view = Arc::new(AtomicBool::new(false));
         let viewer = {
             let (view, stop) = (view.clone(), stop_view.clone());

@@ -56,6 +56,14 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Approximate size of the local store.
     pub store_bytes: IntGauge,
+    /// Twins in the fleet view.
+    pub view_twins: IntGauge,
+    /// Changelog records the fleet view has not read yet (as of its last look).
+    pub view_lag: IntGauge,
+    /// Open `/twins/stream` clients.
+    pub stream_clients: IntGauge,
+    /// Stream clients dropped for falling behind.
+    pub stream_dropped: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -269,6 +277,28 @@ impl Metrics {
                 "twinflow_store_size_bytes",
                 "Approximate bytes in the local store.",
             ),
+            view_twins: gauge(
+                r,
+                "twinflow_view_twins",
+                "Twins in this instance's fleet view (the whole fleet, for the HTTP API).",
+            ),
+            view_lag: gauge(
+                r,
+                "twinflow_view_lag_records",
+                "Changelog records this instance's fleet view has not read yet.",
+            ),
+            stream_clients: gauge(
+                r,
+                "twinflow_stream_clients",
+                "Open /twins/stream clients.",
+            ),
+            stream_dropped: counter(
+                r,
+                "twinflow_stream_clients_dropped_total",
+                "Stream clients dropped because they fell too far behind.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             registry,
         }
     }

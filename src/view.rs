@@ -20,6 +20,8 @@ use tokio::sync::broadcast;
 
 use crate::codec::{ALERT_SCHEMA, rfc3339};
 use crate::error::{Error, Result};
+use crate::kafka::cached_watermarks;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::ViewStore;
 use crate::topology::Topology;
@@ -79,6 +81,7 @@ pub struct Event {
 /// The fleet view of one instance.
 pub struct FleetView {
     store: ViewStore,
+    metrics: Metrics,
     topology: Arc<Topology>,
     counts: Mutex<Counts>,
     events: broadcast::Sender<Arc<Event>>,
@@ -91,7 +94,11 @@ impl FleetView {
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails.
-    pub fn open(store: ViewStore, topology: Arc<Topology>) -> Result<Arc<FleetView>> {
+    pub fn open(
+        store: ViewStore,
+        topology: Arc<Topology>,
+        metrics: Metrics,
+    ) -> Result<Arc<FleetView>> {
         let mut counts = Counts::default();
         let mut after: Option<String> = None;
         loop {
@@ -108,8 +115,10 @@ impl FleetView {
         }
         let alert_schema = apache_avro::Schema::parse_str(ALERT_SCHEMA)
             .map_err(|e| Error::Config(format!("alert schema: {e}")))?;
+        metrics.view_twins.set(counts.twins as i64);
         Ok(Arc::new(FleetView {
             store,
+            metrics,
             topology,
             counts: Mutex::new(counts),
             events: broadcast::channel(STREAM_BUFFER).0,
@@ -241,6 +250,16 @@ impl FleetView {
                     self.publish_alert(id, v);
                 }
             }
+            if idle {
+                let lag: i64 = (0..topics.changelog.partitions)
+                    .filter_map(|p| {
+                        let (_, high) = cached_watermarks(&consumer, changelog, p)?;
+                        let at = self.store.position(p).ok().flatten().unwrap_or(0);
+                        Some((high - at).max(0))
+                    })
+                    .sum();
+                self.metrics.view_lag.set(lag);
+            }
             if pending.len() >= VIEW_BATCH || (idle && !positions.is_empty()) {
                 self.apply(std::mem::take(&mut pending), &positions)?;
                 positions.clear();
@@ -322,6 +341,7 @@ impl FleetView {
         let mut counts = self.counts.lock().expect("counts lock");
         merge(&mut counts, &diff, 1);
         merge(&mut counts, &removed, -1);
+        self.metrics.view_twins.set(counts.twins as i64);
         Ok(())
     }
 

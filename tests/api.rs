@@ -304,5 +304,7 @@ async fn the_stream_brings_changes_within_a_second_and_drops_a_slow_client() {
         }
         assert!(Instant::now() < deadline, "no close event");
     }
+    assert_eq!(p.metrics().stream_dropped.get(), 1);
+    assert_eq!(p.metrics().view_twins.get(), 502);
     p.stop().await;
 }

@@ -408,7 +408,9 @@ async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Response {
         Err(r) => return r,
     };
     let rx = s.view.subscribe();
-    Sse::new(events(rx, q, s.stop.clone()))
+    let metrics = s.shared.metrics.clone();
+    metrics.stream_clients.inc();
+    Sse::new(events(rx, q, s.stop.clone(), metrics))
         .keep_alive(KeepAlive::default())
         .into_response()
 }
@@ -417,9 +419,18 @@ fn events(
     rx: tokio::sync::broadcast::Receiver<Arc<crate::view::Event>>,
     q: StreamQuery,
     stop: CancellationToken,
+    metrics: crate::metrics::Metrics,
 ) -> impl Stream<Item = Result<SseEvent, std::convert::Infallible>> {
-    futures::stream::unfold(Some((rx, q, stop)), |state| async move {
-        let (mut rx, q, stop) = state?;
+    // Counts the client out however the stream ends, the client going away included.
+    struct Open(crate::metrics::Metrics);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.stream_clients.dec();
+        }
+    }
+    let open = Arc::new(Open(metrics));
+    futures::stream::unfold(Some((rx, q, stop, open)), |state| async move {
+        let (mut rx, q, stop, open) = state?;
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => Err(RecvError::Closed),
@@ -435,10 +446,11 @@ fn events(
                             EventKind::Alert => "alert",
                         };
                         let event = SseEvent::default().event(name).data(e.json.clone());
-                        return Some((Ok(event), Some((rx, q, stop))));
+                        return Some((Ok(event), Some((rx, q, stop, open))));
                     }
                 }
                 Err(RecvError::Lagged(n)) => {
+                    open.0.stream_dropped.inc();
                     let reason = format!(
                         "client too slow: fell {n} events behind (at most {} are kept); reconnect and reload the snapshot",
                         crate::view::STREAM_BUFFER

@@ -136,7 +136,11 @@ impl ConsumerContext for RebalanceContext {
 
 /// A partition's `(low, high)` offsets as of the client's last fetch from it: no request, so
 /// cheap enough to read after every batch. `None` before the first fetch.
-pub fn cached_watermarks(consumer: &Consumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
+pub fn cached_watermarks<C: ConsumerContext>(
+    consumer: &impl rdkafka::consumer::Consumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client outlives the call; librdkafka reads the NUL-terminated topic name

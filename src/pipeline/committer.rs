@@ -207,7 +207,7 @@ impl Committer {
                 .publish(&batch.counts, self.shared.clock.now_ms());
             slot.progressed(next);
             if let Some(c) = self.consumer.get().and_then(Weak::upgrade)
-                && let Some((_, high)) = cached_watermarks(&c, &slot.topic, slot.partition)
+                && let Some((_, high)) = cached_watermarks(&*c, &slot.topic, slot.partition)
             {
                 slot.metrics.lag.set((high - next).max(0));
             }

@@ -283,7 +283,7 @@ impl PartitionWorker {
             // Input not yet committed: the end as of the last fetch (cached by the client,
             // no request) minus the committed position.
             if let Some((_, high)) =
-                cached_watermarks(&self.consumer, &self.slot.topic, self.partition)
+                cached_watermarks(&*self.consumer, &self.slot.topic, self.partition)
             {
                 let lag = high - self.slot.committed();
                 self.slot.metrics.lag.set(lag.max(0));
