@@ -289,25 +289,24 @@ fn walk(
     }
 }
 
-async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Response {
-    let q = match params(q) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
-    let bbox = match q.bbox.as_deref().map(BBox::parse).transpose() {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+/// A handler's answer: the response, or the error response that ended it early.
+type Answer = Result<Response, Response>;
+
+async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Answer {
+    let q = params(q)?;
+    let limit = page_limit(q.limit)?;
+    let bbox = q
+        .bbox
+        .as_deref()
+        .map(BBox::parse)
+        .transpose()
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let model = &s.view.topology().model;
     if bbox.is_some() && model.location().is_none() {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "bbox: this model has no location (properties named lat and lng)",
-        );
+        ));
     }
     let codec = &s.view.topology().codec;
     let mut twins = Vec::new();
@@ -323,11 +322,8 @@ async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Response
             twins.push(codec.twin_json(t));
         }
         twins.len() == limit
-    });
-    match next {
-        Ok(next) => Json(serde_json::json!({ "twins": twins, "next_after": next })).into_response(),
-        Err(r) => r,
-    }
+    })?;
+    Ok(Json(serde_json::json!({ "twins": twins, "next_after": next })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -341,15 +337,9 @@ struct AlertQuery {
     access_token: Option<String>,
 }
 
-async fn list_alerts(State(s): State<ApiState>, q: Params<AlertQuery>) -> Response {
-    let q = match params(q) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
-    let limit = match page_limit(q.limit) {
-        Ok(l) => l,
-        Err(r) => return r,
-    };
+async fn list_alerts(State(s): State<ApiState>, q: Params<AlertQuery>) -> Answer {
+    let q = params(q)?;
+    let limit = page_limit(q.limit)?;
     let codec = &s.view.topology().codec;
     let mut alerts = Vec::new();
     // A page ends after a whole twin, so it may hold a few more than `limit` alerts.
@@ -369,13 +359,8 @@ async fn list_alerts(State(s): State<ApiState>, q: Params<AlertQuery>) -> Respon
             }
         }
         alerts.len() >= limit
-    });
-    match next {
-        Ok(next) => {
-            Json(serde_json::json!({ "alerts": alerts, "next_after": next })).into_response()
-        }
-        Err(r) => r,
-    }
+    })?;
+    Ok(Json(serde_json::json!({ "alerts": alerts, "next_after": next })).into_response())
 }
 
 async fn fleet(State(s): State<ApiState>) -> Response {
@@ -402,17 +387,14 @@ struct StreamQuery {
 /// optionally only for one asset or one alert code. A client that falls
 /// [`crate::view::STREAM_BUFFER`] events behind gets a `close` event saying so and is
 /// dropped; the pipeline never waits for it.
-async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Response {
-    let q = match params(q) {
-        Ok(q) => q,
-        Err(r) => return r,
-    };
+async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Answer {
+    let q = params(q)?;
     let rx = s.view.subscribe();
     let metrics = s.shared.metrics.clone();
     metrics.stream_clients.inc();
-    Sse::new(events(rx, q, s.stop.clone(), metrics))
+    Ok(Sse::new(events(rx, q, s.stop.clone(), metrics))
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }
 
 fn events(

@@ -46,7 +46,6 @@ not be reached.
 """
 
 import argparse
-import datetime as dt
 import json
 import struct
 import sys
@@ -59,13 +58,13 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
+from read_outputs import to_plain  # beside this file: the same JSON form of Avro values
+
 try:  # the HTTP client confluent-kafka's registry client uses, for its transport errors
     import httpx2 as _http
 except ImportError:  # pragma: no cover - older confluent-kafka releases use httpx
     import httpx as _http
 
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-MILLI = dt.timedelta(milliseconds=1)
 MAGIC_BYTE = 0
 REGISTRY_UNREACHABLE = (_http.TransportError,)
 
@@ -73,23 +72,6 @@ REGISTRY_UNREACHABLE = (_http.TransportError,)
 def fail(code, message):
     print(f"confluent_io: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-def to_plain(value):
-    """Recursively turn decoded Avro values into JSON-ready ones."""
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
-        return (value - EPOCH) // MILLI
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    return value
 
 
 def registry_client(args):
