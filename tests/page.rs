@@ -1,0 +1,103 @@
+//! The fleet page at `/`, loaded in headless Chromium while a simulated fleet keeps
+//! reporting: it must show the assets, the active alerts and live events from the stream.
+//! The screenshot is kept as a test artefact (its path is printed).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestPipeline, root, vehicle_topology, venv};
+use tokio_util::sync::CancellationToken;
+use twinflow::embedded::EmbeddedKafka;
+use twinflow::sim::{Fleet, FleetConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_page_shows_assets_alerts_and_live_events() {
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    let mut p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
+    for spec in p.topology.topics.all() {
+        kafka.create_topic(&spec.name, spec.partitions).unwrap();
+    }
+    p.start();
+    // A fleet of 200 vehicles keeps reporting, about 1000 readings/s, until the check ends.
+    let config = FleetConfig {
+        assets: 200,
+        seed: 11,
+        malformed: 0.0,
+        start_ms: p.now() - 120_000,
+        interval_ms: 200,
+    };
+    let mut fleet = Fleet::new(config, &p.topology.codec).unwrap();
+    let feeding = CancellationToken::new();
+    let p = std::sync::Arc::new(p);
+    let feeder = {
+        let (p, feeding) = (p.clone(), feeding.clone());
+        tokio::spawn(async move {
+            let (mut key, mut value) = (Vec::new(), Vec::new());
+            while !feeding.is_cancelled() {
+                for _ in 0..20 {
+                    fleet.next_record(&mut key, &mut value);
+                    p.send_raw(Some(&key), Some(&value)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // The page loads a snapshot first: wait until the view holds the fleet.
+    let base = format!("http://{}", p.http.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let fleet: serde_json::Value = reqwest::get(format!("{base}/fleet"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        // A few simulated devices stay silent from the start.
+        let twins = fleet["twins"].as_u64().unwrap_or(0);
+        if twins >= 190 && fleet["by_alert"].as_object().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{fleet}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.png");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(venv().join("bin/python"))
+            .arg(root().join("tests/python/check_page.py"))
+            .arg(format!("{base}/"))
+            .arg("--screenshot")
+            .arg(&screenshot)
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap();
+    feeding.cancel();
+    feeder.await.unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    println!("{report}");
+    println!(
+        "screenshot: {}",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("fleet-page.png")
+            .display()
+    );
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_str(report.lines().last().unwrap()).unwrap();
+    assert!(figures["assets"].as_u64().unwrap() >= 190, "{figures}");
+    assert!(figures["alert_rows"].as_u64().unwrap() > 0, "{figures}");
+    assert!(
+        figures["events_received"].as_u64().unwrap() > 0,
+        "{figures}"
+    );
+    let Ok(mut p) = std::sync::Arc::try_unwrap(p) else {
+        panic!("the feeder is done")
+    };
+    p.stop().await;
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Load twinflow's fleet page in headless Chromium and check that it shows live content.
+
+Drives Debian's `chromium` through the DevTools protocol (websocket-client): opens the
+page at 1280x900, waits, reads the figures the page shows, checks them, and saves a
+screenshot. The page keeps a stream (EventSource) open, so a plain `--dump-dom` would
+read it before anything arrived; the protocol lets the check read it after a real wait.
+
+    check_page.py URL --screenshot OUT.png [--wait-ms 5000] [--chromium chromium]
+
+Prints one JSON line: {"assets", "alert_rows", "events_received", "events_per_second",
+"fleet_twins", "connection"}. Checks: at least one asset plotted (`data-asset` in #map),
+`#events-received` > 0 (live events arrived over the stream), `#connection` says live.
+
+Exit codes: 0 all checks hold; 1 a check failed (the message says which); 2 Chromium
+could not be started or driven.
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import signal
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import websocket
+
+FIGURES = """JSON.stringify({
+  assets: document.querySelectorAll('#map [data-asset]').length,
+  alert_rows: document.querySelectorAll('#alerts tr[data-alert]').length,
+  events_received: Number(document.getElementById('events-received').textContent),
+  events_per_second: Number(document.getElementById('events-per-second').textContent),
+  fleet_twins: Number(document.getElementById('fleet-twins').textContent),
+  connection: document.getElementById('connection').textContent,
+})"""
+
+
+def fail(code, message):
+    print(f"check_page: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class DevTools:
+    """One page target, driven over the DevTools websocket."""
+
+    def __init__(self, ws_url):
+        self.ws = websocket.create_connection(ws_url, timeout=30, suppress_origin=True)
+        self.next_id = 0
+
+    def call(self, method, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv())
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    fail(2, f"{method}: {reply['error']}")
+                return reply["result"]
+
+
+def start_chromium(binary, profile):
+    proc = subprocess.Popen(
+        [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        match = re.search(r"DevTools listening on ws://([^/]+)/", line)
+        if match:
+            return proc, match.group(1)
+        if not line and proc.poll() is not None:
+            break
+    stop(proc)
+    fail(2, "chromium did not start its DevTools endpoint")
+
+
+def stop(proc):
+    """Ends Chromium and its helper processes (it runs in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("url")
+    p.add_argument("--screenshot", required=True, metavar="OUT.png")
+    p.add_argument("--wait-ms", type=int, default=5000, help="how long the page runs first")
+    p.add_argument("--chromium", default="chromium")
+    args = p.parse_args()
+    binary = shutil.which(args.chromium)
+    if not binary:
+        fail(2, f"{args.chromium} not found (bash .ci/setup installs Debian's chromium)")
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        proc, host = start_chromium(binary, profile)
+        try:
+            targets = json.load(urllib.request.urlopen(f"http://{host}/json/list", timeout=10))
+            page = next(t for t in targets if t.get("type") == "page")
+            tools = DevTools(page["webSocketDebuggerUrl"])
+            tools.call("Emulation.setDeviceMetricsOverride", width=1280, height=900,
+                       deviceScaleFactor=1, mobile=False)
+            tools.call("Page.navigate", url=args.url)
+            time.sleep(args.wait_ms / 1000)
+            result = tools.call("Runtime.evaluate", expression=FIGURES, returnByValue=True)
+            if "exceptionDetails" in result:
+                fail(1, f"the page lacks an element the check reads: {result['exceptionDetails']}")
+            figures = json.loads(result["result"]["value"])
+            shot = tools.call("Page.captureScreenshot", format="png")
+            with open(args.screenshot, "wb") as f:
+                f.write(base64.b64decode(shot["data"]))
+        finally:
+            stop(proc)
+
+    print(json.dumps(figures))
+    if figures["assets"] < 1:
+        fail(1, "no asset plotted in #map")
+    if figures["events_received"] < 1:
+        fail(1, "no live event received over the stream")
+    if figures["connection"] != "live":
+        fail(1, f"connection says {figures['connection']!r}, not live")
+
+
+if __name__ == "__main__":
+    main()
