@@ -140,6 +140,11 @@ async fn any_instance_answers_for_any_twin_with_filters_paging_and_errors() {
         .map(|t| t["asset_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(boxed, ["van-10", "van-11", "van-12", "van-13", "van-14"]);
+    // A box crossing the antimeridian holds lng 4; one with south > north holds nothing.
+    let (_, across) = get(p, "/twins?bbox=50.95,170,51.45,5").await;
+    assert_eq!(across["twins"].as_array().unwrap().len(), 5);
+    let (status, empty) = get(p, "/twins?bbox=60,0,50,10").await;
+    assert_eq!((status, empty["twins"].as_array().unwrap().len()), (200, 0));
     let (_, active) = get(p, "/twins?status=ACTIVE&limit=1000").await;
     assert_eq!(active["twins"].as_array().unwrap().len(), 30);
     let (_, alerts) = get(p, "/alerts?code=TEMP_BREACH&severity=CRITICAL").await;
@@ -158,7 +163,8 @@ async fn any_instance_answers_for_any_twin_with_filters_paging_and_errors() {
         ("/twins?limit=5000", 400, "limit"),
         ("/twins?status=PARKED", 400, "PARKED"),
         ("/twins?bbox=1,2,3", 400, "bbox"),
-        ("/twins?bbox=60,0,50,10", 400, "south <= north"),
+        ("/twins?bbox=1,2,3,x", 400, "bbox"),
+        ("/twins?bbox=1,2,3,NaN", 400, "bbox"),
         ("/twins?colour=red", 400, "colour"),
         ("/alerts?severity=LOUD", 400, "LOUD"),
         ("/nowhere", 404, "no such endpoint"),
@@ -169,7 +175,9 @@ async fn any_instance_answers_for_any_twin_with_filters_paging_and_errors() {
         assert!(message.contains(says), "{path}: {body}");
     }
     let long = format!("/twins?after={}", "x".repeat(3000));
-    assert_eq!(get(p, &long).await.0, 400);
+    assert_eq!(get(p, &long).await.0, 400, "query string too long");
+    let long = format!("/alerts?after={}", "x".repeat(600));
+    assert_eq!(get(p, &long).await.0, 400, "not an asset id");
 
     for p in &mut ps {
         p.stop().await;

@@ -212,28 +212,19 @@ struct BBox {
 }
 
 impl BBox {
+    /// Four finite numbers. A box need not lie on the globe: parts beyond the poles hold no
+    /// twin, `south > north` holds none, and `west > east` crosses the antimeridian.
     fn parse(text: &str) -> Result<BBox, String> {
         let v: Vec<f64> = text
             .split(',')
-            .map(|x| x.trim().parse::<f64>())
-            .collect::<Result<_, _>>()
-            .map_err(|_| format!("bbox '{text}': expected four numbers south,west,north,east"))?;
+            .map(|x| x.trim().parse::<f64>().ok().filter(|v| v.is_finite()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("bbox '{text}': expected four numbers south,west,north,east"))?;
         let [south, west, north, east] = v[..] else {
             return Err(format!(
                 "bbox '{text}': expected four numbers south,west,north,east"
             ));
         };
-        if !(-90.0..=90.0).contains(&south)
-            || !(-90.0..=90.0).contains(&north)
-            || !(-180.0..=180.0).contains(&west)
-            || !(-180.0..=180.0).contains(&east)
-            || south > north
-            || west > east
-        {
-            return Err(format!(
-                "bbox '{text}': need -90 <= south <= north <= 90 and -180 <= west <= east <= 180"
-            ));
-        }
         Ok(BBox {
             south,
             west,
@@ -243,7 +234,27 @@ impl BBox {
     }
 
     fn contains(&self, (lat, lng): (f64, f64)) -> bool {
-        (self.south..=self.north).contains(&lat) && (self.west..=self.east).contains(&lng)
+        let east_of_west = lng >= self.west;
+        let west_of_east = lng <= self.east;
+        (self.south..=self.north).contains(&lat)
+            && if self.west <= self.east {
+                east_of_west && west_of_east
+            } else {
+                east_of_west || west_of_east // across the antimeridian
+            }
+    }
+}
+
+/// Longest asset id accepted as a page cursor (`after`).
+const MAX_ID: usize = 512;
+
+fn cursor(after: Option<String>) -> Result<Option<String>, Response> {
+    match after {
+        Some(a) if a.len() > MAX_ID => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("after: longer than {MAX_ID} bytes, so not an asset id"),
+        )),
+        a => Ok(a),
     }
 }
 
@@ -310,7 +321,7 @@ async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Answer {
     }
     let codec = &s.view.topology().codec;
     let mut twins = Vec::new();
-    let next = walk(&s.view, q.after, |t| {
+    let next = walk(&s.view, cursor(q.after)?, |t| {
         let keep = q.status.is_none_or(|st| t.status == st)
             && q.alert
                 .as_ref()
@@ -343,7 +354,7 @@ async fn list_alerts(State(s): State<ApiState>, q: Params<AlertQuery>) -> Answer
     let codec = &s.view.topology().codec;
     let mut alerts = Vec::new();
     // A page ends after a whole twin, so it may hold a few more than `limit` alerts.
-    let next = walk(&s.view, q.after, |t| {
+    let next = walk(&s.view, cursor(q.after)?, |t| {
         let json = codec.twin_json(t);
         for (a, j) in t
             .alerts
