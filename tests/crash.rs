@@ -232,9 +232,13 @@ fn crash_loop(guarantee: &str, signal: &str) {
     let mut restored = 0.0;
     for _ in 0..kills() {
         let mut instance = spawn(dir.path(), &broker.bootstrap, guarantee);
-        // Stop the run at a random point once it is processing.
+        // Stop the run at a random point once it is processing (or, when the input ran out
+        // before the last restart, once it has caught up with nothing left to do).
         let started = Instant::now();
-        while instance.consumed() == 0 {
+        while instance.consumed() == 0
+            && !(feeder.is_finished()
+                && caught_up(&client(&broker.bootstrap), &[&instance], "telemetry"))
+        {
             assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "a restarted instance made no progress in 60 s; log tail:\n{}",
