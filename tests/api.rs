@@ -9,17 +9,12 @@ use std::collections::BTreeSet;
 use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
-use common::{TestPipeline, vehicle_topology};
+use common::{TestPipeline, on_embedded, vehicle_topology};
 use twinflow::config::Secret;
 use twinflow::embedded::EmbeddedKafka;
 
 fn cluster() -> EmbeddedKafka {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
-    for spec in p.topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
-    kafka
+    on_embedded(vehicle_topology()).0
 }
 
 async fn get(p: &TestPipeline, path: &str) -> (u16, serde_json::Value) {

@@ -6,18 +6,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{TestPipeline, vehicle_topology, venv};
-use twinflow::embedded::EmbeddedKafka;
+use common::{on_embedded, vehicle_topology, venv, wait_fleet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openapi_document_matches_the_server() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let mut p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
-    for spec in p.topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
+    let (_kafka, mut p) = on_embedded(vehicle_topology());
     p.start();
     let t0 = p.now() - 60_000;
     for i in 0..20 {
@@ -31,21 +24,8 @@ async fn the_openapi_document_matches_the_server() {
         p.send(&format!("van-{i:02}"), t0 + i64::from(i), &values)
             .await;
     }
+    wait_fleet(&p, |f| f["twins"] == 20).await;
     let base = format!("http://{}", p.http.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let fleet: serde_json::Value = reqwest::get(format!("{base}/fleet"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if fleet["twins"] == 20 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{fleet}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     // schemathesis keeps its state in its working directory: a scratch one.
     let scratch = tempfile::tempdir().unwrap();

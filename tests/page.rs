@@ -6,18 +6,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestPipeline, root, vehicle_topology, venv};
+use common::{on_embedded, root, vehicle_topology, venv, wait_fleet};
 use tokio_util::sync::CancellationToken;
-use twinflow::embedded::EmbeddedKafka;
 use twinflow::sim::{Fleet, FleetConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_page_shows_assets_alerts_and_live_events() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let mut p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
-    for spec in p.topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
+    let (_kafka, mut p) = on_embedded(vehicle_topology());
     p.start();
     // A fleet of 200 vehicles keeps reporting, about 1000 readings/s, until the check ends.
     let config = FleetConfig {
@@ -43,24 +38,14 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
             }
         })
     };
-    // The page loads a snapshot first: wait until the view holds the fleet.
+    // The page loads a snapshot first: wait until the view holds the fleet (a few
+    // simulated devices stay silent from the start) and some alerts.
+    wait_fleet(&p, |f| {
+        f["twins"].as_u64().unwrap_or(0) >= 190
+            && f["by_alert"].as_object().is_some_and(|a| !a.is_empty())
+    })
+    .await;
     let base = format!("http://{}", p.http.unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let fleet: serde_json::Value = reqwest::get(format!("{base}/fleet"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        // A few simulated devices stay silent from the start.
-        let twins = fleet["twins"].as_u64().unwrap_or(0);
-        if twins >= 190 && fleet["by_alert"].as_object().is_some_and(|a| !a.is_empty()) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{fleet}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.png");
     let out = tokio::task::spawn_blocking(move || {

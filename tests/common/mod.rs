@@ -59,6 +59,33 @@ pub fn untimed_vehicle_topology() -> TopologyConfig {
     }
 }
 
+/// An embedded cluster with the topology's topics, and a stopped pipeline on it.
+pub fn on_embedded(topology: TopologyConfig) -> (twinflow::embedded::EmbeddedKafka, TestPipeline) {
+    let kafka = twinflow::embedded::EmbeddedKafka::start(1).unwrap();
+    let p = TestPipeline::new(&kafka.bootstrap_servers(), topology, &[]);
+    for spec in p.topology.topics.all() {
+        kafka.create_topic(&spec.name, spec.partitions).unwrap();
+    }
+    (kafka, p)
+}
+
+/// Waits (30 s at most) until the instance's `GET /fleet` satisfies `check`.
+pub async fn wait_fleet(p: &TestPipeline, check: impl Fn(&serde_json::Value) -> bool) {
+    let url = format!("http://{}/fleet", p.http.expect("started"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let fleet: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        if check(&fleet) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET /fleet never satisfied the check: {fleet}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A running (or stopped) twinflow instance with its own store directory.
 pub struct TestPipeline {
     pub bootstrap: String,
