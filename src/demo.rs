@@ -76,7 +76,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
             producer: Default::default(),
         },
         topology: opts.topology.clone(),
-        store: StoreConfig { path: state },
+        store: StoreConfig {
+            path: state,
+            ..StoreConfig::default()
+        },
         processing: ProcessingConfig::default(),
         http: HttpConfig {
             listen: opts.http,
