@@ -1,5 +1,8 @@
 //! Core throughput without Kafka: decode → validate → merge → rules → encode → store, on one
-//! core, through the same `Processor` the partition workers run, with RocksDB on disk.
+//! core, through the same `Processor` the partition workers run, with RocksDB on disk, for a
+//! store of 100k and of 1M twins. A first round creates every twin (not timed); then the
+//! measured readings update them, once with every twin cached in the processor (hot) and
+//! once with no cache, so that every event reads its twin from RocksDB and writes it back.
 //!
 //! Baseline, measured in the same run on the same records: decoding them with the reference
 //! `apache-avro` crate's generic reader (decode only, no merge, no store). Ratios > 1 mean the
@@ -9,9 +12,9 @@
 //! look at the deadline index when nothing is due, against a scan of every twin (what a
 //! timer without an index would cost each second), and how fast due timers fire.
 //!
-//! `cargo bench --bench core` (full: 1M records over 100k twins, median of 3 runs);
-//! `TWINFLOW_BENCH_RECORDS=20000 TWINFLOW_BENCH_TWINS=2000 TWINFLOW_BENCH_TIMER_TWINS=20000
-//! cargo bench --bench core` for a smoke run.
+//! `cargo bench --bench core` (full: 1M measured readings, median of 3 runs); sizes from
+//! `TWINFLOW_BENCH_RECORDS`, `TWINFLOW_BENCH_TWINS` (100k), `TWINFLOW_BENCH_TWINS_LARGE` (1M),
+//! `TWINFLOW_BENCH_TIMER_TWINS` (1M) and `TWINFLOW_BENCH_RUNS`.
 
 mod support;
 
@@ -26,9 +29,11 @@ use twinflow::topology::Topology;
 
 fn main() {
     let records = env("TWINFLOW_BENCH_RECORDS", 1_000_000);
-    let twins = env("TWINFLOW_BENCH_TWINS", 100_000);
+    let sizes = [
+        env("TWINFLOW_BENCH_TWINS", 100_000),
+        env("TWINFLOW_BENCH_TWINS_LARGE", 1_000_000),
+    ];
     let runs = env("TWINFLOW_BENCH_RUNS", 3);
-    let batch = 2000;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let topology = Arc::new(
         Topology::load(
@@ -37,73 +42,74 @@ fn main() {
         )
         .expect("topology"),
     );
-    let config = FleetConfig {
-        assets: twins,
-        seed: 1,
-        malformed: 0.0,
-        start_ms: 1_790_000_000_000,
-        interval_ms: 1000,
-    };
-    let mut fleet = Fleet::new(config, &topology.codec).expect("fleet");
-    let data = fleet.take(records);
-    let bytes: usize = data.iter().map(|(_, v)| v.len()).sum();
-
     let schema = apache_avro::Schema::parse_str(
         &std::fs::read_to_string(root.join("schemas/vehicle_telemetry.avsc")).unwrap(),
     )
     .unwrap();
-    let (mut base, mut decode, mut core) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
-            .build()
-            .unwrap();
-        let t = Instant::now();
-        for (_, v) in &data {
-            std::hint::black_box(reader.read_value(&mut &v[..]).unwrap());
-        }
-        base.push(records as f64 / t.elapsed().as_secs_f64());
 
-        let mut reading = twinflow::twin::Reading::default();
-        let t = Instant::now();
-        for (_, v) in &data {
-            topology
-                .codec
-                .decode_reading(twinflow::codec::Format::Avro, v, &mut reading)
+    println!(
+        "core benchmark: decode → validate → merge → rules → encode → RocksDB, one thread, batches of {BATCH}, \
+         {records} measured readings after a first round that creates every twin, median of {runs}"
+    );
+    println!(
+        "| path                                                     | twins     | events/s   | vs apache-avro decode | target     |"
+    );
+    println!(
+        "|----------------------------------------------------------|----------:|-----------:|----------------------:|-----------:|"
+    );
+    for twins in sizes {
+        let data = Fleet::new(fleet(twins, 1), &topology.codec)
+            .expect("fleet")
+            .take(twins + records);
+        let (create, measured) = data.split_at(twins);
+        let (mut base, mut decode, mut hot, mut cold) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+                .build()
                 .unwrap();
-            std::hint::black_box(&reading);
-        }
-        decode.push(records as f64 / t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            for (_, v) in measured {
+                std::hint::black_box(reader.read_value(&mut &v[..]).unwrap());
+            }
+            base.push(rate(measured.len(), t));
 
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let mut processor = Processor::new(topology.clone(), store.partition(0), twins.max(batch));
-        let t = Instant::now();
-        let updates = process_all(&mut processor, &store, &data, batch, 1_790_000_000_000);
-        core.push(records as f64 / t.elapsed().as_secs_f64());
-        assert!(updates > 0);
+            let mut reading = twinflow::twin::Reading::default();
+            let t = Instant::now();
+            for (_, v) in measured {
+                topology
+                    .codec
+                    .decode_reading(twinflow::codec::Format::Avro, v, &mut reading)
+                    .unwrap();
+                std::hint::black_box(&reading);
+            }
+            decode.push(rate(measured.len(), t));
+
+            hot.push(full_path(&topology, create, measured, twins));
+            cold.push(full_path(&topology, create, measured, 0));
+        }
+        let base = median(base);
+        let row = |name: &str, rate: f64, target: &str| {
+            println!(
+                "| {name:<56} | {twins:>9} | {rate:>10.0} | {:>21.2} | {target:>10} |",
+                rate / base
+            );
+        };
+        row("apache-avro generic decode (baseline)", base, "");
+        row("twinflow decode", median(decode), "");
+        row(
+            "full path, every twin cached (hot)",
+            median(hot),
+            "≥ 1000000",
+        );
+        row(
+            "full path, every event reads and writes RocksDB",
+            median(cold),
+            "≥ 300000",
+        );
     }
-    let (base, decode, core) = (median(base), median(decode), median(core));
+
     let timer_twins = env("TWINFLOW_BENCH_TIMER_TWINS", 1_000_000);
     let timers = timers(&topology, timer_twins, runs);
-    println!(
-        "core benchmark: {records} records ({} B avg) over {twins} twins, batches of {batch}, one thread, median of {runs}",
-        bytes / records.max(1)
-    );
-    println!(
-        "| path                                             | events/s   | vs apache-avro decode |"
-    );
-    println!(
-        "|--------------------------------------------------|-----------:|----------------------:|"
-    );
-    println!("| apache-avro generic decode (baseline)            | {base:>10.0} | 1.00 |");
-    println!(
-        "| twinflow decode                                  | {decode:>10.0} | {:.2} |",
-        decode / base
-    );
-    println!(
-        "| twinflow decode→merge→rules→encode→RocksDB store | {core:>10.0} | {:.2} |",
-        core / base
-    );
     println!();
     println!(
         "timers: {timer_twins} twins in one partition, each with a deadline (offline after 5 min), median of {runs}"
@@ -129,15 +135,56 @@ fn main() {
     );
 }
 
-/// Runs `data` through `processor` at processing time `now`, committing every `batch`
-/// records to `store` as a worker would. Returns the number of twin updates.
+/// Records in a batch between two store commits, as a worker's default batch.
+const BATCH: usize = 2000;
+
+/// The simulated fleet of `assets` vehicles.
+fn fleet(assets: usize, seed: u64) -> FleetConfig {
+    FleetConfig {
+        assets,
+        seed,
+        malformed: 0.0,
+        start_ms: 1_790_000_000_000,
+        interval_ms: 1000,
+    }
+}
+
+fn rate(records: usize, since: Instant) -> f64 {
+    records as f64 / since.elapsed().as_secs_f64()
+}
+
+/// Events/s of `measured` through the whole record path into a fresh store that `create`
+/// filled first, keeping up to `cache` decoded twins (0: every event reads the store).
+fn full_path(
+    topology: &Arc<Topology>,
+    create: &[(Vec<u8>, Vec<u8>)],
+    measured: &[(Vec<u8>, Vec<u8>)],
+    cache: usize,
+) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut processor = Processor::new(topology.clone(), store.partition(0), cache);
+    let now = 1_790_000_000_000 + 3_600_000;
+    let created = process_all(&mut processor, &store, create, 0, now);
+    assert!(created > 0);
+    let t = Instant::now();
+    let updates = process_all(&mut processor, &store, measured, create.len(), now);
+    let rate = rate(measured.len(), t);
+    assert!(updates > 0);
+    rate
+}
+
+/// Runs `data` (input offsets from `first` on) through `processor` at processing time `now`,
+/// committing every `BATCH` records to `store` as a worker would. Returns the number of twin
+/// updates.
 fn process_all(
     processor: &mut Processor,
     store: &Store,
     data: &[(Vec<u8>, Vec<u8>)],
-    batch: usize,
+    first: usize,
     now: i64,
 ) -> u64 {
+    let batch = BATCH;
     let mut updates = 0;
     for (i, chunk) in data.chunks(batch).enumerate() {
         let mut b = processor.batch();
@@ -146,14 +193,14 @@ fn process_all(
                 key: Some(k),
                 payload: Some(v),
                 topic: "telemetry",
-                offset: (i * batch + j) as i64,
+                offset: (first + i * batch + j) as i64,
                 headers: None,
             };
             processor.process(&input, &mut b, now).unwrap();
         }
         updates += b.counts.updates();
         b.store
-            .set_next_offset("telemetry", ((i + 1) * batch) as i64);
+            .set_next_offset("telemetry", (first + i * batch + chunk.len()) as i64);
         store.partition(0).commit(b.store).unwrap();
     }
     updates
@@ -189,7 +236,7 @@ fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut processor = Processor::new(topology.clone(), store.partition(0), 10_000);
-        process_all(&mut processor, &store, &data, 2000, now);
+        process_all(&mut processor, &store, &data, 0, now);
 
         let t = Instant::now();
         let mut due = 0;

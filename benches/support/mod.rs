@@ -9,6 +9,7 @@ pub fn env(name: &str, default: usize) -> usize {
 }
 
 /// The median of `v` (the upper one for an even count).
+#[allow(dead_code)] // not every benchmark takes medians
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]

@@ -1,0 +1,154 @@
+//! Scenario 1 and 3: how fast a preloaded input drains, through the rdkafka passthrough
+//! (the limit), through twinflow under each guarantee, and through the Quix Streams peer.
+//! Each contender gets a fresh broker with the same input preloaded, and is timed until its
+//! committed input positions reach the end of every partition.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use rdkafka::consumer::BaseConsumer;
+use tokio::runtime::Runtime;
+use twinflow::config::Guarantee;
+use twinflow::topology::Topology;
+
+use crate::harness::{
+    self, Instance, POLL, broker_with, caught_up, client, committed, timeout_for,
+};
+
+/// One contender's drain.
+pub struct Drain {
+    /// Input records per second, from the first moment it could consume until its committed
+    /// positions reached the end.
+    pub rate: f64,
+    /// Seconds from start until it could consume (group join, assignment, set-up).
+    pub startup: f64,
+}
+
+/// The passthrough: consume the telemetry topic, produce the same bytes to the changelog.
+pub fn passthrough(
+    rt: &Runtime,
+    topology: &Topology,
+    input: &[(Vec<u8>, Vec<u8>)],
+    run: usize,
+) -> Drain {
+    let topic = &topology.topics.telemetry.name;
+    let (broker, ends) = broker_with(rt, topology, topic, input);
+    let started = Instant::now();
+    harness::passthrough(
+        &broker.bootstrap,
+        &format!("bench-passthrough-{run}"),
+        topic,
+        &topology.topics.changelog.name,
+        |positions| harness::reached(positions, topic, &ends),
+    );
+    Drain {
+        rate: input.len() as f64 / started.elapsed().as_secs_f64(),
+        startup: 0.0,
+    }
+}
+
+/// A twinflow instance (fresh store and group) under `guarantee`.
+pub fn twinflow(
+    rt: &Runtime,
+    topology: &Topology,
+    input: &[(Vec<u8>, Vec<u8>)],
+    guarantee: Guarantee,
+    run: usize,
+) -> Drain {
+    let topic = &topology.topics.telemetry.name;
+    let partitions = topology.topics.telemetry.partitions;
+    let (broker, ends) = broker_with(rt, topology, topic, input);
+    let store = tempfile::tempdir().expect("a store directory");
+    let group = format!("bench-{guarantee:?}-{run}").to_lowercase();
+    let started = Instant::now();
+    let mut instance = Instance::start(
+        rt,
+        &harness::config(&broker.bootstrap, &group, guarantee, store.path()),
+    );
+    instance.wait_until(rt, "assignment", timeout_for(0), |m| {
+        m.assigned_partitions.get() == i64::from(partitions)
+    });
+    let assigned = Instant::now();
+    instance.wait_until(rt, "the end of the input", timeout_for(input.len()), |m| {
+        caught_up(m, &ends)
+    });
+    let rate = input.len() as f64 / assigned.elapsed().as_secs_f64();
+    instance.stop(rt);
+    Drain {
+        rate,
+        startup: (assigned - started).as_secs_f64(),
+    }
+}
+
+/// The Quix Streams application under `benches/quix/`, or `None` when its environment is not
+/// set up (`bash benches/quix/setup`).
+pub fn quix(
+    rt: &Runtime,
+    topology: &Topology,
+    input: &[(Vec<u8>, Vec<u8>)],
+    run: usize,
+) -> Option<Drain> {
+    let python = quix_python()?;
+    let topic = &topology.topics.telemetry.name;
+    let partitions = topology.topics.telemetry.partitions;
+    let (broker, ends) = broker_with(rt, topology, topic, input);
+    let state = tempfile::tempdir().expect("a state directory");
+    let group = format!("bench-quix-{run}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let started = Instant::now();
+    let mut peer = Command::new(python)
+        .arg(root.join("benches/quix/twins.py"))
+        .current_dir(root)
+        .env("TWINS_BOOTSTRAP", &broker.bootstrap)
+        .env("TWINS_GROUP", &group)
+        .env("TWINS_STATE_DIR", state.path())
+        .env("TWINS_GUARANTEE", "at-least-once")
+        .env(
+            "TWINS_COMMIT_INTERVAL",
+            harness::COMMIT_INTERVAL.as_secs_f64().to_string(),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the Quix Streams application starts");
+    let watcher: BaseConsumer = client(&broker.bootstrap)
+        .set("group.id", &group)
+        .create()
+        .expect("a consumer to read the group's offsets");
+    let deadline = started + timeout_for(input.len() * 20);
+    let mut first = None;
+    loop {
+        let positions = committed(&watcher, topic, partitions);
+        if first.is_none() && positions.iter().any(|o| *o >= 0) {
+            first = Some(started.elapsed());
+        }
+        if positions.iter().zip(&ends).all(|(o, end)| o >= end) {
+            break;
+        }
+        if let Some(status) = peer.try_wait().expect("the peer's status") {
+            panic!("the Quix Streams application stopped early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Quix Streams application did not finish: {positions:?} of {ends:?}"
+        );
+        std::thread::sleep(POLL * 10);
+    }
+    let elapsed = started.elapsed();
+    let _ = peer.kill();
+    let _ = peer.wait();
+    Some(Drain {
+        rate: input.len() as f64 / elapsed.as_secs_f64(),
+        startup: first.map_or(f64::NAN, |d| d.as_secs_f64()),
+    })
+}
+
+/// The Python of the peer's environment, if set up.
+fn quix_python() -> Option<PathBuf> {
+    if std::env::var("TWINFLOW_BENCH_QUIX").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/quix/.venv/bin/python");
+    python.exists().then_some(python)
+}
