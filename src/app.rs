@@ -74,8 +74,7 @@ impl App {
                 config.store.path.display()
             )
         })?;
-        let store = Store::open_with(&config.store.path, config.store.memory_mb)
-            .context("opening the store")?;
+        let store = Store::open(&config.store.path).context("opening the store")?;
 
         let settings = &config.processing;
         let exactly_once = settings.guarantee == Guarantee::ExactlyOnce;

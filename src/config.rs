@@ -152,16 +152,12 @@ impl Default for TopologyConfig {
 pub struct StoreConfig {
     /// Directory of the instance's database.
     pub path: PathBuf,
-    /// RocksDB's memory in MiB: one LRU block cache for all partitions, which the memtables
-    /// are charged to as well (half of it at most).
-    pub memory_mb: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: "state".into(),
-            memory_mb: crate::store::DEFAULT_MEMORY_MB,
         }
     }
 }
@@ -395,9 +391,6 @@ impl KafkaConfig {
     /// defaults `c` already holds.
     pub fn apply(&self, c: &mut ClientConfig, role: Role) {
         c.set("bootstrap.servers", &self.bootstrap_servers);
-        // librdkafka leaves Nagle's algorithm on: with delayed ACKs it holds small requests
-        // back by tens of milliseconds under steady load. The Java clients turn it off too.
-        c.set("socket.nagle.disable", "true");
         let own = match role {
             Role::Consumer => Some(&self.consumer),
             Role::Producer => Some(&self.producer),

@@ -76,10 +76,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
             producer: Default::default(),
         },
         topology: opts.topology.clone(),
-        store: StoreConfig {
-            path: state,
-            ..StoreConfig::default()
-        },
+        store: StoreConfig { path: state },
         processing: ProcessingConfig::default(),
         http: HttpConfig {
             listen: opts.http,

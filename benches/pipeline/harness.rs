@@ -250,7 +250,6 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
         topology: vehicle_topology(),
         store: StoreConfig {
             path: store.join("store"),
-            ..StoreConfig::default()
         },
         processing: ProcessingConfig {
             guarantee,

@@ -52,9 +52,6 @@ pub struct Store {
     db: Arc<DB>,
 }
 
-/// RocksDB's default memory budget in MiB (`store.memory_mb`).
-pub const DEFAULT_MEMORY_MB: usize = 64;
-
 impl Store {
     /// Opens (or creates) the database at `path`.
     ///
@@ -62,35 +59,12 @@ impl Store {
     /// `Error::Store` when RocksDB cannot open it, for example because another process holds
     /// its lock.
     pub fn open(path: &Path) -> Result<Store> {
-        Self::open_with(path, DEFAULT_MEMORY_MB)
-    }
-
-    /// Opens (or creates) the database at `path`, with `memory_mb` MiB for RocksDB: one block
-    /// cache shared by every partition, which also holds the index and filter blocks and is
-    /// charged for the memtables (up to half of it), so the store's memory stays within it
-    /// however many twins it holds.
-    ///
-    /// # Errors
-    /// As [`Store::open`].
-    pub fn open_with(path: &Path, memory_mb: usize) -> Result<Store> {
-        let budget = memory_mb.max(8) << 20;
-        let cache = rocksdb::Cache::new_lru_cache(budget);
-        let memtables = rocksdb::WriteBufferManager::new_write_buffer_manager_with_cache(
-            budget / 2,
-            false,
-            cache.clone(),
-        );
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.increase_parallelism(2);
-        opts.set_write_buffer_manager(&memtables);
-        opts.set_write_buffer_size(budget / 4);
         let mut block = rocksdb::BlockBasedOptions::default();
         block.set_bloom_filter(10.0, false);
-        block.set_block_cache(&cache);
-        block.set_cache_index_and_filter_blocks(true);
-        block.set_pin_l0_filter_and_index_blocks_in_cache(true);
         opts.set_block_based_table_factory(&block);
         let db = DB::open(&opts, path).map_err(|e| {
             Error::Store(format!("opening {}: {}", path.display(), e.into_string()))

@@ -152,7 +152,6 @@ impl TestPipeline {
             topology: self.topology_paths.clone(),
             store: StoreConfig {
                 path: self.state.path().join("store"),
-                ..StoreConfig::default()
             },
             processing: ProcessingConfig {
                 guarantee: self.guarantee,
