@@ -35,13 +35,7 @@ fn main() {
     ];
     let runs = env("TWINFLOW_BENCH_RUNS", 3);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let topology = Arc::new(
-        Topology::load(
-            &root.join("topology/topics.toml"),
-            &root.join("topology/vehicle.toml"),
-        )
-        .expect("topology"),
-    );
+    let topology = support::vehicle_topology();
     let schema = apache_avro::Schema::parse_str(
         &std::fs::read_to_string(root.join("schemas/vehicle_telemetry.avsc")).unwrap(),
     )

@@ -21,7 +21,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use support::env;
@@ -29,7 +28,6 @@ use twinflow::config::ProcessingConfig;
 use twinflow::pipeline::processor::{Input, Processor};
 use twinflow::sim::{Fleet, FleetConfig};
 use twinflow::store::Store;
-use twinflow::topology::Topology;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -134,14 +132,7 @@ fn measure(twins: usize, cache: usize) -> Figures {
 
 /// The child: creates `twins` twins, keeping up to `cache` decoded, and prints its figures.
 fn child(twins: usize, cache: usize) {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let topology = Arc::new(
-        Topology::load(
-            &root.join("topology/topics.toml"),
-            &root.join("topology/vehicle.toml"),
-        )
-        .expect("topology"),
-    );
+    let topology = support::vehicle_topology();
     let config = FleetConfig {
         assets: twins.max(1),
         seed: 3,

@@ -1,4 +1,9 @@
-//! What every benchmark needs: sizes from the environment and medians of repeated runs.
+//! What every benchmark needs: sizes from the environment, medians of repeated runs, and the
+//! shipped vehicle topology.
+
+use std::sync::Arc;
+
+use twinflow::topology::Topology;
 
 /// `name` from the environment as a count, or `default`.
 pub fn env(name: &str, default: usize) -> usize {
@@ -13,4 +18,17 @@ pub fn env(name: &str, default: usize) -> usize {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// The topology the project ships: `topology/topics.toml` and the vehicle model.
+#[allow(dead_code)] // the pipeline benchmark loads it through the tests' helpers
+pub fn vehicle_topology() -> Arc<Topology> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    Arc::new(
+        Topology::load(
+            &root.join("topology/topics.toml"),
+            &root.join("topology/vehicle.toml"),
+        )
+        .expect("the shipped topology loads"),
+    )
 }
