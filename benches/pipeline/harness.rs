@@ -121,21 +121,15 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(bootstrap: &str, topic: &str) -> Sender {
-        Self::with(bootstrap, topic, &[])
-    }
-
-    /// A sender with `extra` settings over the defaults.
-    pub fn with(bootstrap: &str, topic: &str, extra: &[(&str, &str)]) -> Sender {
-        let mut c = client(bootstrap);
-        c.set("enable.idempotence", "true")
+        let producer = client(bootstrap)
+            .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("compression.type", "lz4");
-        for (k, v) in extra {
-            c.set(*k, *v);
-        }
+            .set("compression.type", "lz4")
+            .create()
+            .expect("a producer");
         Sender {
-            producer: c.create().expect("a producer"),
+            producer,
             topic: topic.to_owned(),
         }
     }
