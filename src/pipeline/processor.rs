@@ -387,24 +387,23 @@ impl Processor {
             self.due_after = Some(last.clone());
         }
         for (deadline, id) in due {
+            // A due entry leaves the index; the twin decides what follows.
+            batch.store.delete_deadline(deadline, &id);
             if !self.load(&id)? {
-                batch.store.delete_deadline(deadline, &id);
                 continue;
             }
             let twin = self.cache.get_mut(id.as_str()).expect("loaded above");
-            // The index may lag the twin (staged work, a restore): the twin decides.
-            let actual = model.deadline(twin);
-            if actual != Some(deadline) {
-                batch.store.delete_deadline(deadline, &id);
-                if let Some(actual) = actual {
-                    batch.store.put_deadline(actual, &id);
-                }
-            }
-            if actual.is_none_or(|at| at > now) || !twin.tick(model, now) {
+            // The index may lag the twin (staged work, a restore, a deadline that moved
+            // later): a deadline still ahead is filed again.
+            let Some(actual) = model.deadline(twin) else {
+                continue;
+            };
+            if actual > now || !twin.tick(model, now) {
+                batch.store.put_deadline(actual, &id);
                 continue;
             }
             fired += 1;
-            self.emit(&id, &TwinChange::default(), actual, source, batch, None);
+            self.emit(&id, &TwinChange::default(), None, source, batch, None);
         }
         batch.counts.timers_fired += fired as u64;
         Ok(fired)
@@ -429,13 +428,14 @@ impl Processor {
         Ok(existed)
     }
 
-    /// Evaluates the rules on the changed twin of `id`, moves its timer from `deadline`, and
+    /// Evaluates the rules on the changed twin of `id`, files its timer if it is due before
+    /// `indexed` (the deadline the index already has an entry at or before, if any), and
     /// stages the twin, its changelog record and its alert events (`event` too, if given).
     fn emit(
         &mut self,
         id: &str,
         change: &TwinChange,
-        deadline: Option<i64>,
+        indexed: Option<i64>,
         source: i64,
         batch: &mut Batch,
         event: Option<AlertEvent>,
@@ -445,14 +445,13 @@ impl Processor {
         self.alerts.clear();
         topology.rules.evaluate(twin, change, &mut self.alerts);
         self.alerts.extend(event);
-        let next = topology.model.deadline(twin);
-        if next != deadline {
-            if let Some(old) = deadline {
-                batch.store.delete_deadline(old, id);
-            }
-            if let Some(new) = next {
-                batch.store.put_deadline(new, id);
-            }
+        // The index keeps an entry at or before each twin's deadline. Most readings move the
+        // deadline later; the old entry then stays, and when it comes due the twin files it
+        // again (`fire_timers`). So a reading costs one store write, not three.
+        if let Some(next) = topology.model.deadline(twin)
+            && indexed.is_none_or(|at| next < at)
+        {
+            batch.store.put_deadline(next, id);
         }
         self.scratch.clear();
         topology.codec.encode_twin(twin, &mut self.scratch);
@@ -528,5 +527,99 @@ impl Processor {
         for k in victims {
             self.cache.remove(&k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use crate::twin::{Status, Value};
+
+    const MINUTE: i64 = 60_000;
+    const T0: i64 = 1_790_000_000_000;
+
+    fn topology() -> Arc<Topology> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        Arc::new(
+            Topology::load(
+                &root.join("topology/topics.toml"),
+                &root.join("topology/vehicle.toml"),
+            )
+            .expect("the shipped topology loads"),
+        )
+    }
+
+    /// Processes a moving reading of `truck-1` at `now` and commits it to the store.
+    fn moving(p: &mut Processor, store: &crate::store::PartitionStore, offset: i64, now: i64) {
+        let topology = topology();
+        let reading = Reading {
+            asset_id: "truck-1".into(),
+            event_time: now,
+            values: vec![(
+                topology.model.property("speed_kmh").expect("speed"),
+                Value::Double(50.0),
+            )],
+        };
+        let mut value = Vec::new();
+        topology.codec.encode_reading(&reading, &mut value);
+        let input = Input {
+            key: Some(b"truck-1"),
+            payload: Some(&value),
+            topic: "telemetry",
+            offset,
+            headers: None,
+        };
+        let mut batch = p.batch();
+        p.process(&input, &mut batch, now).expect("processed");
+        assert_eq!(batch.counts.updates, 1);
+        store.commit(batch.store).expect("committed");
+    }
+
+    /// Fires what is due at `now`, commits it, and returns the statuses of the changelog twins.
+    fn fire(p: &mut Processor, store: &crate::store::PartitionStore, now: i64) -> Vec<Status> {
+        let topology = topology();
+        let mut batch = p.batch();
+        p.fire_timers(&mut batch, now, 0, 100).expect("fired");
+        let statuses = batch
+            .outputs
+            .records
+            .iter()
+            .filter(|o| o.target == Target::Changelog)
+            .map(|o| {
+                let (_, value) = batch.outputs.bytes(o);
+                let twin = topology
+                    .codec
+                    .decode_changelog_twin(value.expect("a value"))
+                    .expect("a twin");
+                twin.status
+            })
+            .collect();
+        store.commit(batch.store).expect("committed");
+        statuses
+    }
+
+    /// A reading that moves the offline deadline later leaves the old timer entry behind: when
+    /// it comes due the twin says "not yet", and the asset turns OFFLINE once, at its real
+    /// deadline, also after a restart; the index is empty afterwards.
+    #[test]
+    fn a_moved_deadline_fires_once_at_the_new_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store").partition(0);
+        let offline_after = topology().model.time.offline_after.expect("vehicle model");
+        let mut p = Processor::new(topology(), store.clone(), 1000);
+
+        moving(&mut p, &store, 0, T0);
+        moving(&mut p, &store, 1, T0 + 4 * MINUTE);
+        assert_eq!(fire(&mut p, &store, T0 + offline_after + 1000), []);
+
+        // A new processor (a restart): only the store remembers.
+        let mut p = Processor::new(topology(), store.clone(), 1000);
+        assert_eq!(fire(&mut p, &store, T0 + offline_after + 2000), []);
+        let due = T0 + 4 * MINUTE + offline_after;
+        assert_eq!(fire(&mut p, &store, due - 1), []);
+        assert_eq!(fire(&mut p, &store, due), [Status::Offline]);
+        assert_eq!(fire(&mut p, &store, due + 60 * MINUTE), []);
+        assert_eq!(store.due(None, i64::MAX, 100).expect("index"), []);
     }
 }
