@@ -181,7 +181,7 @@ fn process_all(
     let batch = BATCH;
     let mut updates = 0;
     for (i, chunk) in data.chunks(batch).enumerate() {
-        let mut b = processor.batch();
+        let mut b = processor.batch(true);
         for (j, (k, v)) in chunk.iter().enumerate() {
             let input = Input {
                 key: Some(k),
@@ -250,7 +250,7 @@ fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
         let looks = 1000;
         let t = Instant::now();
         for i in 0..looks {
-            let mut b = processor.batch();
+            let mut b = processor.batch(true);
             let fired = processor
                 .fire_timers(&mut b, now + i, twins as i64, 2000)
                 .unwrap();
@@ -261,7 +261,7 @@ fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
         let t = Instant::now();
         let mut fired = 0;
         loop {
-            let mut b = processor.batch();
+            let mut b = processor.batch(true);
             let n = processor
                 .fire_timers(&mut b, now + offline_after, twins as i64, 2000)
                 .unwrap();

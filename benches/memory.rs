@@ -152,7 +152,7 @@ fn child(twins: usize, cache: usize) {
     let batch_size = 2000;
     let mut done = 0;
     while done < twins {
-        let mut batch = processor.batch();
+        let mut batch = processor.batch(true);
         let n = batch_size.min(twins - done);
         for i in 0..n {
             fleet.next_record(&mut key, &mut value);
@@ -172,7 +172,7 @@ fn child(twins: usize, cache: usize) {
         store.partition(0).commit(batch.store).expect("committed");
     }
     // The cache is trimmed when the next batch starts.
-    drop(processor.batch());
+    drop(processor.batch(true));
     let seconds = started.elapsed().as_secs_f64();
     let [rss, peak] = resident();
     let disk: u64 = walk(dir.path());

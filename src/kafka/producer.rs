@@ -1,9 +1,11 @@
 //! The output producer: one per instance, shared by the partition workers, optionally
 //! transactional.
 //!
-//! Workers only enqueue. Its delivery callback records what a commit needs to know: whether
-//! any record failed since the last commit, and the offset of the last changelog record per
-//! partition (the store remembers it, so a restore reads only the tail after it).
+//! Workers only enqueue, each record tagged with the commit *generation* it belongs to. Its
+//! delivery callback records, per generation, what that commit needs to know: whether any
+//! record failed, and the offset of the last changelog record per partition (the store
+//! remembers it, so a restore reads only the tail after it). So a commit can wait for the
+//! records of its own generation while workers already send the next one's.
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex};
@@ -30,12 +32,26 @@ pub struct Deliveries {
     pub changelog_next: BTreeMap<i32, i64>,
 }
 
-/// Delivery bookkeeping, read and reset at each commit.
+/// One generation's records.
+#[derive(Debug, Default)]
+struct Generation {
+    /// Records enqueued whose delivery report has not run yet.
+    unreported: i64,
+    deliveries: Deliveries,
+}
+
+/// The generations not yet taken by a commit.
+#[derive(Debug, Default)]
+struct Generations {
+    open: BTreeMap<u64, Generation>,
+    /// Reports of generations before it are ignored: their work was dropped.
+    floor: u64,
+}
+
+/// Delivery bookkeeping, per generation, taken by the commits.
 pub struct Tracking {
     changelog: String,
-    state: Mutex<Deliveries>,
-    /// Records enqueued whose delivery report has not run yet.
-    unreported: Mutex<i64>,
+    state: Mutex<Generations>,
     reported: Condvar,
     metrics: Metrics,
 }
@@ -48,18 +64,39 @@ impl ClientContext for Tracking {
 }
 
 impl ProducerContext for Tracking {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        self.record(result);
-        *self.unreported.lock().expect("delivery count lock") -= 1;
+    fn delivery(&self, result: &DeliveryResult<'_>, generation: usize) {
+        let mut state = self.state.lock().expect("delivery state lock");
+        let generation = generation as u64;
+        if generation < state.floor {
+            self.count(result);
+            return;
+        }
+        let g = state.open.entry(generation).or_default();
+        g.unreported -= 1;
+        self.record(result, &mut g.deliveries);
+        drop(state);
         self.reported.notify_all();
     }
 }
 
 impl Tracking {
-    fn record(&self, result: &DeliveryResult<'_>) {
-        let mut state = self.state.lock().expect("delivery state lock");
+    /// Counts a failed delivery in the metrics; purges are left out (an abort purges on
+    /// purpose).
+    fn count(&self, result: &DeliveryResult<'_>) {
+        if let Err((error, _)) = result
+            && !matches!(
+                error.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+            )
+        {
+            self.metrics.delivery_failures.inc();
+        }
+    }
+
+    fn record(&self, result: &DeliveryResult<'_>, state: &mut Deliveries) {
+        self.count(result);
         match result {
             Ok(m) if m.topic() == self.changelog => {
                 let next = state.changelog_next.entry(m.partition()).or_insert(0);
@@ -68,16 +105,8 @@ impl Tracking {
             Ok(_) => {}
             // A purged record was not delivered either: an aborted transaction's (whose
             // work is replayed anyway), or what was queued when the producer hit a fatal
-            // error, which must fail the commit. The metric leaves purges out: an abort
-            // purges on purpose.
+            // error, which must fail the commit.
             Err((error, _)) => {
-                let purged = matches!(
-                    error.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
-                );
-                if !purged {
-                    self.metrics.delivery_failures.inc();
-                }
                 state.failed += 1;
                 state.failure.get_or_insert_with(|| error.clone());
             }
@@ -103,8 +132,7 @@ impl OutputProducer {
     ) -> Result<OutputProducer> {
         let context = Tracking {
             changelog: changelog.to_owned(),
-            state: Mutex::new(Deliveries::default()),
-            unreported: Mutex::new(0),
+            state: Mutex::new(Generations::default()),
             reported: Condvar::new(),
             metrics: metrics.clone(),
         };
@@ -118,37 +146,59 @@ impl OutputProducer {
         &self.producer
     }
 
-    /// What happened to the records sent since the last call, resetting it. Blocking: it
-    /// first waits, up to `timeout`, until every record sent so far has had its delivery
-    /// report (a flush can return while the last reports are still being handled).
+    /// What happened to the records of `generation` and before, forgetting them. Blocking:
+    /// it first waits, up to `timeout`, until each of them has had its delivery report.
     ///
     /// # Errors
     /// `Error::Kafka` (timed out) when reports are still missing after `timeout`.
-    pub fn take_deliveries(&self, timeout: Duration) -> Result<Deliveries> {
+    pub fn take_deliveries(&self, generation: u64, timeout: Duration) -> Result<Deliveries> {
         let tracking = self.producer.context();
-        let unreported = tracking.unreported.lock().expect("delivery count lock");
-        let (unreported, wait) = tracking
+        let state = tracking.state.lock().expect("delivery state lock");
+        let (mut state, wait) = tracking
             .reported
-            .wait_timeout_while(unreported, timeout, |n| *n > 0)
-            .expect("delivery count lock");
+            .wait_timeout_while(state, timeout, |s| {
+                s.open.range(..=generation).any(|(_, g)| g.unreported > 0)
+            })
+            .expect("delivery state lock");
         if wait.timed_out() {
             return Err(Error::Kafka(KafkaError::Flush(
                 RDKafkaErrorCode::OperationTimedOut,
             )));
         }
-        drop(unreported);
-        Ok(std::mem::take(
-            &mut *tracking.state.lock().expect("delivery state lock"),
-        ))
+        let later = state.open.split_off(&(generation + 1));
+        let taken = std::mem::replace(&mut state.open, later);
+        let mut all = Deliveries::default();
+        for (_, g) in taken {
+            let d = g.deliveries;
+            all.failed += d.failed;
+            if all.failure.is_none() {
+                all.failure = d.failure;
+            }
+            for (p, next) in d.changelog_next {
+                let at = all.changelog_next.entry(p).or_insert(next);
+                *at = (*at).max(next);
+            }
+        }
+        Ok(all)
     }
 
-    /// Enqueues one record; when librdkafka's queue is full, waits briefly and tries again.
+    /// Forgets the records of `generation` and before: their work was dropped, so their
+    /// reports, even late ones, no longer matter.
+    pub fn discard(&self, generation: u64) {
+        let mut state = self.producer.context().state.lock().expect("delivery state lock");
+        state.floor = state.floor.max(generation + 1);
+        state.open = state.open.split_off(&(generation + 1));
+    }
+
+    /// Enqueues one record of commit `generation`; when librdkafka's queue is full, waits
+    /// briefly and tries again.
     ///
     /// # Errors
     /// `Error::Kafka` when the record cannot be enqueued (for example, a fatal producer
     /// error or a transaction that must be aborted).
     pub async fn send(
         &self,
+        generation: u64,
         topic: &str,
         partition: Option<i32>,
         key: Option<&[u8]>,
@@ -157,26 +207,17 @@ impl OutputProducer {
     ) -> Result<()> {
         let mut headers = headers;
         loop {
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(topic, generation as usize);
             record.key = key;
             record.payload = payload;
             record.partition = partition;
             record.headers = headers.take();
             // Counted before the send: its report may run before `send` returns.
-            *self
-                .producer
-                .context()
-                .unreported
-                .lock()
-                .expect("delivery count lock") += 1;
+            self.unreported(generation, 1);
             let sent = self.producer.send(record);
             if sent.is_err() {
-                *self
-                    .producer
-                    .context()
-                    .unreported
-                    .lock()
-                    .expect("delivery count lock") -= 1;
+                self.unreported(generation, -1);
             }
             match sent {
                 Ok(()) => return Ok(()),
@@ -186,6 +227,13 @@ impl OutputProducer {
                 }
                 Err((e, _)) => return Err(Error::Kafka(e)),
             }
+        }
+    }
+
+    fn unreported(&self, generation: u64, n: i64) {
+        let mut state = self.producer.context().state.lock().expect("delivery state lock");
+        if generation >= state.floor {
+            state.open.entry(generation).or_default().unreported += n;
         }
     }
 }

@@ -2,25 +2,32 @@
 //! once, every `processing.commit_interval` and whenever partitions are revoked.
 //!
 //! Workers process a batch only while holding the read side of the commit gate; a commit
-//! takes the write side, so it always sees every worker at a batch boundary. A commit:
-//! 1. at-least-once: waits until every output sent so far is delivered;
-//!    exactly-once: sends the input offsets to the open transaction and commits it;
-//! 2. only then writes each partition's staged twins, input offset and changelog offset to
-//!    RocksDB, in one write batch per partition.
+//! takes the write side, so it always sees every worker at a batch boundary. There it takes
+//! every partition's staged work and moves the *generation* on (each output record carries
+//! the generation it was sent in). Then:
+//! 1. at-least-once: it opens the gate again, and waits until every output of its
+//!    generation is delivered while the workers go on with the next one;
+//!    exactly-once: with the gate still shut, it sends the input offsets to the open
+//!    transaction and commits it (the transaction holds exactly the generation's outputs);
+//! 2. only then it writes each partition's taken twins, input offset and changelog offset
+//!    to RocksDB, in one write batch per partition.
 //!
-//! So the store never holds state that Kafka does not. When a commit cannot complete, every
-//! staged change is dropped (and the transaction aborted), the epoch moves on, and each
-//! worker rewinds to its stored position before its next batch.
+//! So the store never holds state that Kafka does not. Commits run one at a time. While one
+//! is settling outside the gate, workers keep its twins cached (they evict nothing), so none
+//! is read back from the store before it is written. When a commit cannot complete, every
+//! staged change, its own and what workers staged since, is dropped (and the transaction
+//! aborted), the epoch moves on, and each worker rewinds to its stored position before its
+//! next batch.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer as _;
 use rdkafka::producer::Producer as _;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{RwLock, RwLockReadGuard, watch};
+use tokio::sync::{Mutex as AsyncMutex, RwLock, RwLockReadGuard, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -77,6 +84,12 @@ impl Slot {
 pub struct Committer {
     shared: Arc<Shared>,
     gate: RwLock<()>,
+    /// Held through a whole commit or abort: they run one at a time.
+    serial: AsyncMutex<()>,
+    /// The generation outputs are sent in; moves on under the gate.
+    generation: AtomicU64,
+    /// Set while a commit settles outside the gate: the store is behind the workers.
+    settling: AtomicBool,
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
     epoch: watch::Sender<u64>,
     poisoned: AtomicBool,
@@ -89,6 +102,9 @@ impl Committer {
         Committer {
             shared,
             gate: RwLock::new(()),
+            serial: AsyncMutex::new(()),
+            generation: AtomicU64::new(0),
+            settling: AtomicBool::new(false),
             slots: Mutex::new(BTreeMap::new()),
             epoch: watch::Sender::new(0),
             poisoned: AtomicBool::new(false),
@@ -131,6 +147,17 @@ impl Committer {
         self.gate.read().await
     }
 
+    /// The generation a worker's outputs belong to; read it while holding the gate.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether the store holds everything committed so far, so a worker with nothing staged
+    /// may evict cached twins; read it while holding the gate.
+    pub fn settled(&self) -> bool {
+        !self.settling.load(Ordering::SeqCst)
+    }
+
     /// Changes whenever staged work was dropped; workers then rewind.
     pub fn epoch(&self) -> u64 {
         *self.epoch.borrow()
@@ -148,7 +175,8 @@ impl Committer {
     /// and workers will replay); `Fatal` when the producer is fenced or broken, or the store
     /// cannot be written after Kafka committed.
     pub async fn commit(&self) -> Result<()> {
-        let _exclusive = self.gate.write().await;
+        let _serial = self.serial.lock().await;
+        let mut exclusive = Some(self.gate.write().await);
         if self.poisoned.swap(false, Ordering::SeqCst) {
             // A batch failed since the last commit: nothing staged may become durable.
             return self.drop_staged("a batch failed").await;
@@ -168,8 +196,14 @@ impl Committer {
         }
         let started = Instant::now();
         let exactly_once = self.shared.settings.guarantee == Guarantee::ExactlyOnce;
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst);
+        if !exactly_once {
+            // Every output of the taken work is sent: workers may go on while it is delivered.
+            self.settling.store(true, Ordering::SeqCst);
+            exclusive = None;
+        }
         let result = async {
-            let deliveries = self.flush().await?;
+            let deliveries = self.deliveries(generation).await?;
             let mut offsets = TopicPartitionList::new();
             for (slot, batch) in &mut staged {
                 let next = batch.next_offset.expect("filtered above");
@@ -192,6 +226,11 @@ impl Committer {
         }
         .await;
         if let Err(e) = result {
+            let _shut = match exclusive.take() {
+                Some(shut) => shut,
+                None => self.gate.write().await,
+            };
+            self.settling.store(false, Ordering::SeqCst);
             self.drop_staged("commit failed").await?;
             return Err(e);
         }
@@ -226,6 +265,8 @@ impl Committer {
                 }
             }
         }
+        self.settling.store(false, Ordering::SeqCst);
+        drop(exclusive);
         self.shared.metrics.commits(true).inc();
         self.shared
             .metrics
@@ -234,14 +275,17 @@ impl Committer {
         Ok(())
     }
 
-    /// Waits until everything sent since the last commit is delivered; returns the
-    /// changelog offsets reached per partition. Under at-least-once a failed delivery fails
-    /// the commit; under exactly-once the transaction's commit is the verdict.
-    async fn flush(&self) -> Result<BTreeMap<i32, i64>> {
+    /// Waits until every output of `generation` is delivered; returns the changelog offsets
+    /// reached per partition. Under at-least-once a failed delivery fails the commit; under
+    /// exactly-once the transaction's commit is the verdict.
+    async fn deliveries(&self, generation: u64) -> Result<BTreeMap<i32, i64>> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            shared.producer.inner().flush(COMMIT_TIMEOUT)?;
-            let d = shared.producer.take_deliveries(COMMIT_TIMEOUT)?;
+            if shared.settings.guarantee == Guarantee::ExactlyOnce {
+                // The gate is shut: this sends the transaction's last records at once.
+                shared.producer.inner().flush(COMMIT_TIMEOUT)?;
+            }
+            let d = shared.producer.take_deliveries(generation, COMMIT_TIMEOUT)?;
             match d.failure {
                 Some(e) if shared.settings.guarantee == Guarantee::AtLeastOnce => {
                     Err(Error::Kafka(e))
@@ -302,6 +346,7 @@ impl Committer {
     /// # Errors
     /// `Fatal` when the transaction cannot be aborted.
     pub async fn abort(&self, reason: &str) -> Result<()> {
+        let _serial = self.serial.lock().await;
         let _exclusive = self.gate.write().await;
         if self.poisoned.swap(false, Ordering::SeqCst) {
             self.drop_staged(reason).await
@@ -316,6 +361,7 @@ impl Committer {
         self.poisoned.store(true, Ordering::SeqCst);
     }
 
+    /// Called with the gate shut.
     async fn drop_staged(&self, reason: &str) -> Result<()> {
         for slot in self.slots.lock().expect("slots lock").values() {
             slot.staged.lock().expect("slot lock").take();
@@ -327,7 +373,9 @@ impl Committer {
                 .partition(slot.partition)
                 .discard_prepared();
         }
+        self.poisoned.store(false, Ordering::SeqCst);
         self.epoch.send_modify(|e| *e += 1);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst);
         self.shared.metrics.commits(false).inc();
         tracing::warn!(
             reason,
@@ -344,9 +392,8 @@ impl Committer {
                 // replay.
                 let _ = producer.flush(COMMIT_TIMEOUT);
             }
-            // Reports still missing after this go to the next commit, which they can only
-            // fail: its work is then replayed too.
-            let _ = shared.producer.take_deliveries(COMMIT_TIMEOUT);
+            // Whatever happens to them, the dropped generations' records are replayed.
+            shared.producer.discard(generation);
             Ok::<_, Error>(())
         })
         .await

@@ -179,9 +179,12 @@ impl Processor {
         }
     }
 
-    /// A new, empty batch. Call it only when nothing is staged: it may evict cached twins.
-    pub fn batch(&mut self) -> Batch {
-        self.evict();
+    /// A new, empty batch. Call it only when nothing is staged; with `evict`, when the store
+    /// also holds every committed twin, it may shed cached twins.
+    pub fn batch(&mut self, evict: bool) -> Batch {
+        if evict {
+            self.evict();
+        }
         Batch {
             store: self.store.batch(),
             counts: BatchCounts::default(),
@@ -570,7 +573,7 @@ mod tests {
             offset,
             headers: None,
         };
-        let mut batch = p.batch();
+        let mut batch = p.batch(true);
         p.process(&input, &mut batch, now).expect("processed");
         assert_eq!(batch.counts.updates, 1);
         store.commit(batch.store).expect("committed");
@@ -579,7 +582,7 @@ mod tests {
     /// Fires what is due at `now`, commits it, and returns the statuses of the changelog twins.
     fn fire(p: &mut Processor, store: &crate::store::PartitionStore, now: i64) -> Vec<Status> {
         let topology = topology();
-        let mut batch = p.batch();
+        let mut batch = p.batch(true);
         p.fire_timers(&mut batch, now, 0, 100).expect("fired");
         let statuses = batch
             .outputs

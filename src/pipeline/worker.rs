@@ -221,9 +221,7 @@ impl PartitionWorker {
         first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
         stream: &PartitionStream,
     ) -> Result<()> {
-        // Nothing staged means the last commit took everything, so the cache is clean.
-        let staged = self.slot.staged.lock().expect("slot lock").take();
-        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
+        let mut batch = self.staged();
         let now = self.shared.clock.now_ms();
         let floor = match source {
             Source::Readings => self.floor,
@@ -294,9 +292,8 @@ impl PartitionWorker {
 
     /// Fires the due timers into the staged batch and sends their outputs.
     async fn run_timers(&mut self) -> Result<()> {
-        let staged = self.slot.staged.lock().expect("slot lock").take();
-        let fresh = staged.is_none();
-        let mut batch = staged.unwrap_or_else(|| self.processor.batch());
+        let fresh = self.slot.staged.lock().expect("slot lock").is_none();
+        let mut batch = self.staged();
         let now = self.shared.clock.now_ms();
         let limit = self.shared.settings.batch_max_records;
         let result = self
@@ -307,6 +304,13 @@ impl PartitionWorker {
             return Ok(()); // nothing due: nothing to commit
         }
         self.send_and_stage(batch, result).await
+    }
+
+    /// The partition's staged batch, or a new one. Nothing staged and no commit settling
+    /// means the store holds everything, so the cache may shed twins.
+    fn staged(&mut self) -> Batch {
+        let staged = self.slot.staged.lock().expect("slot lock").take();
+        staged.unwrap_or_else(|| self.processor.batch(self.committer.settled()))
     }
 
     /// Sends the batch's outputs (unless processing failed) and stages it for the committer.
@@ -325,6 +329,7 @@ impl PartitionWorker {
     /// Sends a batch's outputs (the committer makes them durable).
     async fn send(&self, outputs: &Outputs) -> Result<()> {
         let topics = &self.shared.topology.topics;
+        let generation = self.committer.generation();
         for o in &outputs.records {
             let (key, payload) = outputs.bytes(o);
             let (topic, partition, headers) = match o.target {
@@ -352,7 +357,7 @@ impl PartitionWorker {
             };
             self.shared
                 .producer
-                .send(topic, partition, key, payload, headers)
+                .send(generation, topic, partition, key, payload, headers)
                 .await?;
         }
         Ok(())

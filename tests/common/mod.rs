@@ -554,7 +554,7 @@ pub fn oracle(topology: &Arc<Topology>, input: &[(&[u8], &[u8])], now: i64) -> O
         dead_letters: 0,
         skips: 0,
     };
-    let mut batch = processor.batch();
+    let mut batch = processor.batch(true);
     for (i, (k, v)) in input.iter().enumerate() {
         let record = Input {
             key: Some(k),
