@@ -112,10 +112,16 @@ pub struct PartitionStore {
 
 fn key(kind: u8, partition: u32, tail: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(5 + tail.len());
+    key_into(&mut k, kind, partition, tail);
+    k
+}
+
+/// Builds a key in `k`, reusing its memory.
+fn key_into(k: &mut Vec<u8>, kind: u8, partition: u32, tail: &[u8]) {
+    k.clear();
     k.push(kind);
     k.extend_from_slice(&partition.to_be_bytes());
     k.extend_from_slice(tail);
-    k
 }
 
 /// Deadlines are processing times (positive), so big-endian bytes sort in time order.
@@ -237,6 +243,7 @@ impl PartitionStore {
         StoreBatch {
             batch: WriteBatch::default(),
             partition: self.partition,
+            key: Vec::new(),
         }
     }
 
@@ -415,13 +422,15 @@ impl ViewStore {
 pub struct StoreBatch {
     batch: WriteBatch,
     partition: u32,
+    /// The last twin key built, reused: a twin is written for almost every reading.
+    key: Vec<u8>,
 }
 
 impl StoreBatch {
     /// Stores a twin (bytes from `Codec::encode_twin`).
     pub fn put_twin(&mut self, asset_id: &str, twin: &[u8]) {
-        self.batch
-            .put(key(KIND_TWIN, self.partition, asset_id.as_bytes()), twin);
+        key_into(&mut self.key, KIND_TWIN, self.partition, asset_id.as_bytes());
+        self.batch.put(&self.key, twin);
     }
 
     /// Removes a twin (a changelog tombstone).
