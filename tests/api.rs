@@ -310,4 +310,15 @@ async fn the_stream_brings_changes_within_a_second_and_drops_a_slow_client() {
     assert_eq!(p.metrics().stream_dropped.get(), 1);
     assert_eq!(p.metrics().view_twins.get(), 502);
     p.stop().await;
+
+    // A restart counts the twins its view already holds, then reads on.
+    p.start();
+    until_all(&[&p], "/fleet", |b| {
+        let by_status: u64 = b["by_status"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|n| n.as_u64()).sum());
+        b["twins"] == 502 && by_status == 502 && b["caught_up"] == true
+    })
+    .await;
+    p.stop().await;
 }
