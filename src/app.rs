@@ -236,9 +236,10 @@ impl App {
                 client.set("isolation.level", "read_committed");
             }
             let (registry, runtime) = (shared.registry.clone(), tokio::runtime::Handle::current());
+            let coordinator = coordinator.clone();
             std::thread::Builder::new()
                 .name("twinflow-view".into())
-                .spawn(move || view.run(client, registry, runtime, stop))
+                .spawn(move || view.run(client, registry, runtime, stop, || coordinator.ready()))
                 .context("starting the fleet view thread")?
         };
         let state = ApiState {

@@ -30,6 +30,9 @@ use crate::twin::{Status, Twin};
 /// Events a stream client may fall behind by before it is dropped.
 pub const STREAM_BUFFER: usize = 4096;
 
+/// How long the view waits at start for the instance's restores to finish.
+pub const START_DEFER: Duration = Duration::from_secs(10);
+
 /// Changelog records applied per view write.
 const VIEW_BATCH: usize = 2000;
 
@@ -159,13 +162,22 @@ impl FleetView {
 
     /// Tails the changelog and alert topics until `stop` is set. Blocking: run it on a
     /// thread of its own. `client` carries the connection and security settings.
+    ///
+    /// It starts once `ready` says the instance has restored its partitions, or after
+    /// [`START_DEFER`]: a restore reads the same changelog and needs the same cores, and
+    /// processing comes first.
     pub fn run(
         self: Arc<Self>,
         mut client: ClientConfig,
         registry: Option<Arc<Registry>>,
         runtime: tokio::runtime::Handle,
         stop: Arc<AtomicBool>,
+        ready: impl Fn() -> bool,
     ) {
+        let deferred = std::time::Instant::now();
+        while !ready() && deferred.elapsed() < START_DEFER && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         client
             .set("group.id", "twinflow-view")
             .set("enable.auto.commit", "false")
