@@ -185,7 +185,12 @@ impl OutputProducer {
     /// Forgets the records of `generation` and before: their work was dropped, so their
     /// reports, even late ones, no longer matter.
     pub fn discard(&self, generation: u64) {
-        let mut state = self.producer.context().state.lock().expect("delivery state lock");
+        let mut state = self
+            .producer
+            .context()
+            .state
+            .lock()
+            .expect("delivery state lock");
         state.floor = state.floor.max(generation + 1);
         state.open = state.open.split_off(&(generation + 1));
     }
@@ -231,7 +236,12 @@ impl OutputProducer {
     }
 
     fn unreported(&self, generation: u64, n: i64) {
-        let mut state = self.producer.context().state.lock().expect("delivery state lock");
+        let mut state = self
+            .producer
+            .context()
+            .state
+            .lock()
+            .expect("delivery state lock");
         if generation >= state.floor {
             state.open.entry(generation).or_default().unreported += n;
         }

@@ -285,7 +285,9 @@ impl Committer {
                 // The gate is shut: this sends the transaction's last records at once.
                 shared.producer.inner().flush(COMMIT_TIMEOUT)?;
             }
-            let d = shared.producer.take_deliveries(generation, COMMIT_TIMEOUT)?;
+            let d = shared
+                .producer
+                .take_deliveries(generation, COMMIT_TIMEOUT)?;
             match d.failure {
                 Some(e) if shared.settings.guarantee == Guarantee::AtLeastOnce => {
                     Err(Error::Kafka(e))

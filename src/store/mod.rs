@@ -429,7 +429,12 @@ pub struct StoreBatch {
 impl StoreBatch {
     /// Stores a twin (bytes from `Codec::encode_twin`).
     pub fn put_twin(&mut self, asset_id: &str, twin: &[u8]) {
-        key_into(&mut self.key, KIND_TWIN, self.partition, asset_id.as_bytes());
+        key_into(
+            &mut self.key,
+            KIND_TWIN,
+            self.partition,
+            asset_id.as_bytes(),
+        );
         self.batch.put(&self.key, twin);
     }
 
