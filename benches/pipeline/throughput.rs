@@ -23,6 +23,9 @@ pub struct Drain {
     pub rate: f64,
     /// Seconds from start until it could consume (group join, assignment, set-up).
     pub startup: f64,
+    /// Mean time of one commit in ms (twinflow only: under exactly-once the workers wait
+    /// through it, under at-least-once they go on).
+    pub commit_ms: Option<f64>,
 }
 
 /// The passthrough: consume the telemetry topic, produce the same bytes to the changelog.
@@ -45,6 +48,7 @@ pub fn passthrough(
     Drain {
         rate: input.len() as f64 / started.elapsed().as_secs_f64(),
         startup: 0.0,
+        commit_ms: None,
     }
 }
 
@@ -74,10 +78,13 @@ pub fn twinflow(
         caught_up(m, &ends)
     });
     let rate = input.len() as f64 / assigned.elapsed().as_secs_f64();
+    let commits = &instance.metrics.commit_seconds;
+    let commit_ms = 1000.0 * commits.get_sample_sum() / commits.get_sample_count().max(1) as f64;
     instance.stop(rt);
     Drain {
         rate,
         startup: (assigned - started).as_secs_f64(),
+        commit_ms: Some(commit_ms),
     }
 }
 
@@ -141,6 +148,7 @@ pub fn quix(
     Some(Drain {
         rate: input.len() as f64 / elapsed.as_secs_f64(),
         startup: first.map_or(f64::NAN, |d| d.as_secs_f64()),
+        commit_ms: None,
     })
 }
 

@@ -196,6 +196,9 @@ impl PartitionWorker {
                 }
                 Err(e) => return Err(e),
             }
+            // With input always waiting, nothing above needs to wait: let the committer,
+            // the other partitions and the API run before the next batch.
+            tokio::task::yield_now().await;
         }
     }
 
