@@ -52,7 +52,7 @@ pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert_event.avsc");
 #[derive(Clone, Debug)]
 pub struct Codec {
     plans: Plans,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, usize, foldhash::fast::RandomState>,
     telemetry_schema: Schema,
     twin_schema: Schema,
     /// The schemas' JSON text, as registered.
@@ -424,19 +424,27 @@ impl Codec {
                     let v = read_prop(&mut c, *ty).map_err(|e| decode_err(self.name(*index), e))?;
                     twin.props[*index] = v.map(|value| Prop { value, time: 0 });
                 }
-                TwinField::PropertyTimes => loop {
-                    let n = c.block_count().map_err(ctx("property_times"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    for _ in 0..n {
-                        let name = c.str().map_err(ctx("property_times"))?;
-                        let t = c.long().map_err(ctx("property_times"))?;
-                        if let Some(&index) = self.by_name.get(name) {
-                            times.push((index, t));
+                TwinField::PropertyTimes => {
+                    // `encode_twin` writes them in property order: look further on first.
+                    let mut next = 0;
+                    loop {
+                        let n = c.block_count().map_err(ctx("property_times"))?;
+                        if n == 0 {
+                            break;
+                        }
+                        for _ in 0..n {
+                            let name = c.str().map_err(ctx("property_times"))?;
+                            let t = c.long().map_err(ctx("property_times"))?;
+                            let index = (next..self.plans.properties.len())
+                                .find(|&i| self.plans.properties[i].name == name)
+                                .or_else(|| self.by_name.get(name).copied());
+                            if let Some(index) = index {
+                                times.push((index, t));
+                                next = index + 1;
+                            }
                         }
                     }
-                },
+                }
                 TwinField::ActiveAlerts(severities) => loop {
                     let n = c.block_count().map_err(ctx("active_alerts"))?;
                     if n == 0 {

@@ -7,10 +7,11 @@
 //! the generation it was sent in). Then:
 //! 1. at-least-once: it opens the gate again, and waits until every output of its
 //!    generation is delivered while the workers go on with the next one;
-//!    exactly-once: with the gate still shut, it sends the input offsets to the open
-//!    transaction and commits it (the transaction holds exactly the generation's outputs);
+//!    exactly-once: with the gate still shut, it stores the taken work aside (prepared),
+//!    sends the input offsets to the open transaction and commits it (the transaction holds
+//!    exactly the generation's outputs), then opens the gate;
 //! 2. only then it writes each partition's taken twins, input offset and changelog offset
-//!    to RocksDB, in one write batch per partition.
+//!    to RocksDB, in one write batch per partition, while the workers go on.
 //!
 //! So the store never holds state that Kafka does not. Commits run one at a time. While one
 //! is settling outside the gate, workers keep its twins cached (they evict nothing), so none
@@ -234,14 +235,31 @@ impl Committer {
             self.drop_staged("commit failed").await?;
             return Err(e);
         }
+        if exclusive.take().is_some() {
+            // The transaction committed (and the prepared copies cover a crash from here
+            // on): workers go on while the store catches up.
+            self.settling.store(true, Ordering::SeqCst);
+        }
+        // One blocking task for all partitions: on a busy machine every hand-over to the
+        // blocking pool can cost a scheduler slice.
+        let writes: Vec<_> = staged
+            .iter_mut()
+            .map(|(slot, batch)| {
+                let store = self.shared.store.partition(slot.partition);
+                let writes = std::mem::replace(&mut batch.store, store.batch());
+                (store, writes)
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            writes
+                .into_iter()
+                .try_for_each(|(store, writes)| store.commit(writes))
+        })
+        .await
+        .map_err(|e| Error::CorruptStore(format!("store commit task: {e}")))?
+        .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
         for (slot, batch) in staged {
             let next = batch.next_offset.expect("filtered above");
-            let store = self.shared.store.partition(slot.partition);
-            let writes = batch.store;
-            tokio::task::spawn_blocking(move || store.commit(writes))
-                .await
-                .map_err(|e| Error::CorruptStore(format!("store commit task: {e}")))?
-                .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
             slot.metrics
                 .publish(&batch.counts, self.shared.clock.now_ms());
             slot.progressed(next);
@@ -266,7 +284,6 @@ impl Committer {
             }
         }
         self.settling.store(false, Ordering::SeqCst);
-        drop(exclusive);
         self.shared.metrics.commits(true).inc();
         self.shared
             .metrics
@@ -302,20 +319,27 @@ impl Committer {
     /// Stores each partition's batch aside as a prepared commit (exactly-once), so a crash
     /// after the transaction commits cannot leave the store behind it.
     async fn prepare(&self, staged: &mut [(Arc<Slot>, Batch)]) -> Result<()> {
-        for (slot, batch) in staged.iter_mut() {
-            let store = self.shared.store.partition(slot.partition);
-            let next = batch.next_offset.expect("staged batches have a position");
-            let mut writes = std::mem::replace(&mut batch.store, store.batch());
-            let (writes, result) = tokio::task::spawn_blocking(move || {
-                let result = store.prepare(next, &mut writes);
-                (writes, result)
+        let mut work: Vec<_> = staged
+            .iter_mut()
+            .map(|(slot, batch)| {
+                let store = self.shared.store.partition(slot.partition);
+                let next = batch.next_offset.expect("staged batches have a position");
+                let writes = std::mem::replace(&mut batch.store, store.batch());
+                (store, next, writes)
             })
-            .await
-            .map_err(|e| Error::Store(format!("prepare task: {e}")))?;
+            .collect();
+        let (work, result) = tokio::task::spawn_blocking(move || {
+            let result = work
+                .iter_mut()
+                .try_for_each(|(store, next, writes)| store.prepare(*next, writes));
+            (work, result)
+        })
+        .await
+        .map_err(|e| Error::Store(format!("prepare task: {e}")))?;
+        for ((_, batch), (_, _, writes)) in staged.iter_mut().zip(work) {
             batch.store = writes;
-            result?;
         }
-        Ok(())
+        result
     }
 
     /// Sends the input offsets to the open transaction, commits it and begins the next.
