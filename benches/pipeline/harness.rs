@@ -313,9 +313,8 @@ impl Instance {
     }
 
     /// Polls `GET /readyz` until it answers 200, as an orchestrator's readiness probe would.
-    pub fn wait_ready(&mut self, rt: &Runtime, timeout: Duration) {
+    pub fn wait_ready(&mut self, rt: &Runtime, client: &reqwest::Client, timeout: Duration) {
         let url = format!("http://{}/readyz", self.http);
-        let client = reqwest::Client::new();
         let deadline = Instant::now() + timeout;
         loop {
             let ready = rt.block_on(client.get(&url).send());

@@ -83,7 +83,7 @@ pub fn measure(
                 rt,
                 &harness::config(&broker.bootstrap, &group, guarantee, store.path()),
             );
-            instance.wait_ready(rt, harness::timeout_for(0));
+            instance.wait_ready(rt, &reqwest::Client::new(), harness::timeout_for(0));
             (Some(instance), None)
         }
         Contender::Passthrough => {

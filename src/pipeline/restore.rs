@@ -48,6 +48,7 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
     let start = from.unwrap_or(low).max(low);
     if start >= high {
+        close_in_background(consumer);
         return Ok(0);
     }
     let (applied, remaining, seconds) = shared.metrics.restore(partition);
@@ -135,6 +136,7 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
         applied.inc_by(in_batch);
     }
     remaining.set(0);
+    close_in_background(consumer);
     let elapsed = started.elapsed().as_secs_f64();
     seconds.set(elapsed);
     tracing::info!(
@@ -172,6 +174,15 @@ fn source_offset(m: &BorrowedMessage<'_>) -> Option<i64> {
         .iter()
         .find(|h| h.key == SOURCE_OFFSET_HEADER)
         .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+}
+
+/// Closes a restore consumer off the calling thread: librdkafka's close waits for its
+/// broker threads (100 ms and more on a busy broker), and the partition is ready without it.
+fn close_in_background(consumer: BaseConsumer<Quiet>) {
+    // Should the thread not start, the consumer is closed here, when the closure drops.
+    let _ = std::thread::Builder::new()
+        .name("twinflow-restore-close".into())
+        .spawn(move || drop(consumer));
 }
 
 /// A consumer context that does not log the end of a partition, which a restore reads on

@@ -87,6 +87,15 @@ impl Store {
         }
     }
 
+    /// Writes the memtables to disk and waits, so that the next open has no write-ahead
+    /// log to replay.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.db.flush()?)
+    }
+
     /// Approximate size of the live data on disk, in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.db
