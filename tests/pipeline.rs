@@ -354,6 +354,8 @@ async fn a_replacement_instance_restores_twins_before_it_is_ready() {
         "ready only once every changelog record is restored"
     );
     assert_eq!(m.restoring_partitions.get(), 0);
+    // The twin API answers from the fleet view, which catches up after readiness.
+    common::wait_fleet(&second, |f| f["caught_up"] == true).await;
     let twin: serde_json::Value = reqwest::get(format!("http://{http}/twins/truck-7"))
         .await
         .unwrap()

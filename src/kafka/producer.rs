@@ -67,7 +67,7 @@ impl ProducerContext for Tracking {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, generation: usize) {
-        let mut state = self.state.lock().expect("delivery state lock");
+        let mut state = self.lock();
         let generation = generation as u64;
         if generation < state.floor {
             self.count(result);
@@ -82,6 +82,10 @@ impl ProducerContext for Tracking {
 }
 
 impl Tracking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.state.lock().expect("delivery state lock")
+    }
+
     /// Counts a failed delivery in the metrics; purges are left out (an abort purges on
     /// purpose).
     fn count(&self, result: &DeliveryResult<'_>) {
@@ -153,7 +157,7 @@ impl OutputProducer {
     /// `Error::Kafka` (timed out) when reports are still missing after `timeout`.
     pub fn take_deliveries(&self, generation: u64, timeout: Duration) -> Result<Deliveries> {
         let tracking = self.producer.context();
-        let state = tracking.state.lock().expect("delivery state lock");
+        let state = tracking.lock();
         let (mut state, wait) = tracking
             .reported
             .wait_timeout_while(state, timeout, |s| {
@@ -185,12 +189,7 @@ impl OutputProducer {
     /// Forgets the records of `generation` and before: their work was dropped, so their
     /// reports, even late ones, no longer matter.
     pub fn discard(&self, generation: u64) {
-        let mut state = self
-            .producer
-            .context()
-            .state
-            .lock()
-            .expect("delivery state lock");
+        let mut state = self.producer.context().lock();
         state.floor = state.floor.max(generation + 1);
         state.open = state.open.split_off(&(generation + 1));
     }
@@ -236,12 +235,7 @@ impl OutputProducer {
     }
 
     fn unreported(&self, generation: u64, n: i64) {
-        let mut state = self
-            .producer
-            .context()
-            .state
-            .lock()
-            .expect("delivery state lock");
+        let mut state = self.producer.context().lock();
         if generation >= state.floor {
             state.open.entry(generation).or_default().unreported += n;
         }
