@@ -235,11 +235,11 @@ impl Committer {
             self.drop_staged("commit failed").await?;
             return Err(e);
         }
-        if exclusive.take().is_some() {
-            // The transaction committed (and the prepared copies cover a crash from here
-            // on): workers go on while the store catches up.
-            self.settling.store(true, Ordering::SeqCst);
-        }
+        // Kafka holds the work (under exactly-once the transaction committed, and the
+        // prepared copies cover a crash from here on): workers go on while the store
+        // catches up.
+        self.settling.store(true, Ordering::SeqCst);
+        drop(exclusive);
         // One blocking task for all partitions: on a busy machine every hand-over to the
         // blocking pool can cost a scheduler slice.
         let writes: Vec<_> = staged
