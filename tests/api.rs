@@ -76,14 +76,19 @@ async fn any_instance_answers_for_any_twin_with_filters_paging_and_errors() {
     }
     let refs: Vec<&TestPipeline> = ps.iter().collect();
     until_all(&refs, "/fleet", |b| b["twins"] == 30).await;
-    // Every instance owns some partitions, and all give the same answers.
-    let owned: Vec<usize> = {
+    // Once the group settles (a partition on its way between instances belongs to none),
+    // the instances own every partition between them, and all give the same answers.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owned: Vec<usize> = loop {
         let mut v = Vec::new();
         for p in &ps {
             let (_, ready) = get(p, "/readyz").await;
             v.push(ready["partitions"].as_array().map_or(0, Vec::len));
         }
-        v
+        if v.iter().sum::<usize>() == 4 || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(owned.iter().sum::<usize>(), 4, "{owned:?}");
     for id in ["van-00", "van-07", "van-29"] {
