@@ -263,7 +263,8 @@ impl App {
         let failed = shared.failure.token();
         tokio::select! {
             _ = shutdown.cancelled() => tracing::info!("Shutting down."),
-            _ = failed.cancelled() => {}
+            // The stop after a fatal error is bounded like any other.
+            _ = failed.cancelled() => shutdown.cancel(),
         }
         stop_polling.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || poller.join())

@@ -122,7 +122,8 @@ pub enum TopologyAction {
 const DEFAULT_SHUTDOWN: Duration = Duration::from_secs(30);
 
 /// Cancels the returned token on the first SIGINT or SIGTERM; exits at once (130) on the
-/// second, or (1) when the clean stop takes longer than `timeout`.
+/// second, or (1) when the stop takes longer than `timeout` after the token was cancelled,
+/// by a signal or by the instance itself after a fatal error.
 pub fn shutdown_on_signals(timeout: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -140,20 +141,24 @@ pub fn shutdown_on_signals(timeout: Duration) -> CancellationToken {
                 std::process::exit(130);
             }
             t.cancel();
-            // A plain thread: the runtime may be what is stuck.
-            std::thread::spawn(move || {
-                std::thread::sleep(timeout);
-                tracing::error!(
-                    timeout = %humantime::format_duration(timeout),
-                    "The clean stop did not finish within processing.shutdown_timeout; exiting without it. Uncommitted work is replayed on the next start."
-                );
-                eprintln!(
-                    "twinflow: the clean stop did not finish within {}; exiting.",
-                    humantime::format_duration(timeout)
-                );
-                std::process::exit(1);
-            });
         }
+    });
+    let t = token.clone();
+    tokio::spawn(async move {
+        t.cancelled().await;
+        // A plain thread: the runtime may be what is stuck.
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            tracing::error!(
+                timeout = %humantime::format_duration(timeout),
+                "The stop did not finish within processing.shutdown_timeout; exiting without it. Uncommitted work is replayed on the next start."
+            );
+            eprintln!(
+                "twinflow: the stop did not finish within {}; exiting.",
+                humantime::format_duration(timeout)
+            );
+            std::process::exit(1);
+        });
     });
     token
 }

@@ -46,6 +46,15 @@ pub enum Error {
     /// The schema registry could not be reached or refused a request.
     #[error("schema registry: {0}")]
     Registry(String),
+    /// Processing a record or timer panicked (a bug). The work is set aside and the
+    /// partition replays from its stored position past it.
+    #[error("processing {work} panicked: {message}")]
+    Panicked {
+        /// What was being processed, e.g. `reading at offset 42`.
+        work: String,
+        /// The panic's message.
+        message: String,
+    },
     /// The instance cannot go on safely (for example, its transaction cannot be aborted).
     #[error("{0}")]
     Fatal(String),
@@ -56,7 +65,10 @@ impl Error {
     pub fn disposition(&self) -> Disposition {
         match self {
             Error::Decode(_) | Error::Invalid(_) => Disposition::Skip,
-            Error::Store(_) | Error::SchemaNeeded(_) | Error::Registry(_) => Disposition::Retry,
+            Error::Store(_)
+            | Error::SchemaNeeded(_)
+            | Error::Registry(_)
+            | Error::Panicked { .. } => Disposition::Retry,
             // A transaction error says itself whether it is fatal (fenced, broken producer)
             // or can be aborted and replayed.
             Error::Kafka(rdkafka::error::KafkaError::Transaction(e)) => {
@@ -71,20 +83,6 @@ impl Error {
                 _ => Disposition::Retry,
             },
             Error::CorruptStore(_) | Error::Config(_) | Error::Fatal(_) => Disposition::Fatal,
-        }
-    }
-
-    /// The bounded reason label used in metrics and dead-letter headers.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Error::Decode(_) => "decode",
-            Error::Invalid(_) => "invalid",
-            Error::Store(_) => "store",
-            Error::SchemaNeeded(_) | Error::Registry(_) => "schema_registry",
-            Error::CorruptStore(_) => "corrupt_store",
-            Error::Kafka(_) => "kafka",
-            Error::Config(_) => "config",
-            Error::Fatal(_) => "fatal",
         }
     }
 }

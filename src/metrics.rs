@@ -10,18 +10,53 @@ use prometheus::{
 };
 
 use crate::rules::{AckOutcome, AlertState, RuleSet};
+use crate::twin::NoChange;
 
-/// Why a record was skipped on purpose.
-pub const SKIP_REASONS: [&str; 2] = ["duplicate", "stale"];
-/// Why a record was dead-lettered.
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
-    "decode",
-    "invalid",
-    "key_mismatch",
-    "empty",
-    "late",
-    "future",
-];
+/// Why a record was dead-lettered: the `reason` label of
+/// `twinflow_records_dead_lettered_total` and the `twinflow.error.reason` header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The value is not a reading (or acknowledgement) of the model's format.
+    Decode,
+    /// A reading that breaks a rule of the model (range, id, size).
+    Invalid,
+    /// The record's key is not the asset id.
+    KeyMismatch,
+    /// The record has no value.
+    Empty,
+    /// Older than the twin's newest reading by more than the allowed lateness.
+    Late,
+    /// Stamped further ahead of processing time than `max_future`.
+    Future,
+    /// Processing the record panicked: a bug, isolated to this record.
+    Internal,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in label order.
+    pub const ALL: [DeadLetterReason; 7] = [
+        DeadLetterReason::Decode,
+        DeadLetterReason::Invalid,
+        DeadLetterReason::KeyMismatch,
+        DeadLetterReason::Empty,
+        DeadLetterReason::Late,
+        DeadLetterReason::Future,
+        DeadLetterReason::Internal,
+    ];
+
+    /// The label and header value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DeadLetterReason::Decode => "decode",
+            DeadLetterReason::Invalid => "invalid",
+            DeadLetterReason::KeyMismatch => "key_mismatch",
+            DeadLetterReason::Empty => "empty",
+            DeadLetterReason::Late => "late",
+            DeadLetterReason::Future => "future",
+            DeadLetterReason::Internal => "internal",
+        }
+    }
+}
 
 /// The metric families of one instance.
 #[derive(Clone)]
@@ -38,6 +73,9 @@ pub struct Metrics {
     batch_seconds: HistogramVec,
     replays: IntCounterVec,
     commit_outcomes: IntCounterVec,
+    panics: IntCounterVec,
+    /// Partitions whose worker ended unexpectedly (the instance is stopping).
+    pub failed_partitions: IntGauge,
     /// Errors the Kafka clients reported, by client and error code (they retry most).
     pub kafka_errors: IntCounterVec,
     /// Output records the producer could not deliver (their work is replayed).
@@ -195,6 +233,17 @@ impl Metrics {
                 "Commits (transactions under exactly-once) by outcome: committed, or aborted and replayed.",
                 &["outcome"],
             ),
+            panics: counter(
+                r,
+                "twinflow_processing_panics_total",
+                "Panics while processing a record or timer (bugs), by kind of work: reading, ack, timer. The record is dead-lettered with reason internal.",
+                &["work"],
+            ),
+            failed_partitions: gauge(
+                r,
+                "twinflow_failed_partitions",
+                "Partitions whose worker ended unexpectedly; the instance stops non-zero.",
+            ),
             kafka_errors: counter(
                 r,
                 "twinflow_kafka_errors_total",
@@ -317,6 +366,11 @@ impl Metrics {
             .with_label_values(&[if committed { "committed" } else { "aborted" }])
     }
 
+    /// The counter of panics in work of `kind` (`reading`, `ack`, `timer`).
+    pub fn panics(&self, kind: &str) -> IntCounter {
+        self.panics.with_label_values(&[kind])
+    }
+
     /// Handles for one partition's restore: records applied, records remaining, duration.
     pub fn restore(&self, partition: i32) -> (IntCounter, IntGauge, prometheus::Gauge) {
         let p = partition.to_string();
@@ -341,8 +395,9 @@ impl Metrics {
             twins_created: self.twins_created.with_label_values(&[&p]),
             timers_fired: self.timers_fired.with_label_values(&[&p]),
             acks: AckOutcome::ALL.map(|o| self.acks.with_label_values(&[o.label()])),
-            skipped: SKIP_REASONS.map(|r| self.skipped.with_label_values(&[r])),
-            dead_lettered: DEAD_LETTER_REASONS.map(|r| self.dead_lettered.with_label_values(&[r])),
+            skipped: NoChange::ALL.map(|r| self.skipped.with_label_values(&[r.reason()])),
+            dead_lettered: DeadLetterReason::ALL
+                .map(|r| self.dead_lettered.with_label_values(&[r.label()])),
             alerts: rules
                 .rules
                 .iter()
@@ -405,8 +460,8 @@ pub struct PartitionMetrics {
     pub(crate) updates: IntCounter,
     pub(crate) twins_created: IntCounter,
     pub(crate) timers_fired: IntCounter,
-    pub(crate) skipped: [IntCounter; SKIP_REASONS.len()],
-    pub(crate) dead_lettered: [IntCounter; DEAD_LETTER_REASONS.len()],
+    pub(crate) skipped: [IntCounter; NoChange::ALL.len()],
+    pub(crate) dead_lettered: [IntCounter; DeadLetterReason::ALL.len()],
     /// Per rule: `[raised, cleared]`.
     pub(crate) alerts: Vec<[IntCounter; 3]>,
     pub(crate) acks: [IntCounter; 3],
@@ -427,8 +482,8 @@ pub struct BatchCounts {
     pub(crate) acks: [u64; 3],
     /// Event times of the readings that changed a twin.
     pub(crate) event_times: Vec<i64>,
-    pub(crate) skipped: [u64; SKIP_REASONS.len()],
-    pub(crate) dead_lettered: [u64; DEAD_LETTER_REASONS.len()],
+    pub(crate) skipped: [u64; NoChange::ALL.len()],
+    pub(crate) dead_lettered: [u64; DeadLetterReason::ALL.len()],
     /// `(rule, state)` pairs, in emission order.
     pub(crate) alerts: Vec<(usize, AlertState)>,
 }
@@ -439,22 +494,34 @@ impl BatchCounts {
         self.updates
     }
 
-    /// Counts a skip by its reason label.
-    pub fn skip(&mut self, reason: &str) {
-        let i = SKIP_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .expect("skip reasons are from SKIP_REASONS");
-        self.skipped[i] += 1;
+    /// Records consumed from the input.
+    pub fn consumed(&self) -> u64 {
+        self.consumed
     }
 
-    /// Counts a dead-lettered record by its reason label.
-    pub fn dead_letter(&mut self, reason: &str) {
-        let i = DEAD_LETTER_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .expect("dead-letter reasons are from DEAD_LETTER_REASONS");
-        self.dead_lettered[i] += 1;
+    /// Records skipped for `reason`.
+    pub fn skipped(&self, reason: NoChange) -> u64 {
+        self.skipped[reason as usize]
+    }
+
+    /// Records dead-lettered for `reason`.
+    pub fn dead_lettered(&self, reason: DeadLetterReason) -> u64 {
+        self.dead_lettered[reason as usize]
+    }
+
+    /// Acknowledgements with `outcome`.
+    pub fn acks(&self, outcome: AckOutcome) -> u64 {
+        self.acks[outcome as usize]
+    }
+
+    /// Counts a skip.
+    pub fn skip(&mut self, reason: NoChange) {
+        self.skipped[reason as usize] += 1;
+    }
+
+    /// Counts a dead-lettered record.
+    pub fn dead_letter(&mut self, reason: DeadLetterReason) {
+        self.dead_lettered[reason as usize] += 1;
     }
 }
 

@@ -238,3 +238,63 @@ fn healthz_turns_false_when_the_pipeline_is_wedged() {
     assert!(body.contains("wedged: partitions"), "{body}");
     instance.stop("KILL");
 }
+
+/// A partition whose worker ends (here: a stored twin that does not decode, a fatal error)
+/// makes `/healthz` answer 503 naming the partition and the cause, and the instance stops
+/// non-zero instead of running on without it. Produce requests keep failing, so the stop
+/// takes until `shutdown_timeout` and the endpoint can be asked meanwhile.
+#[test]
+fn healthz_names_a_partition_whose_worker_ended_and_the_instance_stops_non_zero() {
+    let (kafka, _) = cluster(5_000);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // Garbage where some of the simulated fleet's twins would be, in every partition.
+        let store = twinflow::store::Store::open(&dir.path().join("stopping-store")).unwrap();
+        for p in 0..4 {
+            let partition = store.partition(p);
+            let mut batch = partition.batch();
+            for i in 0..5 {
+                for kind in ["truck", "reefer"] {
+                    batch.put_twin(&format!("{kind}-{i:05}"), &[0xff; 7]);
+                }
+            }
+            partition.commit(batch).unwrap();
+        }
+    }
+    kafka
+        .push_request_errors(
+            1,
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; STUCK],
+        )
+        .unwrap();
+    let mut instance = spawn(dir.path(), &kafka, "5s");
+    let health = |instance: &Instance| -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", instance.http)).ok()?;
+        write!(s, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        Some((status, response))
+    };
+    let mut seen = None;
+    wait("/healthz names the failed partition", &instance, || {
+        seen =
+            health(&instance).filter(|(status, body)| *status == 503 && body.contains("failed:"));
+        seen.is_some()
+    });
+    let (_, body) = seen.unwrap();
+    assert!(
+        body.contains("failed: the worker of partition ") && body.contains("corrupt store"),
+        "{body}"
+    );
+    let status = instance.child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "{status}; log tail:\n{}",
+        instance.log_tail()
+    );
+    let log = std::fs::read_to_string(&instance.log).unwrap();
+    assert!(log.contains("corrupt store"), "{}", instance.log_tail());
+}

@@ -145,6 +145,21 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 /// Live unless wedged: a partition with input waiting whose position has not moved for
 /// `processing.stall_after`.
 async fn healthz(State(s): State<ApiState>) -> Response {
+    let failed = s.coordinator.failed();
+    if !failed.is_empty() {
+        let why: Vec<String> = failed
+            .iter()
+            .map(|(p, why)| format!("partition {p}: {why}"))
+            .collect();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "failed: the worker of {} ended; the instance is stopping\n",
+                why.join("; ")
+            ),
+        )
+            .into_response();
+    }
     let stalled = s.coordinator.stalled();
     if stalled.is_empty() {
         "ok\n".into_response()
@@ -182,7 +197,15 @@ fn params<T>(p: Params<T>) -> Result<T, Response> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-async fn get_twin(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+async fn get_twin(
+    State(s): State<ApiState>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    // A path that does not decode (not UTF-8, say) gets the JSON error every other 400 has.
+    let id = match id {
+        Ok(Path(id)) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
     match s.view.twin(&id) {
         Ok(Some(twin)) => Json(s.view.topology().codec.twin_json(&twin)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no twin '{id}'")),
@@ -245,8 +268,8 @@ impl BBox {
     }
 }
 
-/// Longest asset id accepted as a page cursor (`after`).
-const MAX_ID: usize = 512;
+/// Longest asset id accepted as a page cursor (`after`): no longer id is ever accepted on input.
+const MAX_ID: usize = crate::twin::MAX_ASSET_ID_BYTES;
 
 fn cursor(after: Option<String>) -> Result<Option<String>, Response> {
     match after {

@@ -599,10 +599,35 @@ fn opt_str(c: &mut Cursor<'_>) -> avro::ReadResult<Option<String>> {
     }
 }
 
-/// Formats epoch milliseconds as RFC 3339 (UTC).
+/// Formats epoch milliseconds as RFC 3339 (UTC), for any `millis`: years outside
+/// 0000..=9999 are written in ISO 8601's expanded form (`+10000-01-01T...`, `-0001-...`),
+/// since a device may send any time at all and the message saying so must not fail.
 pub fn rfc3339(millis: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(millis.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    let (secs, ms) = (millis.div_euclid(1000), millis.rem_euclid(1000));
+    let (days, day_secs) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a proleptic Gregorian date (H. Hinnant's civil_from_days), in i128 so that
+    // no i64 overflows.
+    let z = i128::from(days) + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + i128::from(month <= 2);
+    let year = match year {
+        0..=9999 => format!("{year:04}"),
+        10_000.. => format!("+{year}"),
+        _ => format!("-{:04}", -year),
+    };
+    format!(
+        "{year}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60
+    )
 }
 
 fn status_index(s: Status) -> usize {

@@ -464,3 +464,24 @@ fn confluent_changelog_values_are_stored_plain() {
         Err(Error::SchemaNeeded(13))
     ));
 }
+
+proptest! {
+    /// Within RFC 3339's years the format is humantime's; outside them it is ISO 8601's
+    /// expanded form, and no time at all makes it fail.
+    #[test]
+    fn rfc3339_agrees_with_humantime_and_takes_any_time(millis in any::<i64>(), near in 0i64..253_402_300_800_000) {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(near as u64);
+        prop_assert_eq!(rfc3339(near), humantime::format_rfc3339_millis(t).to_string());
+        let text = rfc3339(millis);
+        prop_assert!(text.ends_with('Z'), "{}", text);
+    }
+}
+
+#[test]
+fn rfc3339_writes_years_past_9999_and_before_0() {
+    assert_eq!(rfc3339(253_402_300_800_000), "+10000-01-01T00:00:00.000Z");
+    assert_eq!(rfc3339(-62_167_219_200_001), "-0001-12-31T23:59:59.999Z");
+    assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+    assert_eq!(rfc3339(i64::MAX), "+292278994-08-17T07:12:55.807Z");
+    assert_eq!(rfc3339(i64::MIN), "-292275055-05-16T16:47:04.192Z");
+}

@@ -6,6 +6,7 @@
 
 mod admin;
 mod consumer;
+mod headers;
 mod producer;
 
 pub use admin::{TopicReport, apply_topology};
@@ -13,4 +14,5 @@ pub use consumer::{
     Consumer, PartitionStream, RebalanceContext, RebalanceHandler, TopicPartition,
     cached_watermarks,
 };
-pub use producer::{Deliveries, OutputProducer};
+pub use headers::MessageHeaders;
+pub use producer::{DEFAULT_MAX_RECORD_BYTES, Deliveries, OutputProducer};

@@ -21,6 +21,9 @@ use rdkafka::{ClientConfig, ClientContext, Message};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
+/// librdkafka's default `message.max.bytes`: the largest record a producer sends.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
+
 /// What the deliveries since the last commit came to.
 #[derive(Debug, Default)]
 pub struct Deliveries {
@@ -121,6 +124,7 @@ impl Tracking {
 /// The instance's producer of changelog, alert and dead-letter records.
 pub struct OutputProducer {
     producer: ThreadedProducer<Tracking>,
+    max_record_bytes: usize,
 }
 
 impl OutputProducer {
@@ -140,9 +144,21 @@ impl OutputProducer {
             reported: Condvar::new(),
             metrics: metrics.clone(),
         };
+        // librdkafka refuses a larger record at once (MSG_SIZE_TOO_LARGE): the dead
+        // letters are cut to fit it.
+        let max_record_bytes = config
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
         Ok(OutputProducer {
             producer: config.create_with_context(context)?,
+            max_record_bytes,
         })
+    }
+
+    /// The largest record this producer sends (its `message.max.bytes`).
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
     }
 
     /// The underlying producer, for flushes and transactions.

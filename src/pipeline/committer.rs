@@ -21,7 +21,7 @@
 //! next batch.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -38,8 +38,9 @@ use crate::error::{Error, Result};
 use crate::kafka::{Consumer, cached_watermarks};
 use crate::metrics::PartitionMetrics;
 
-/// Consecutive failed commits after which the instance stops.
-const MAX_FAILED_COMMITS: u32 = 10;
+/// Failures in a row (batches or commits whose work was dropped, with no commit in
+/// between) after which the instance stops.
+const MAX_FAILURES: u32 = 10;
 /// Bound on one flush or transaction commit.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -94,6 +95,11 @@ pub struct Committer {
     slots: Mutex<BTreeMap<i32, Arc<Slot>>>,
     epoch: watch::Sender<u64>,
     poisoned: AtomicBool,
+    /// Whether the failed batch behind `poisoned` counts as a failure.
+    poison_counts: AtomicBool,
+    /// Drops of staged work since the last commit that made progress: it survives the
+    /// rewinds, so work that keeps failing backs off and, at [`MAX_FAILURES`], stops.
+    failures: AtomicU32,
     consumer: OnceLock<Weak<Consumer>>,
 }
 
@@ -109,6 +115,8 @@ impl Committer {
             slots: Mutex::new(BTreeMap::new()),
             epoch: watch::Sender::new(0),
             poisoned: AtomicBool::new(false),
+            poison_counts: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             consumer: OnceLock::new(),
         }
     }
@@ -164,6 +172,11 @@ impl Committer {
         *self.epoch.borrow()
     }
 
+    /// Failures in a row: drops of staged work since the last commit that made progress.
+    pub fn failures(&self) -> u32 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
     /// Wakes a waiting worker when the epoch moves, so an idle partition replays too.
     pub fn epochs(&self) -> watch::Receiver<u64> {
         self.epoch.subscribe()
@@ -180,7 +193,7 @@ impl Committer {
         let mut exclusive = Some(self.gate.write().await);
         if self.poisoned.swap(false, Ordering::SeqCst) {
             // A batch failed since the last commit: nothing staged may become durable.
-            return self.drop_staged("a batch failed").await;
+            return self.drop_staged("a batch failed", false).await;
         }
         let mut staged: Vec<(Arc<Slot>, Batch)> = {
             let slots = self.slots.lock().expect("slots lock");
@@ -232,7 +245,8 @@ impl Committer {
                 None => self.gate.write().await,
             };
             self.settling.store(false, Ordering::SeqCst);
-            self.drop_staged("commit failed").await?;
+            self.drop_staged(&format!("commit failed: {e}"), true)
+                .await?;
             return Err(e);
         }
         // Kafka holds the work (under exactly-once the transaction committed, and the
@@ -284,6 +298,7 @@ impl Committer {
             }
         }
         self.settling.store(false, Ordering::SeqCst);
+        self.failures.store(0, Ordering::SeqCst);
         self.shared.metrics.commits(true).inc();
         self.shared
             .metrics
@@ -370,25 +385,30 @@ impl Committer {
     /// released.
     ///
     /// # Errors
-    /// `Fatal` when the transaction cannot be aborted.
+    /// `Fatal` when the transaction cannot be aborted, or after [`MAX_FAILURES`] in a row.
     pub async fn abort(&self, reason: &str) -> Result<()> {
         let _serial = self.serial.lock().await;
         let _exclusive = self.gate.write().await;
         if self.poisoned.swap(false, Ordering::SeqCst) {
-            self.drop_staged(reason).await
+            self.drop_staged(reason, false).await
         } else {
             Ok(()) // a commit in between dropped it already
         }
     }
 
     /// Marks the staged work as unfit to commit. Called by a worker whose batch failed,
-    /// while it still holds its gate; the next commit or abort drops everything staged.
-    pub fn poison(&self) {
+    /// while it still holds its gate; the next commit or abort drops everything staged. A
+    /// failure that `counts` adds to the failures in a row; a panic does not, since the
+    /// replay sets the panicking record aside and so makes progress.
+    pub fn poison(&self, counts: bool) {
+        if counts {
+            self.poison_counts.store(true, Ordering::SeqCst);
+        }
         self.poisoned.store(true, Ordering::SeqCst);
     }
 
     /// Called with the gate shut.
-    async fn drop_staged(&self, reason: &str) -> Result<()> {
+    async fn drop_staged(&self, reason: &str, counts: bool) -> Result<()> {
         for slot in self.slots.lock().expect("slots lock").values() {
             slot.staged.lock().expect("slot lock").take();
             // Best effort: a prepared commit left behind is dropped at the next start, as
@@ -403,8 +423,12 @@ impl Committer {
         self.epoch.send_modify(|e| *e += 1);
         let generation = self.generation.fetch_add(1, Ordering::SeqCst);
         self.shared.metrics.commits(false).inc();
+        let counts = counts | self.poison_counts.swap(false, Ordering::SeqCst);
+        let failures = self.failures.load(Ordering::SeqCst) + u32::from(counts);
+        self.failures.store(failures, Ordering::SeqCst);
         tracing::warn!(
             reason,
+            failures,
             "Dropping uncommitted work; partitions replay from their stored positions."
         );
         let shared = self.shared.clone();
@@ -427,7 +451,13 @@ impl Committer {
         .map_err(|e| match e {
             Error::Kafka(k) => Error::Fatal(format!("cannot abort the transaction: {k}")),
             other => other,
-        })
+        })?;
+        if failures >= MAX_FAILURES {
+            return Err(Error::Fatal(format!(
+                "{failures} failures in a row without a commit; the last: {reason}"
+            )));
+        }
+        Ok(())
     }
 
     /// Commits every interval until `stop` is cancelled. A commit that keeps failing, or a
@@ -435,20 +465,16 @@ impl Committer {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.shared.settings.commit_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failures = 0;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
             match self.commit().await {
-                Ok(()) => failures = 0,
-                Err(e)
-                    if e.disposition() == crate::error::Disposition::Retry
-                        && failures < MAX_FAILED_COMMITS =>
-                {
-                    failures += 1;
-                    tracing::warn!(error = %e, attempt = failures, "Commit failed; replaying.");
+                Ok(()) => {}
+                // Counted in `failures` as the staged work was dropped.
+                Err(e) if e.disposition() == crate::error::Disposition::Retry => {
+                    tracing::warn!(error = %e, "Commit failed; replaying.");
                 }
                 Err(e) => {
                     self.shared.failure.fail(e);

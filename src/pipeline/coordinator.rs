@@ -6,10 +6,12 @@
 //! what makes a hand-over lose nothing.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -39,6 +41,9 @@ pub struct Coordinator {
     committer: Arc<Committer>,
     runtime: Handle,
     workers: Mutex<BTreeMap<i32, Running>>,
+    /// Partitions whose worker ended unexpectedly, with why. Kept through the stop that
+    /// follows, so `/healthz` names them until the instance exits.
+    failed: Arc<Mutex<BTreeMap<i32, String>>>,
 }
 
 impl Coordinator {
@@ -49,7 +54,15 @@ impl Coordinator {
             committer,
             runtime,
             workers: Mutex::new(BTreeMap::new()),
+            failed: Arc::default(),
         }
+    }
+
+    /// Partitions whose worker ended unexpectedly (a fatal error, or a panic outside the
+    /// record path), with why.
+    pub fn failed(&self) -> Vec<(i32, String)> {
+        let failed = self.failed.lock().expect("failed map lock");
+        failed.iter().map(|(p, why)| (*p, why.clone())).collect()
     }
 
     /// Partitions with a running worker.
@@ -183,10 +196,27 @@ impl Coordinator {
         let stop = CancellationToken::new();
         let shared = self.shared.clone();
         let token = stop.clone();
+        let failed = self.failed.clone();
         let task = self.runtime.spawn(async move {
-            if let Err(e) = worker.run(stream, ack_stream, token).await {
-                shared.failure.fail(e);
-            }
+            // A worker ends on its own only on a fatal error or a panic outside the record
+            // path (where a panic is set aside with its record): the partition is dead, so
+            // the instance says so and stops non-zero.
+            let ended = AssertUnwindSafe(worker.run(stream, ack_stream, token))
+                .catch_unwind()
+                .await;
+            let error = match ended {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(panic) => Error::Fatal(format!(
+                    "partition {partition}: its worker panicked: {}",
+                    super::worker::panic_message(&*panic)
+                )),
+            };
+            let mut failed = failed.lock().expect("failed map lock");
+            failed.insert(partition, error.to_string());
+            shared.metrics.failed_partitions.set(failed.len() as i64);
+            drop(failed);
+            shared.failure.fail(error);
         });
         let old = self
             .workers

@@ -9,11 +9,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
-use rdkafka::message::{BorrowedHeaders, Headers};
-
 use crate::codec::{encode_alert, rfc3339};
 use crate::error::{Error, Result};
-use crate::metrics::BatchCounts;
+use crate::metrics::{BatchCounts, DeadLetterReason};
 use crate::rules::{AckOutcome, AlertEvent};
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
@@ -34,6 +32,20 @@ pub enum Target {
 /// records, where a restore uses it to tell committed work from an unfinished tail.
 pub const SOURCE_OFFSET_HEADER: &str = "twinflow.source.offset";
 
+/// Room left in a dead letter for the record framing librdkafka counts against
+/// `message.max.bytes` (record header varints, timestamps; about 40 bytes) and per header.
+const RECORD_OVERHEAD: usize = 128;
+const HEADER_OVERHEAD: usize = 12;
+
+/// Longest `twinflow.error.message`: a message quoting hostile input stays small.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Header saying what a dead letter could not carry of the original record, and why.
+pub const OMITTED_HEADER: &str = "twinflow.dead_letter.omitted";
+
+/// A header of an output record: a name and a value, which may be null.
+pub type OutputHeader = (String, Option<Vec<u8>>);
+
 /// One staged output record; its bytes live in [`Outputs::buf`].
 #[derive(Debug)]
 pub struct Output {
@@ -44,7 +56,7 @@ pub struct Output {
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     /// Headers (dead letters only).
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: Vec<OutputHeader>,
 }
 
 /// The output records of a batch, sharing one buffer.
@@ -62,7 +74,7 @@ impl Outputs {
         source: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: Vec<(String, Vec<u8>)>,
+        headers: Vec<OutputHeader>,
     ) {
         let k = key.map(|k| self.append(k));
         let p = payload.map(|p| self.append(p));
@@ -119,6 +131,21 @@ impl Outputs {
     }
 }
 
+/// An input record's headers as bytes. Kafka allows any bytes in a header's name, so a
+/// name need not be UTF-8, and a value may be null.
+pub trait RecordHeaders {
+    /// Calls `f` with each header's name and value, in order.
+    fn each(&self, f: &mut dyn FnMut(&[u8], Option<&[u8]>));
+}
+
+impl RecordHeaders for &[(&[u8], Option<&[u8]>)] {
+    fn each(&self, f: &mut dyn FnMut(&[u8], Option<&[u8]>)) {
+        for (name, value) in self.iter() {
+            f(name, *value);
+        }
+    }
+}
+
 /// One input record.
 pub struct Input<'a> {
     /// Record key (should be the asset id).
@@ -130,7 +157,30 @@ pub struct Input<'a> {
     /// Input offset.
     pub offset: i64,
     /// Original headers, copied onto a dead letter.
-    pub headers: Option<&'a BorrowedHeaders>,
+    pub headers: Option<&'a dyn RecordHeaders>,
+}
+
+/// A unit of work of the processor: what a panic is pinned on, so that a replay can set
+/// that one record (or timer) aside and go on.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Work {
+    /// The telemetry record at this offset.
+    Reading(i64),
+    /// The acknowledgement record at this offset.
+    Ack(i64),
+    /// The timer of this asset.
+    Timer(String),
+}
+
+impl Work {
+    /// The bounded label of its kind, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Work::Reading(_) => "reading",
+            Work::Ack(_) => "ack",
+            Work::Timer(_) => "timer",
+        }
+    }
 }
 
 /// What a batch accumulates.
@@ -163,6 +213,13 @@ pub struct Processor {
     /// The last timer looked at: every one before it has fired or moved (in the store or
     /// the staged batch), so the next look starts after it.
     due_after: Option<(i64, String)>,
+    /// Largest record the producer sends (`message.max.bytes`): dead letters stay within it.
+    max_record_bytes: usize,
+    /// What is being processed right now; after a panic, what panicked.
+    current: Option<Work>,
+    /// Work that panicked, with the panic's message: the replay sets it aside (a record is
+    /// dead-lettered as `internal`, a timer dropped) instead of processing it again.
+    quarantine: HashMap<Work, String>,
 }
 
 impl Processor {
@@ -178,7 +235,28 @@ impl Processor {
             alerts: Vec::new(),
             scratch: Vec::new(),
             due_after: None,
+            max_record_bytes: crate::kafka::DEFAULT_MAX_RECORD_BYTES,
+            current: None,
+            quarantine: HashMap::new(),
         }
+    }
+
+    /// Keeps dead letters within `bytes` (the producer's `message.max.bytes`).
+    pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
+        self.max_record_bytes = bytes;
+        self
+    }
+
+    /// After a panic: sets aside the work that panicked, so that the replay after the
+    /// rewind does not process it again. Returns it, or `None` when the same work had
+    /// panicked before (it panicked again while being set aside: a bug to stop for).
+    pub fn quarantine(&mut self, message: String) -> Option<Work> {
+        let work = self.current.take()?;
+        if self.quarantine.contains_key(&work) {
+            return None;
+        }
+        self.quarantine.insert(work.clone(), message);
+        Some(work)
     }
 
     /// A new, empty batch. Call it only when nothing is staged; with `evict`, when the store
@@ -211,6 +289,19 @@ impl Processor {
     /// Confluent-framed record whose writer schema is not known yet; then the record was
     /// not processed and nothing was staged for it.
     pub fn process(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
+        let work = Work::Reading(input.offset);
+        if self.set_aside(&work, input, batch) {
+            batch.next_offset = Some(input.offset + 1);
+            batch.counts.consumed += 1;
+            return Ok(());
+        }
+        self.current = Some(work);
+        let result = self.read(input, batch, now);
+        self.current = None;
+        result
+    }
+
+    fn read(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
         let topology = self.topology.clone();
         let decoded = input.payload.map(|payload| {
             topology.codec.decode_reading(
@@ -227,17 +318,19 @@ impl Processor {
         batch.counts.consumed += 1;
         match decoded {
             None => {
-                self.dead_letter(input, batch, "empty", "decode", "record has no value");
+                let reason = DeadLetterReason::Empty;
+                self.dead_letter(input, batch, reason, "decode", "record has no value");
                 return Ok(());
             }
             Some(Err(e)) => {
-                self.dead_letter(input, batch, "decode", "decode", &e.to_string());
+                let reason = DeadLetterReason::Decode;
+                self.dead_letter(input, batch, reason, "decode", &e.to_string());
                 return Ok(());
             }
             Some(Ok(())) => {}
         }
         if let Err(why) = topology.model.validate(&self.reading) {
-            self.dead_letter(input, batch, "invalid", "validate", &why);
+            self.dead_letter(input, batch, DeadLetterReason::Invalid, "validate", &why);
             return Ok(());
         }
         if input.key != Some(self.reading.asset_id.as_bytes()) {
@@ -245,14 +338,13 @@ impl Processor {
                 None => "record has no key; the key must be the asset id".to_owned(),
                 Some(k) => format!(
                     "key '{}' differs from asset_id '{}'; the key must be the asset id",
-                    String::from_utf8_lossy(k),
+                    String::from_utf8_lossy(&k[..k.len().min(MAX_MESSAGE_BYTES / 2)]),
                     self.reading.asset_id
                 ),
             };
-            {
-                self.dead_letter(input, batch, "key_mismatch", "validate", &why);
-                return Ok(());
-            }
+            let reason = DeadLetterReason::KeyMismatch;
+            self.dead_letter(input, batch, reason, "validate", &why);
+            return Ok(());
         }
 
         let reading = std::mem::take(&mut self.reading);
@@ -274,26 +366,32 @@ impl Processor {
         let model = &self.topology.model;
         let twin = self.cache.get_mut(id).expect("loaded above");
         if let Err(untimely) = model.check_time(twin, reading.event_time, now) {
-            let why = match untimely {
-                Untimely::Late => format!(
-                    "event_time {} is more than the allowed lateness before the twin's newest reading ({})",
-                    rfc3339(reading.event_time),
-                    rfc3339(twin.event_time)
+            let (reason, why) = match untimely {
+                Untimely::Late => (
+                    DeadLetterReason::Late,
+                    format!(
+                        "event_time {} is more than the allowed lateness before the twin's newest reading ({})",
+                        rfc3339(reading.event_time),
+                        rfc3339(twin.event_time)
+                    ),
                 ),
-                Untimely::Future => format!(
-                    "event_time {} is more than max_future after processing time {}",
-                    rfc3339(reading.event_time),
-                    rfc3339(now)
+                Untimely::Future => (
+                    DeadLetterReason::Future,
+                    format!(
+                        "event_time {} is more than max_future after processing time {}",
+                        rfc3339(reading.event_time),
+                        rfc3339(now)
+                    ),
                 ),
             };
-            self.dead_letter(input, batch, untimely.reason(), "time", &why);
+            self.dead_letter(input, batch, reason, "time", &why);
             return Ok(());
         }
         let deadline = model.deadline(twin);
         let change = match twin.apply(model, reading, now) {
             Ok(change) => change,
             Err(unchanged) => {
-                batch.counts.skip(unchanged.reason());
+                batch.counts.skip(unchanged);
                 return Ok(());
             }
         };
@@ -319,6 +417,23 @@ impl Processor {
         source: i64,
     ) -> Result<()> {
         batch.ack_next = Some(input.offset + 1);
+        let work = Work::Ack(input.offset);
+        if self.set_aside(&work, input, batch) {
+            return Ok(());
+        }
+        self.current = Some(work);
+        let result = self.read_ack(input, batch, now, source);
+        self.current = None;
+        result
+    }
+
+    fn read_ack(
+        &mut self,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
         #[derive(serde::Deserialize)]
         struct Ack {
             alert_id: String,
@@ -334,17 +449,12 @@ impl Processor {
             (_, Err(why)) => {
                 let why =
                     format!("not an acknowledgement ({{\"alert_id\": ..., \"by\": ...}}): {why}");
-                self.dead_letter(input, batch, "decode", "ack", &why);
+                self.dead_letter(input, batch, DeadLetterReason::Decode, "ack", &why);
                 return Ok(());
             }
             _ => {
-                self.dead_letter(
-                    input,
-                    batch,
-                    "key_mismatch",
-                    "ack",
-                    "the key must be the asset id",
-                );
+                let reason = DeadLetterReason::KeyMismatch;
+                self.dead_letter(input, batch, reason, "ack", "the key must be the asset id");
                 return Ok(());
             }
         };
@@ -394,6 +504,13 @@ impl Processor {
         for (deadline, id) in due {
             // A due entry leaves the index; the twin decides what follows.
             batch.store.delete_deadline(deadline, &id);
+            let work = Work::Timer(id.clone());
+            if self.quarantine.remove(&work).is_some() {
+                // It panicked: the entry is dropped, the twin keeps its status until its
+                // next reading.
+                continue;
+            }
+            self.current = Some(work);
             if !self.load(&id)? {
                 continue;
             }
@@ -410,6 +527,7 @@ impl Processor {
             fired += 1;
             self.emit(&id, &TwinChange::default(), None, source, batch, None);
         }
+        self.current = None;
         batch.counts.timers_fired += fired as u64;
         Ok(fired)
     }
@@ -484,41 +602,127 @@ impl Processor {
         }
     }
 
-    /// Stages the record, untouched, for the dead-letter topic with why in its headers.
+    /// Dead-letters a record whose processing panicked before (reason `internal`, with the
+    /// panic's message), and returns true; false if `work` is not set aside.
+    fn set_aside(&mut self, work: &Work, input: &Input<'_>, batch: &mut Batch) -> bool {
+        let Some(message) = self.quarantine.get(work) else {
+            return false;
+        };
+        let why = format!("processing panicked: {message}");
+        // Should this panic too, the entry is still there: `quarantine` then says so.
+        self.current = Some(work.clone());
+        self.dead_letter(input, batch, DeadLetterReason::Internal, "internal", &why);
+        self.current = None;
+        self.quarantine.remove(work);
+        true
+    }
+
+    /// Stages the record for the dead-letter topic, with why in its headers. It carries the
+    /// original key, value and headers, as far as they fit in a record the producer sends
+    /// (`max_record_bytes`) and can be copied (a header name that is not UTF-8 cannot be):
+    /// what it leaves out, it names in [`OMITTED_HEADER`], with the sizes.
     fn dead_letter(
         &mut self,
         input: &Input<'_>,
         batch: &mut Batch,
-        reason: &str,
+        reason: DeadLetterReason,
         stage: &str,
         message: &str,
     ) {
         batch.counts.dead_letter(reason);
-        let mut headers: Vec<(String, Vec<u8>)> = input
-            .headers
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (key, value) in [
-            ("twinflow.error.reason", reason.to_owned()),
+        let mut headers: Vec<OutputHeader> = Vec::new();
+        let mut original_bytes = 0;
+        let mut not_utf8 = 0;
+        if let Some(h) = input.headers {
+            h.each(&mut |name, value| match std::str::from_utf8(name) {
+                Ok(name) => {
+                    original_bytes += name.len() + value.map_or(0, <[u8]>::len) + HEADER_OVERHEAD;
+                    headers.push((name.to_owned(), value.map(<[u8]>::to_vec)));
+                }
+                Err(_) => not_utf8 += 1,
+            });
+        }
+        let mut message = message;
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut end = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message = &message[..end];
+        }
+        let ours = [
+            ("twinflow.error.reason", reason.label().to_owned()),
             ("twinflow.error.stage", stage.to_owned()),
             ("twinflow.error.message", message.to_owned()),
             ("twinflow.source.topic", input.topic.to_owned()),
             ("twinflow.source.partition", self.partition.to_string()),
             (SOURCE_OFFSET_HEADER, input.offset.to_string()),
-        ] {
-            headers.push((key.to_owned(), value.into_bytes()));
+        ];
+        // What is left for the original's key, value and headers, keeping room for the
+        // note on what was left out.
+        let fixed: usize = ours
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
+            .sum::<usize>()
+            + RECORD_OVERHEAD
+            + OMITTED_HEADER.len()
+            + 256;
+        let room = self.max_record_bytes.saturating_sub(fixed);
+        let (mut key, mut value) = (input.key, input.payload);
+        let mut omitted = Vec::new();
+        // Leave out the largest of value, headers and key until the rest fits.
+        loop {
+            let sizes = [
+                value.map_or(0, <[u8]>::len),
+                if headers.is_empty() {
+                    0
+                } else {
+                    original_bytes
+                },
+                key.map_or(0, <[u8]>::len),
+            ];
+            if sizes.iter().sum::<usize>() <= room {
+                break;
+            }
+            let largest = (0..3).max_by_key(|i| sizes[*i]).expect("three parts");
+            match largest {
+                0 => {
+                    omitted.push(format!("value: {} bytes", sizes[0]));
+                    value = None;
+                }
+                1 => {
+                    omitted.push(format!("headers: {}, {} bytes", headers.len(), sizes[1]));
+                    headers.clear();
+                }
+                _ => {
+                    omitted.push(format!("key: {} bytes", sizes[2]));
+                    key = None;
+                }
+            }
         }
-        batch.outputs.push(
-            Target::DeadLetter,
-            input.offset,
-            input.key,
-            input.payload,
-            headers,
-        );
+        if !omitted.is_empty() {
+            omitted.push(format!(
+                "over the largest record the producer sends (message.max.bytes = {})",
+                self.max_record_bytes
+            ));
+        }
+        if not_utf8 > 0 {
+            omitted.push(format!(
+                "headers: {not_utf8} whose names are not UTF-8 cannot be copied"
+            ));
+        }
+        for (name, value) in ours {
+            headers.push((name.to_owned(), Some(value.into_bytes())));
+        }
+        if !omitted.is_empty() {
+            headers.push((
+                OMITTED_HEADER.to_owned(),
+                Some(omitted.join("; ").into_bytes()),
+            ));
+        }
+        batch
+            .outputs
+            .push(Target::DeadLetter, input.offset, key, value, headers);
     }
 
     /// Keeps the cache within its bound. Called between batches, when every cached twin

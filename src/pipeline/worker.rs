@@ -10,6 +10,7 @@
 //!   and seeks back to the stored position before processing anything else, so every input
 //!   record is applied exactly once to the committed state.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,10 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::committer::{Committer, Slot};
-use super::processor::{Batch, Input, Outputs, Processor, SOURCE_OFFSET_HEADER, Target};
+use super::processor::{
+    Batch, Input, Outputs, Processor, RecordHeaders, SOURCE_OFFSET_HEADER, Target, Work,
+};
 use super::restore::restore;
 use crate::error::{Disposition, Error, Result};
-use crate::kafka::{Consumer, PartitionStream, cached_watermarks};
+use crate::kafka::{Consumer, MessageHeaders, PartitionStream, cached_watermarks};
 
 /// What woke the worker.
 enum Next<'a> {
@@ -47,8 +50,23 @@ enum Source {
     Acks,
 }
 
-/// Consecutive failures after which a transient one counts as fatal.
+/// Consecutive failures of a restore or a rewind after which the worker gives up.
 const MAX_REPLAYS: u32 = 10;
+
+impl RecordHeaders for MessageHeaders<'_> {
+    fn each(&self, f: &mut dyn FnMut(&[u8], Option<&[u8]>)) {
+        self.visit(f);
+    }
+}
+
+/// The message of a caught panic.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
 
 /// One partition's worker.
 pub struct PartitionWorker {
@@ -90,7 +108,8 @@ impl PartitionWorker {
                 shared.topology.clone(),
                 store,
                 shared.settings.twin_cache_per_partition,
-            ),
+            )
+            .with_max_record_bytes(shared.producer.max_record_bytes()),
             partition: slot.partition,
             epoch: committer.epoch(),
             epochs: committer.epochs(),
@@ -159,6 +178,7 @@ impl PartitionWorker {
                 // Staged work was dropped: this record may be ahead of the stored position.
                 drop(next);
                 drop(gate);
+                self.back_off(&stop).await;
                 failures = match self.rewind().await {
                     Ok(()) => 0,
                     Err(e) => self.retry(e, failures, &stop).await?,
@@ -172,10 +192,10 @@ impl PartitionWorker {
                 Next::Tick => self.run_timers().await,
                 Next::Epoch => continue,
             };
-            if outcome.is_err() {
+            if let Err(e) = &outcome {
                 // Before the gate opens: no commit may take this partition's staged work,
                 // whose outputs were not all sent.
-                self.committer.poison();
+                self.committer.poison(!matches!(e, Error::Panicked { .. }));
             }
             drop(gate);
             if let Some((id, offset)) = self.needs_schema.take() {
@@ -190,15 +210,66 @@ impl PartitionWorker {
                     .observe(started.elapsed().as_secs_f64()),
                 Err(e) if e.disposition() == Disposition::Retry => {
                     // Everything uncommitted goes, for all partitions: under exactly-once this
-                    // partition's outputs share the transaction with the others'.
+                    // partition's outputs share the transaction with the others'. The epoch
+                    // moves on, so the next turn backs off and rewinds.
+                    tracing::warn!(error = %e, partition = self.partition, "Batch failed; replaying from the stored position.");
                     self.committer.abort(&e.to_string()).await?;
-                    failures = self.retry(e, failures, &stop).await?;
                 }
                 Err(e) => return Err(e),
             }
             // With input always waiting, nothing above needs to wait: let the committer,
             // the other partitions and the API run before the next batch.
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// Before a rewind: waits the retry back-off for the failures in a row (doubling from
+    /// `processing.retry_backoff` up to 30 s), so work that keeps failing does not spin.
+    async fn back_off(&self, stop: &CancellationToken) {
+        let failures = self.committer.failures();
+        if failures == 0 {
+            return;
+        }
+        let backoff = self.shared.settings.retry_backoff * 2u32.pow((failures - 1).min(6));
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
+        }
+    }
+
+    /// Pins a caught panic on the work it happened in: sets that aside for the replay and
+    /// says so at ERROR with the record's coordinates.
+    ///
+    /// # Errors
+    /// `Panicked` (retry: the partition replays past the work), or `Fatal` when the same
+    /// work panicked again while being set aside.
+    fn panicked(&mut self, panic: &(dyn std::any::Any + Send)) -> Error {
+        let message = panic_message(panic);
+        let Some(work) = self.processor.quarantine(message.clone()) else {
+            return Error::Fatal(format!(
+                "partition {}: a panic outside any record, or again while setting aside a record that panicked: {message}",
+                self.partition
+            ));
+        };
+        self.shared.metrics.panics(work.kind()).inc();
+        let (topic, what) = match &work {
+            Work::Reading(offset) => (self.slot.topic.as_str(), format!("offset {offset}")),
+            Work::Ack(offset) => (
+                self.shared.topology.topics.acks.name.as_str(),
+                format!("offset {offset}"),
+            ),
+            Work::Timer(id) => ("timer", format!("asset {id}")),
+        };
+        tracing::error!(
+            topic,
+            partition = self.partition,
+            work = %what,
+            panic = %message,
+            "Processing panicked; setting the record aside (a bug: please report it)."
+        );
+        Error::Panicked {
+            work: format!("{} {what} of {topic}/{}", work.kind(), self.partition),
+            message,
         }
     }
 
@@ -234,49 +305,56 @@ impl PartitionWorker {
         let mut taken = 0;
         let mut result = Ok(());
         // The messages borrow the stream; they are all processed before the first await.
-        while let Some(m) = next.take() {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            };
-            if m.offset() >= floor {
-                let record = Input {
-                    key: m.key(),
-                    payload: m.payload(),
-                    topic: m.topic(),
-                    offset: m.offset(),
-                    headers: m.headers(),
-                };
-                let processed = match source {
-                    Source::Readings => self.processor.process(&record, &mut batch, now),
-                    Source::Acks => {
-                        self.processor
-                            .process_ack(&record, &mut batch, now, self.position - 1)
-                    }
-                };
-                match processed {
-                    Ok(()) => {}
-                    Err(Error::SchemaNeeded(id)) => {
-                        // The batch ends before this record; it is read again once the
-                        // schema is known.
-                        self.needs_schema = Some((id, m.offset()));
-                        break;
-                    }
+        // A panic is caught here, pinned on its record, and fails the batch.
+        let caught = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            while let Some(m) = next.take() {
+                let m = match m {
+                    Ok(m) => m,
                     Err(e) => {
-                        result = Err(e);
+                        result = Err(e.into());
                         break;
                     }
+                };
+                if m.offset() >= floor {
+                    let headers = MessageHeaders::of(&m);
+                    let record = Input {
+                        key: m.key(),
+                        payload: m.payload(),
+                        topic: m.topic(),
+                        offset: m.offset(),
+                        headers: Some(&headers),
+                    };
+                    let processed = match source {
+                        Source::Readings => self.processor.process(&record, &mut batch, now),
+                        Source::Acks => {
+                            self.processor
+                                .process_ack(&record, &mut batch, now, self.position - 1)
+                        }
+                    };
+                    match processed {
+                        Ok(()) => {}
+                        Err(Error::SchemaNeeded(id)) => {
+                            // The batch ends before this record; it is read again once the
+                            // schema is known.
+                            self.needs_schema = Some((id, m.offset()));
+                            break;
+                        }
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
                 }
+                taken += 1;
+                next = if taken < self.shared.settings.batch_max_records {
+                    stream.try_next()
+                } else {
+                    None
+                };
             }
-            taken += 1;
-            next = if taken < self.shared.settings.batch_max_records {
-                stream.try_next()
-            } else {
-                None
-            };
+        }));
+        if let Err(panic) = caught {
+            result = Err(self.panicked(&*panic));
         }
         drop(next);
         if let Some(next) = batch.next_offset.filter(|_| source == Source::Readings) {
@@ -299,10 +377,13 @@ impl PartitionWorker {
         let mut batch = self.staged();
         let now = self.shared.clock.now_ms();
         let limit = self.shared.settings.batch_max_records;
-        let result = self
-            .processor
-            .fire_timers(&mut batch, now, self.position - 1, limit)
-            .map(|_| ());
+        let position = self.position;
+        let fired = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.processor
+                .fire_timers(&mut batch, now, position - 1, limit)
+                .map(|_| ())
+        }));
+        let result = fired.unwrap_or_else(|panic| Err(self.panicked(&*panic)));
         if result.is_ok() && fresh && batch.store.is_empty() {
             return Ok(()); // nothing due: nothing to commit
         }
@@ -352,7 +433,7 @@ impl PartitionWorker {
                         .fold(OwnedHeaders::new(), |h, (key, value)| {
                             h.insert(Header {
                                 key,
-                                value: Some(value),
+                                value: value.as_deref(),
                             })
                         });
                     (&topics.dead_letter.name, None, Some(headers))

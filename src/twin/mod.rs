@@ -11,7 +11,10 @@
 
 mod model;
 
-pub use model::{ActiveWhen, MAX_PROPERTIES, Model, PropKind, PropertyDef, TimePolicy, Untimely};
+pub use model::{
+    ActiveWhen, MAX_ASSET_ID_BYTES, MAX_PROPERTIES, MAX_STRING_BYTES, Model, PropKind, PropertyDef,
+    TimePolicy, Untimely,
+};
 
 use std::fmt;
 
@@ -210,6 +213,9 @@ pub enum NoChange {
 }
 
 impl NoChange {
+    /// Every reason, in the order of the discriminants.
+    pub const ALL: [NoChange; 2] = [NoChange::Duplicate, NoChange::Stale];
+
     /// The bounded reason label for metrics.
     pub fn reason(self) -> &'static str {
         match self {
@@ -284,7 +290,20 @@ impl Twin {
             }
         }
         if !created && changed == 0 && !newer {
-            return Err(if reading.event_time >= self.event_time {
+            // A duplicate is what the twin still holds: every value it carries is there at
+            // its event time. One whose values were since overwritten by newer readings is
+            // stale, duplicate or not: the twin no longer holds it.
+            let held = |(index, value): &(usize, Value)| {
+                self.props[*index]
+                    .as_ref()
+                    .is_some_and(|p| p.time == reading.event_time && p.value == *value)
+            };
+            let duplicate = if reading.values.is_empty() {
+                reading.event_time == self.event_time
+            } else {
+                reading.values.iter().all(held)
+            };
+            return Err(if duplicate {
                 NoChange::Duplicate
             } else {
                 NoChange::Stale

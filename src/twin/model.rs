@@ -66,6 +66,14 @@ pub struct TimePolicy {
     pub idle_after: Option<i64>,
 }
 
+/// Longest asset id accepted, in bytes: ids are store keys, record keys and page cursors.
+pub const MAX_ASSET_ID_BYTES: usize = 512;
+
+/// Longest string property value accepted, in bytes. With at most [`MAX_PROPERTIES`]
+/// properties this bounds a twin (and so its changelog record) well under Kafka's default
+/// message size of 1 MB.
+pub const MAX_STRING_BYTES: usize = 4096;
+
 /// Why a reading is refused for its time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Untimely {
@@ -73,16 +81,6 @@ pub enum Untimely {
     Late,
     /// Too far ahead of processing time.
     Future,
-}
-
-impl Untimely {
-    /// The bounded reason label, for metrics and dead-letter headers.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Untimely::Late => "late",
-            Untimely::Future => "future",
-        }
-    }
 }
 
 /// The properties of a twin and how its status derives from them.
@@ -164,7 +162,7 @@ impl Model {
         if self
             .time
             .max_future
-            .is_some_and(|max| event_time > now + max)
+            .is_some_and(|max| event_time > now.saturating_add(max))
         {
             return Err(Untimely::Future);
         }
@@ -172,7 +170,7 @@ impl Model {
             && self
                 .time
                 .allowed_lateness
-                .is_some_and(|max| event_time < twin.event_time - max)
+                .is_some_and(|max| event_time < twin.event_time.saturating_sub(max))
         {
             return Err(Untimely::Late);
         }
@@ -190,6 +188,12 @@ impl Model {
         if reading.asset_id.is_empty() {
             return Err("asset_id is empty".into());
         }
+        if reading.asset_id.len() > MAX_ASSET_ID_BYTES {
+            return Err(format!(
+                "asset_id is {} bytes long; at most {MAX_ASSET_ID_BYTES} are allowed",
+                reading.asset_id.len()
+            ));
+        }
         if reading.event_time <= 0 {
             return Err(format!(
                 "event_time {} is not after 1970",
@@ -198,6 +202,15 @@ impl Model {
         }
         for (index, value) in &reading.values {
             let def = &self.properties[*index];
+            if let super::Value::Str(text) = value
+                && text.len() > MAX_STRING_BYTES
+            {
+                return Err(format!(
+                    "{} is {} bytes long; at most {MAX_STRING_BYTES} are allowed",
+                    def.name,
+                    text.len()
+                ));
+            }
             let Some(v) = value.as_f64() else { continue };
             if !v.is_finite() {
                 return Err(format!("{} is {v}", def.name));
