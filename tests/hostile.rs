@@ -636,3 +636,64 @@ async fn hostile_records_on_the_broker_are_accounted_and_the_partition_goes_on()
     }
     p.stop().await;
 }
+
+/// A record whose processing panics (injected: test builds only) is dead-lettered with reason
+/// `internal` and the panic's message, counted, and the readings around it are applied. Each
+/// panic costs a replay of the uncommitted work, not the partition: twelve of them, more than
+/// the ten failures in a row that stop an instance, leave it running, and it stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_record_is_dead_lettered_as_internal_and_the_partition_goes_on() {
+    use twinflow::pipeline::processor::PANICKING_ASSET;
+    let (_kafka, mut p) = common::on_embedded(common::untimed_vehicle_topology());
+    p.start();
+    let n = 12;
+    for i in 0..n {
+        p.send(&format!("before-{i}"), NOW - 1000, &[("speed_kmh", 5.0)])
+            .await;
+        p.send(PANICKING_ASSET, NOW - 1000 + i, &[("speed_kmh", 5.0)])
+            .await;
+    }
+    p.send("after", NOW - 1000, &[("speed_kmh", 5.0)]).await;
+
+    let m = p.metrics().clone();
+    let internal = || {
+        m.counter(
+            "twinflow_records_dead_lettered_total",
+            &[("reason", "internal")],
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while internal() < n as u64 || m.total("twinflow_twin_updates_total") < n as u64 + 1 {
+        assert!(
+            Instant::now() < deadline,
+            "in 60 s: {} internal dead letters, {} updates",
+            internal(),
+            m.total("twinflow_twin_updates_total")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(internal(), n as u64);
+    assert_eq!(m.total("twinflow_twin_updates_total"), n as u64 + 1);
+    assert_eq!(
+        m.counter("twinflow_processing_panics_total", &[("work", "reading")]),
+        n as u64
+    );
+    assert_eq!(m.total("twinflow_failed_partitions"), 0);
+
+    let letters = p.read(
+        &p.topology.topics.dead_letter.name,
+        n as usize,
+        Duration::from_secs(30),
+    );
+    for letter in &letters {
+        let header = |name: &str| common::header(letter, name).unwrap().to_owned();
+        assert_eq!(header("twinflow.error.reason"), "internal");
+        assert!(
+            header("twinflow.error.message").contains("injected panic"),
+            "{}",
+            header("twinflow.error.message")
+        );
+        assert_eq!(letter.key(), Some(PANICKING_ASSET.as_bytes()));
+    }
+    p.stop().await;
+}

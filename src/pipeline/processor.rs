@@ -40,6 +40,11 @@ const HEADER_OVERHEAD: usize = 12;
 /// Longest `twinflow.error.message`: a message quoting hostile input stays small.
 const MAX_MESSAGE_BYTES: usize = 1024;
 
+/// With the test-only `fault-injection` feature, a valid reading of this asset panics in the
+/// record path, so that tests can show a panic is isolated to its record.
+#[cfg(feature = "fault-injection")]
+pub const PANICKING_ASSET: &str = "twinflow-test-panic";
+
 /// Header saying what a dead letter could not carry of the original record, and why.
 pub const OMITTED_HEADER: &str = "twinflow.dead_letter.omitted";
 
@@ -168,8 +173,8 @@ pub enum Work {
     Reading(i64),
     /// The acknowledgement record at this offset.
     Ack(i64),
-    /// The timer of this asset.
-    Timer(String),
+    /// The timer of this asset at this deadline.
+    Timer(i64, String),
 }
 
 impl Work {
@@ -178,7 +183,7 @@ impl Work {
         match self {
             Work::Reading(_) => "reading",
             Work::Ack(_) => "ack",
-            Work::Timer(_) => "timer",
+            Work::Timer(..) => "timer",
         }
     }
 }
@@ -217,8 +222,11 @@ pub struct Processor {
     max_record_bytes: usize,
     /// What is being processed right now; after a panic, what panicked.
     current: Option<Work>,
-    /// Work that panicked, with the panic's message: the replay sets it aside (a record is
-    /// dead-lettered as `internal`, a timer dropped) instead of processing it again.
+    /// Work that panicked, with the panic's message: every replay sets it aside (a record is
+    /// dead-lettered as `internal`, a timer entry dropped) instead of processing it again,
+    /// until the stored position is past it ([`Processor::forget_before`]). An entry must
+    /// outlive the replay that used it: another panic in the same uncommitted work drops
+    /// that replay too.
     quarantine: HashMap<Work, String>,
 }
 
@@ -274,6 +282,17 @@ impl Processor {
         }
     }
 
+    /// Forgets the set-aside records before the stored positions (of readings and of
+    /// acknowledgements): they are committed, so no replay reaches them again.
+    pub fn forget_before(&mut self, readings: i64, acks: i64) {
+        self.quarantine.retain(|work, _| match work {
+            Work::Reading(offset) => *offset >= readings,
+            Work::Ack(offset) => *offset >= acks,
+            // Keyed by deadline: a timer filed again has another key. One entry per panic.
+            Work::Timer(..) => true,
+        });
+    }
+
     /// Forgets the cached twins (after a failed batch: the store is the truth).
     pub fn reset(&mut self) {
         self.cache.clear();
@@ -290,13 +309,23 @@ impl Processor {
     /// not processed and nothing was staged for it.
     pub fn process(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
         let work = Work::Reading(input.offset);
+        self.pinned(work, input, batch, |p, batch| p.read(input, batch, now))
+    }
+
+    /// Runs `run` on the record of `work`, noting the work as current (so a panic is pinned
+    /// on it), unless the record is set aside: then it is dead-lettered instead.
+    fn pinned(
+        &mut self,
+        work: Work,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        run: impl FnOnce(&mut Self, &mut Batch) -> Result<()>,
+    ) -> Result<()> {
         if self.set_aside(&work, input, batch) {
-            batch.next_offset = Some(input.offset + 1);
-            batch.counts.consumed += 1;
             return Ok(());
         }
         self.current = Some(work);
-        let result = self.read(input, batch, now);
+        let result = run(self, batch);
         self.current = None;
         result
     }
@@ -332,6 +361,10 @@ impl Processor {
         if let Err(why) = topology.model.validate(&self.reading) {
             self.dead_letter(input, batch, DeadLetterReason::Invalid, "validate", &why);
             return Ok(());
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.reading.asset_id == PANICKING_ASSET {
+            panic!("injected panic: a reading of {PANICKING_ASSET}");
         }
         if input.key != Some(self.reading.asset_id.as_bytes()) {
             let why = match input.key {
@@ -418,13 +451,9 @@ impl Processor {
     ) -> Result<()> {
         batch.ack_next = Some(input.offset + 1);
         let work = Work::Ack(input.offset);
-        if self.set_aside(&work, input, batch) {
-            return Ok(());
-        }
-        self.current = Some(work);
-        let result = self.read_ack(input, batch, now, source);
-        self.current = None;
-        result
+        self.pinned(work, input, batch, |p, batch| {
+            p.read_ack(input, batch, now, source)
+        })
     }
 
     fn read_ack(
@@ -493,6 +522,18 @@ impl Processor {
         source: i64,
         limit: usize,
     ) -> Result<usize> {
+        let fired = self.fire_due(batch, now, source, limit);
+        self.current = None;
+        fired
+    }
+
+    fn fire_due(
+        &mut self,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+        limit: usize,
+    ) -> Result<usize> {
         let topology = self.topology.clone();
         let model = &topology.model;
         let mut fired = 0;
@@ -504,8 +545,8 @@ impl Processor {
         for (deadline, id) in due {
             // A due entry leaves the index; the twin decides what follows.
             batch.store.delete_deadline(deadline, &id);
-            let work = Work::Timer(id.clone());
-            if self.quarantine.remove(&work).is_some() {
+            let work = Work::Timer(deadline, id.clone());
+            if self.quarantine.contains_key(&work) {
                 // It panicked: the entry is dropped, the twin keeps its status until its
                 // next reading.
                 continue;
@@ -527,7 +568,6 @@ impl Processor {
             fired += 1;
             self.emit(&id, &TwinChange::default(), None, source, batch, None);
         }
-        self.current = None;
         batch.counts.timers_fired += fired as u64;
         Ok(fired)
     }
@@ -609,11 +649,14 @@ impl Processor {
             return false;
         };
         let why = format!("processing panicked: {message}");
+        if let Work::Reading(offset) = work {
+            batch.next_offset = Some(offset + 1);
+            batch.counts.consumed += 1;
+        }
         // Should this panic too, the entry is still there: `quarantine` then says so.
         self.current = Some(work.clone());
         self.dead_letter(input, batch, DeadLetterReason::Internal, "internal", &why);
         self.current = None;
-        self.quarantine.remove(work);
         true
     }
 

@@ -258,7 +258,7 @@ impl PartitionWorker {
                 self.shared.topology.topics.acks.name.as_str(),
                 format!("offset {offset}"),
             ),
-            Work::Timer(id) => ("timer", format!("asset {id}")),
+            Work::Timer(deadline, id) => ("timer", format!("asset {id} due at {deadline}")),
         };
         tracing::error!(
             topic,
@@ -505,6 +505,7 @@ impl PartitionWorker {
             .next_offset(acks)?;
         // Without a stored position the acknowledgements were read from ack_floor on.
         self.ack_floor = ack_stored.unwrap_or(self.ack_floor);
+        self.processor.forget_before(self.floor, self.ack_floor);
         let seeks = [
             (self.slot.topic.clone(), self.floor),
             (acks.clone(), self.ack_floor),
