@@ -4,19 +4,21 @@
 //! One thread tails every changelog partition (from where the view last stopped) and every
 //! alert partition (from its end: alerts are live only), writes the newest twin of each
 //! asset to the store's view keys, keeps the fleet counts (by status, by active alert) up
-//! to date, and publishes each change on a bounded broadcast channel for the live stream.
+//! to date, and publishes each change for the live stream in a bounded log that keeps the
+//! latest event per asset (and per alert), so a client that falls behind during a burst
+//! catches up with the latest state instead of being dropped.
 //! It never touches the pipeline's state and the pipeline never waits for it: a slow
 //! view or a slow stream client costs the pipeline nothing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apache_avro::types::Value as AV;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
 use crate::codec::{ALERT_SCHEMA, rfc3339};
 use crate::error::{Error, Result};
@@ -27,8 +29,10 @@ use crate::store::ViewStore;
 use crate::topology::Topology;
 use crate::twin::{Status, Twin};
 
-/// Events a stream client may fall behind by before it is dropped.
-pub const STREAM_BUFFER: usize = 4096;
+/// Changes kept for the live stream: the latest event of this many assets (and alerts). A
+/// client is dropped only when one it has not read yet had to go: when more than this many
+/// different assets changed since its last read.
+pub const STREAM_BUFFER: usize = 16_384;
 
 /// How long the view waits at start for the instance's restores to finish.
 pub const START_DEFER: Duration = Duration::from_secs(10);
@@ -60,7 +64,7 @@ impl Counts {
 }
 
 /// What a stream event is about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     /// A twin changed; the JSON is the twin.
     Twin,
@@ -81,13 +85,72 @@ pub struct Event {
     pub json: String,
 }
 
+/// What a stream event replaces when a client is behind: the asset's twin, or one alert
+/// code's event of the asset.
+type EventKey = (EventKind, String, String);
+
+/// The live changes: per key only the latest event, in the order of their last change.
+#[derive(Default)]
+struct Recent {
+    /// The sequence number of the next event.
+    next: u64,
+    /// Every event before this one is gone (or replaced by a later one of its key).
+    floor: u64,
+    latest: HashMap<EventKey, u64>,
+    log: BTreeMap<u64, (EventKey, Arc<Event>)>,
+}
+
+/// One stream client's place in the live changes.
+pub struct Subscription {
+    view: Arc<FleetView>,
+    cursor: u64,
+    changed: watch::Receiver<u64>,
+}
+
+impl Subscription {
+    /// The next change the client has not read: the latest event of its asset (or alert)
+    /// as of now, so a client behind skips what was replaced. Waits for one.
+    ///
+    /// # Errors
+    /// The number of changes lost, when the client fell so far behind that a change it had
+    /// not read had to go ([`STREAM_BUFFER`]).
+    pub async fn next(&mut self) -> Result<Arc<Event>, u64> {
+        loop {
+            // Marked seen before looking, so a change published after the look wakes us.
+            self.changed.borrow_and_update();
+            {
+                let recent = self.view.recent.lock().expect("recent lock");
+                if recent.floor > self.cursor {
+                    return Err(recent.floor - self.cursor);
+                }
+                if let Some((seq, (_, event))) = recent.log.range(self.cursor..).next() {
+                    self.cursor = seq + 1;
+                    return Ok(event.clone());
+                }
+            }
+            if self.changed.changed().await.is_err() {
+                return Err(0);
+            }
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.view.subscribers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The fleet view of one instance.
 pub struct FleetView {
     store: ViewStore,
     metrics: Metrics,
     topology: Arc<Topology>,
     counts: Mutex<Counts>,
-    events: broadcast::Sender<Arc<Event>>,
+    recent: Mutex<Recent>,
+    /// The sequence number of the last change published.
+    published: watch::Sender<u64>,
+    subscribers: AtomicUsize,
     caught_up: AtomicBool,
     alert_schema: apache_avro::Schema,
 }
@@ -111,7 +174,9 @@ impl FleetView {
             metrics,
             topology,
             counts: Mutex::new(Counts::default()),
-            events: broadcast::channel(STREAM_BUFFER).0,
+            recent: Mutex::default(),
+            published: watch::Sender::new(0),
+            subscribers: AtomicUsize::new(0),
             caught_up: AtomicBool::new(false),
             alert_schema,
         }))
@@ -150,9 +215,45 @@ impl FleetView {
         self.caught_up.load(Ordering::SeqCst)
     }
 
-    /// A receiver of every change from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
-        self.events.subscribe()
+    /// A stream client's place in the changes, from now on.
+    pub fn subscribe(self: &Arc<Self>) -> Subscription {
+        self.subscribers.fetch_add(1, Ordering::SeqCst);
+        let cursor = self.recent.lock().expect("recent lock").next;
+        Subscription {
+            view: self.clone(),
+            cursor,
+            changed: self.published.subscribe(),
+        }
+    }
+
+    /// Publishes a change for the stream clients: it replaces the earlier event of its key,
+    /// and the oldest key goes when more than [`STREAM_BUFFER`] are kept.
+    fn publish(&self, event: Event) {
+        let code = match event.kind {
+            EventKind::Twin => String::new(),
+            EventKind::Alert => event.codes.first().cloned().unwrap_or_default(),
+        };
+        let key = (event.kind, event.asset_id.clone(), code);
+        let mut recent = self.recent.lock().expect("recent lock");
+        let seq = recent.next;
+        recent.next += 1;
+        if let Some(replaced) = recent.latest.insert(key.clone(), seq) {
+            recent.log.remove(&replaced);
+        }
+        recent.log.insert(seq, (key, Arc::new(event)));
+        if recent.log.len() > STREAM_BUFFER
+            && let Some((oldest, (key, _))) = recent.log.pop_first()
+        {
+            recent.latest.remove(&key);
+            recent.floor = oldest + 1;
+        }
+        drop(recent);
+        self.published.send_replace(seq);
+    }
+
+    /// Whether any stream client listens (events are published only then).
+    fn live(&self) -> bool {
+        self.subscribers.load(Ordering::SeqCst) > 0
     }
 
     /// The model the twins follow.
@@ -336,7 +437,7 @@ impl FleetView {
         positions: &HashMap<i32, i64>,
     ) -> Result<()> {
         let codec = &self.topology.codec;
-        let live = self.events.receiver_count() > 0;
+        let live = self.live();
         let mut latest: HashMap<&str, Option<&Vec<u8>>> = HashMap::new();
         let mut diff = Counts::default();
         let mut removed = Counts::default();
@@ -355,12 +456,12 @@ impl FleetView {
             if let Some(a) = &after {
                 diff.add(a, 1);
                 if live {
-                    let _ = self.events.send(Arc::new(Event {
+                    self.publish(Event {
                         kind: EventKind::Twin,
                         asset_id: id.clone(),
                         codes: a.alerts.iter().map(|x| x.code.clone()).collect(),
                         json: codec.twin_json(a).to_string(),
-                    }));
+                    });
                 }
             }
             latest.insert(id, twin.as_ref());
@@ -375,7 +476,7 @@ impl FleetView {
     }
 
     fn publish_alert(&self, asset_id: String, value: &[u8]) {
-        if self.events.receiver_count() == 0 {
+        if !self.live() {
             return;
         }
         let datum = match self.topology.codec.alerts_header() {
@@ -390,12 +491,12 @@ impl FleetView {
         };
         let json = avro_json(&v);
         let code = json["code"].as_str().unwrap_or_default().to_owned();
-        let _ = self.events.send(Arc::new(Event {
+        self.publish(Event {
             kind: EventKind::Alert,
             asset_id,
             codes: vec![code],
             json: json.to_string(),
-        }));
+        });
     }
 }
 

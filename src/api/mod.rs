@@ -16,7 +16,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{Coordinator, Shared};
@@ -418,9 +417,10 @@ struct StreamQuery {
 }
 
 /// Server-sent events: `twin` (the twin after a change) and `alert` (an alert event),
-/// optionally only for one asset or one alert code. A client that falls
-/// [`crate::view::STREAM_BUFFER`] events behind gets a `close` event saying so and is
-/// dropped; the pipeline never waits for it.
+/// optionally only for one asset or one alert code. A client behind gets the latest event of
+/// each asset (and alert) it has not read, in the order of their last change; one so far
+/// behind that more than [`crate::view::STREAM_BUFFER`] assets changed since gets a `close`
+/// event saying so and is dropped. The pipeline never waits for it.
 async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Answer {
     let q = params(q)?;
     let rx = s.view.subscribe();
@@ -432,7 +432,7 @@ async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Answer {
 }
 
 fn events(
-    rx: tokio::sync::broadcast::Receiver<Arc<crate::view::Event>>,
+    rx: crate::view::Subscription,
     q: StreamQuery,
     stop: CancellationToken,
     metrics: crate::metrics::Metrics,
@@ -449,8 +449,8 @@ fn events(
         let (mut rx, q, stop, open) = state?;
         loop {
             let next = tokio::select! {
-                _ = stop.cancelled() => Err(RecvError::Closed),
-                next = rx.recv() => next,
+                _ = stop.cancelled() => Err(None),
+                next = rx.next() => next.map_err(Some),
             };
             match next {
                 Ok(e) => {
@@ -465,10 +465,10 @@ fn events(
                         return Some((Ok(event), Some((rx, q, stop, open))));
                     }
                 }
-                Err(RecvError::Lagged(n)) => {
+                Err(Some(n)) => {
                     open.0.stream_dropped.inc();
                     let reason = format!(
-                        "client too slow: fell {n} events behind (at most {} are kept); reconnect and reload the snapshot",
+                        "client too slow: {n} changes it had not read are gone (the latest of at most {} assets are kept); reconnect and reload the snapshot",
                         crate::view::STREAM_BUFFER
                     );
                     let event = SseEvent::default()
@@ -476,7 +476,7 @@ fn events(
                         .data(serde_json::json!({ "reason": reason }).to_string());
                     return Some((Ok(event), None));
                 }
-                Err(RecvError::Closed) => {
+                Err(None) => {
                     let event = SseEvent::default()
                         .event("close")
                         .data(r#"{"reason":"server shutting down"}"#);
