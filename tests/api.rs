@@ -231,6 +231,20 @@ async fn a_bearer_token_guards_everything_but_healthz() {
     p.stop().await;
 }
 
+/// A client of the whole stream with a 4 kB receive window, its request sent.
+fn stream_client(p: &TestPipeline) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&p.http.unwrap().into()).unwrap();
+    let mut client: std::net::TcpStream = socket.into();
+    write!(
+        client,
+        "GET /twins/stream HTTP/1.1\r\nHost: twinflow\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    client
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_brings_changes_within_a_second_survives_bursts_and_drops_a_slow_client() {
     let kafka = cluster();
@@ -241,15 +255,7 @@ async fn the_stream_brings_changes_within_a_second_survives_bursts_and_drops_a_s
     until_all(&[&p], "/fleet", |b| b["twins"] == 1).await;
 
     // A slow client: asks for everything and never reads, with a small receive window.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&p.http.unwrap().into()).unwrap();
-    let mut slow: std::net::TcpStream = socket.into();
-    write!(
-        slow,
-        "GET /twins/stream HTTP/1.1\r\nHost: twinflow\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .unwrap();
+    let mut slow = stream_client(&p);
 
     // A client filtered to one asset's alerts.
     let url = format!("http://{}/twins/stream?asset=van-1", p.http.unwrap());
@@ -284,16 +290,7 @@ async fn the_stream_brings_changes_within_a_second_survives_bursts_and_drops_a_s
     // whether it was closed.
     let seen = Arc::new(Mutex::new((HashMap::<String, u64>::new(), false)));
     let reader = {
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(&p.http.unwrap().into()).unwrap();
-        let mut prompt: std::net::TcpStream = socket.into();
-        write!(
-            prompt,
-            "GET /twins/stream HTTP/1.0\r\nHost: twinflow\r\n\r\n"
-        )
-        .unwrap();
+        let mut prompt = stream_client(&p);
         let seen = seen.clone();
         std::thread::spawn(move || {
             let mut pending = String::new();
