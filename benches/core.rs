@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use support::{env, median};
-use twinflow::pipeline::processor::{Input, Processor};
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::sim::{Fleet, FleetConfig};
+use twinflow::pipeline::{Input, Processor};
 use twinflow::store::Store;
 use twinflow::topology::Topology;
 
@@ -52,7 +52,7 @@ fn main() {
         "|----------------------------------------------------------|----------:|-----------:|----------------------:|-----------:|"
     );
     for twins in sizes {
-        let data = Fleet::new(fleet(twins, 1), &topology.codec)
+        let data = Fleet::new(fleet(twins, 1), &topology)
             .expect("fleet")
             .take(twins + records);
         let (create, measured) = data.split_at(twins);
@@ -217,9 +217,7 @@ fn timers(topology: &Arc<Topology>, twins: usize, runs: usize) -> TimerFigures {
         start_ms: now - 1000,
         interval_ms: 1000,
     };
-    let data = Fleet::new(config, &topology.codec)
-        .expect("fleet")
-        .take(twins);
+    let data = Fleet::new(config, &topology).expect("fleet").take(twins);
     let offline_after = topology
         .model
         .time

@@ -25,8 +25,8 @@ use std::time::Instant;
 
 use support::env;
 use twinflow::config::ProcessingConfig;
-use twinflow::pipeline::processor::{Input, Processor};
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::sim::{Fleet, FleetConfig};
+use twinflow::pipeline::{Input, Processor};
 use twinflow::store::Store;
 
 fn main() {
@@ -140,7 +140,7 @@ fn child(twins: usize, cache: usize) {
         start_ms: 1_790_000_000_000,
         interval_ms: 1000,
     };
-    let mut fleet = Fleet::new(config, &topology.codec).expect("fleet");
+    let mut fleet = Fleet::new(config, &topology).expect("fleet");
     let dir = tempfile::tempdir().expect("a store directory");
     let store = Store::open(dir.path()).expect("the store");
     let mut processor = Processor::new(topology.clone(), store.partition(0), cache);

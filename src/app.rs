@@ -8,39 +8,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rdkafka::consumer::Consumer as _;
-use rdkafka::producer::Producer as _;
-use rdkafka::{ClientConfig, Message, Offset};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Guarantee, Role};
-use crate::kafka::OutputProducer;
-use crate::kafka::{Consumer, RebalanceContext};
+use crate::config::Config;
+use crate::kafka::{self, Clients, Consumer, OutputProducer};
 use crate::metrics::Metrics;
 use crate::pipeline::{Committer, Coordinator, Failure, Handler, Shared};
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::topology::Topology;
 use crate::view::FleetView;
-
-/// Consumer settings twinflow relies on; passthrough properties may override the first group.
-const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
-    ("auto.offset.reset", "earliest"),
-    ("partition.assignment.strategy", "cooperative-sticky"),
-    ("enable.partition.eof", "false"),
-    // At-least-once: how often the group offset follows the store's position.
-    ("auto.commit.interval.ms", "1000"),
-];
-
-/// Producer settings: ordered, acknowledged by all replicas, batched and compressed.
-const PRODUCER_DEFAULTS: [(&str, &str); 4] = [
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    ("linger.ms", "5"),
-    ("compression.type", "lz4"),
-];
 
 /// A built, not yet running, twinflow instance.
 pub struct App {
@@ -66,8 +45,7 @@ impl App {
     /// # Errors
     /// As [`App::build`].
     pub fn build_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<App> {
-        let topology = Topology::load(&config.topology.topics, &config.topology.model)
-            .context("loading the topology")?;
+        let topology = Topology::load(&config.topology).context("loading the topology")?;
         std::fs::create_dir_all(&config.store.path).with_context(|| {
             format!(
                 "creating the store directory {}",
@@ -77,35 +55,10 @@ impl App {
         let store = Store::open(&config.store.path).context("opening the store")?;
 
         let settings = &config.processing;
-        let exactly_once = settings.guarantee == Guarantee::ExactlyOnce;
-        let mut producer_config = ClientConfig::new();
-        for (k, v) in PRODUCER_DEFAULTS {
-            producer_config.set(k, v);
-        }
-        if exactly_once {
-            let id = settings.transactional_id.clone().unwrap_or_else(|| {
-                default_transactional_id(&config.kafka.group_id, &config.store.path)
-            });
-            // A restarted instance with the same id fences its previous incarnation and
-            // aborts its open transaction at once; a dead one's is aborted after this long.
-            producer_config
-                .set("transactional.id", &id)
-                .set("transaction.timeout.ms", "10000");
-        }
-        config.kafka.apply(&mut producer_config, Role::Producer);
+        let clients = Clients::new(config);
         let metrics = Metrics::new(prometheus::Registry::new());
-        let producer =
-            OutputProducer::new(&producer_config, &topology.topics.changelog.name, &metrics)
-                .context("creating the producer")?;
-        if exactly_once {
-            let p = producer.inner();
-            p.init_transactions(Duration::from_secs(60))
-                .context("initialising transactions")?;
-            p.begin_transaction()
-                .context("beginning the first transaction")?;
-        }
-        let mut restore_client = ClientConfig::new();
-        config.kafka.apply(&mut restore_client, Role::Consumer);
+        let producer = OutputProducer::new(&clients, &topology.topics.changelog.name, &metrics)
+            .context("creating the producer")?;
 
         let registry = match (&config.schema_registry, topology.topics.uses_registry()) {
             (Some(r), true) => Some(Arc::new(Registry::new(r)?)),
@@ -123,7 +76,7 @@ impl App {
             settings: settings.clone(),
             clock,
             producer,
-            restore_client,
+            clients,
             failure: Failure::default(),
             registry,
         });
@@ -134,40 +87,13 @@ impl App {
             tokio::runtime::Handle::current(),
         ));
 
-        let mut consumer_config = ClientConfig::new();
-        for (k, v) in CONSUMER_DEFAULTS {
-            consumer_config.set(k, v);
-        }
-        config.kafka.apply(&mut consumer_config, Role::Consumer);
-        consumer_config
-            .set("group.id", &config.kafka.group_id)
-            // Group offsets: at-least-once, stored by the committer after the store write and
-            // committed by librdkafka; exactly-once, sent in the transaction only.
-            .set(
-                "enable.auto.commit",
-                if exactly_once { "false" } else { "true" },
-            )
-            .set("enable.auto.offset.store", "false")
-            .set(
-                "isolation.level",
-                if exactly_once {
-                    "read_committed"
-                } else {
-                    "read_uncommitted"
-                },
-            );
-        let context =
-            RebalanceContext::new(Arc::new(Handler(coordinator.clone())), &shared.metrics);
-        let consumer: Arc<Consumer> = Arc::new(
-            consumer_config
-                .create_with_context(context)
-                .context("creating the consumer")?,
-        );
-        RebalanceContext::attach(&consumer);
-        committer.attach(&consumer);
-        consumer
-            .subscribe(&[&telemetry])
-            .with_context(|| format!("subscribing to {telemetry}"))?;
+        let consumer = kafka::subscribe(
+            &shared.clients.group_consumer(),
+            Arc::new(Handler(coordinator.clone())),
+            &shared.metrics,
+            &telemetry,
+        )
+        .with_context(|| format!("subscribing to {telemetry}"))?;
 
         let listener = std::net::TcpListener::bind(config.http.listen)
             .with_context(|| format!("binding the HTTP endpoint {}", config.http.listen))?;
@@ -226,38 +152,31 @@ impl App {
             shared.store.view(),
             shared.topology.clone(),
             shared.metrics.clone(),
-        )
-        .context("opening the fleet view")?;
-        let stop_view = Arc::new(AtomicBool::new(false));
+        );
         let viewer = {
-            let (view, stop) = (view.clone(), stop_view.clone());
-            let mut client = shared.restore_client.clone();
-            if shared.settings.guarantee == Guarantee::ExactlyOnce {
-                client.set("isolation.level", "read_committed");
-            }
+            let view = view.clone();
+            let client = shared.clients.reader("twinflow-view", false);
             let (registry, runtime) = (shared.registry.clone(), tokio::runtime::Handle::current());
             let coordinator = coordinator.clone();
-            std::thread::Builder::new()
-                .name("twinflow-view".into())
-                .spawn(move || view.run(client, registry, runtime, stop, || coordinator.ready()))
-                .context("starting the fleet view thread")?
+            Worker::start("fleet view", move |stop| {
+                view.run(client, registry, runtime, stop, || coordinator.ready());
+            })?
         };
         let state = ApiState {
-            shared: shared.clone(),
-            coordinator: coordinator.clone(),
+            health: coordinator.clone(),
+            metrics: shared.metrics.clone(),
+            store: shared.store.clone(),
             view,
             token: token.clone(),
             stop: http_stop.clone(),
         };
         let http = tokio::spawn(api::serve(listener, state, http_stop.clone()));
 
-        let stop_polling = Arc::new(AtomicBool::new(false));
         let poller = {
-            let (coordinator, stop) = (coordinator.clone(), stop_polling.clone());
-            std::thread::Builder::new()
-                .name("twinflow-consumer".into())
-                .spawn(move || poll_consumer(consumer, &coordinator, &stop))
-                .context("starting the consumer thread")?
+            let coordinator = coordinator.clone();
+            Worker::start("consumer", move |stop| {
+                kafka::serve(consumer, &stop, || coordinator.stop_all());
+            })?
         };
 
         let failed = shared.failure.token();
@@ -266,11 +185,7 @@ impl App {
             // The stop after a fatal error is bounded like any other.
             _ = failed.cancelled() => shutdown.cancel(),
         }
-        stop_polling.store(true, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || poller.join())
-            .await
-            .context("joining the consumer thread")?
-            .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?;
+        poller.stop().await?;
         http_stop.cancel();
         // Requests in flight get a moment to finish; open streams are ended (they close on
         // the stop token), and a client that reads nothing does not hold up the exit.
@@ -279,11 +194,7 @@ impl App {
             Ok(joined) => joined.context("joining the HTTP endpoint")??,
             Err(_) => http_abort.abort(),
         }
-        stop_view.store(true, Ordering::SeqCst);
-        tokio::task::spawn_blocking(move || viewer.join())
-            .await
-            .context("joining the fleet view thread")?
-            .map_err(|_| anyhow::anyhow!("the fleet view thread panicked"))?;
+        viewer.stop().await?;
         // The poller committed and closed everything; stop the periodic commits.
         committing.cancel();
         committer_task.await.context("joining the committer")?;
@@ -302,46 +213,35 @@ impl App {
     }
 }
 
-/// Serves the consumer's callbacks (rebalances, errors) until told to stop, then drains the
-/// workers and closes the consumer, which leaves the group.
-fn poll_consumer(consumer: Arc<Consumer>, coordinator: &Coordinator, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {}
-            Some(Ok(msg)) => {
-                // Every assigned partition has its own queue, split before it was assigned,
-                // so this should not happen; if it does, hand the record back to its queue.
-                tracing::warn!(
-                    topic = msg.topic(),
-                    partition = msg.partition(),
-                    offset = msg.offset(),
-                    "Record on the main queue; seeking back."
-                );
-                let (topic, partition, offset) =
-                    (msg.topic().to_owned(), msg.partition(), msg.offset());
-                drop(msg);
-                if let Err(error) = consumer.seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(10),
-                ) {
-                    tracing::error!(%error, "Seek failed.");
-                }
-            }
-            Some(Err(error)) => tracing::warn!(%error, "Consumer error."),
-        }
-    }
-    coordinator.stop_all();
-    // Dropping the last handle closes the consumer: it revokes (nothing left to drain),
-    // commits the stored offsets and leaves the group.
-    drop(consumer);
+/// A thread of the instance's own, told to stop by a flag.
+struct Worker {
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-/// A transactional id unique per instance and stable across its restarts: the group plus a
-/// hash of the store path (an instance is its store).
-fn default_transactional_id(group: &str, store: &std::path::Path) -> String {
-    let path = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_owned());
-    let hash = xxhash_rust::xxh3::xxh3_64(path.to_string_lossy().as_bytes());
-    format!("twinflow-{group}-{hash:016x}")
+impl Worker {
+    /// Starts `run` on a thread named for `name`, with the flag that tells it to stop.
+    fn start(
+        name: &'static str,
+        run: impl FnOnce(Arc<AtomicBool>) + Send + 'static,
+    ) -> Result<Worker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("twinflow-{}", name.replace(' ', "-")))
+            .spawn(move || run(flag))
+            .with_context(|| format!("starting the {name} thread"))?;
+        Ok(Worker { name, stop, thread })
+    }
+
+    /// Tells the thread to stop and waits until it has.
+    async fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        let Worker { name, thread, .. } = self;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .with_context(|| format!("joining the {name} thread"))?
+            .map_err(|_| anyhow::anyhow!("the {name} thread panicked"))
+    }
 }

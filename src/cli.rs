@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, TopologyConfig};
+use crate::demo::sim::{self, Fleet, FleetConfig, Publish};
 use crate::demo::{self, DemoOptions};
 use crate::kafka::apply_topology;
-use crate::sim::{self, Fleet, FleetConfig, Publish};
 use crate::topology::Topology;
 
 /// twinflow keeps a live digital twin of every asset on Kafka.
@@ -192,7 +192,7 @@ impl Cli {
                 properties,
                 topology,
             } => {
-                let topology = Topology::load(&topology.topics, &topology.model)?;
+                let topology = Topology::load(&topology)?;
                 let mut client = rdkafka::ClientConfig::new();
                 client.set("bootstrap.servers", &brokers);
                 for p in &properties {
@@ -221,12 +221,13 @@ impl Cli {
                         start_ms,
                         interval_ms,
                     },
-                    &topology.codec,
+                    &topology,
                 )?;
                 let publish = Publish {
                     client,
                     topic,
                     rate,
+                    burst: 0,
                     count,
                     duration,
                 };
@@ -252,17 +253,14 @@ impl Cli {
             Command::Topology {
                 action: TopologyAction::Describe { topology },
             } => {
-                print!(
-                    "{}",
-                    Topology::load(&topology.topics, &topology.model)?.describe()
-                );
+                print!("{}", Topology::load(&topology)?.describe());
                 Ok(())
             }
             Command::Topology {
                 action: TopologyAction::Apply { config },
             } => {
                 let config = Config::load(&config)?;
-                let topology = Topology::load(&config.topology.topics, &config.topology.model)?;
+                let topology = Topology::load(&config.topology)?;
                 let reports =
                     apply_topology(&config.kafka.admin_config(), &topology.topics).await?;
                 for r in &reports {

@@ -137,6 +137,17 @@ pub struct TopologyConfig {
     pub model: PathBuf,
 }
 
+impl TopologyConfig {
+    /// The shipped topics with the shipped model `model` (`vehicle`, `pump`) of the
+    /// checkout at `root`.
+    pub fn shipped(root: &Path, model: &str) -> TopologyConfig {
+        TopologyConfig {
+            topics: root.join("topology/topics.toml"),
+            model: root.join(format!("topology/{model}.toml")),
+        }
+    }
+}
+
 impl Default for TopologyConfig {
     fn default() -> Self {
         TopologyConfig {
@@ -210,6 +221,14 @@ pub struct ProcessingConfig {
     /// transaction at once) and unique per instance. Default: derived from the group id and
     /// the store path.
     pub transactional_id: Option<String>,
+}
+
+impl ProcessingConfig {
+    /// How long to wait before trying again after `failures` failures in a row: the retry
+    /// back-off, doubled with each one, at most 30 s.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        (self.retry_backoff * 2u32.pow(failures.min(6))).min(Duration::from_secs(30))
+    }
 }
 
 impl Default for ProcessingConfig {

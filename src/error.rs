@@ -2,8 +2,8 @@
 //!
 //! Every failure the hot loop can meet is an [`Error`] variant named for what failed, and
 //! [`Error::disposition`] is the single place that decides whether it is bad data to skip,
-//! a transient failure to retry, or a reason to stop. The worker matches on that, never on
-//! variants.
+//! a writer schema to fetch before the record is read again, a transient failure to retry,
+//! or a reason to stop. Callers match on that, never on variants.
 
 use thiserror::Error;
 
@@ -12,6 +12,9 @@ use thiserror::Error;
 pub enum Disposition {
     /// Bad input: count it, dead-letter it, advance past it.
     Skip,
+    /// The record names a writer schema not fetched yet (this registry id): fetch it, then
+    /// read the record again. Nothing was done with the record.
+    FetchSchema(u32),
     /// Transient Kafka or IO failure: back off and replay from the last committed position.
     Retry,
     /// Configuration, a corrupt store or a fatal client error: stop and exit non-zero.
@@ -24,9 +27,6 @@ pub enum Error {
     /// A record's bytes could not be decoded with the input schema.
     #[error("cannot decode record: {0}")]
     Decode(String),
-    /// A record decoded but broke a rule of the model (range, key, required field).
-    #[error("invalid reading: {0}")]
-    Invalid(String),
     /// The local RocksDB store failed.
     #[error("store: {0}")]
     Store(String),
@@ -43,6 +43,10 @@ pub enum Error {
     /// read the record again.
     #[error("schema id {0} not fetched from the schema registry yet")]
     SchemaNeeded(u32),
+    /// A task of the instance's own (a store write, a seek, a restore) panicked or was
+    /// cancelled.
+    #[error("task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// The schema registry could not be reached or refused a request.
     #[error("schema registry: {0}")]
     Registry(String),
@@ -64,11 +68,9 @@ impl Error {
     /// What the caller should do about this error.
     pub fn disposition(&self) -> Disposition {
         match self {
-            Error::Decode(_) | Error::Invalid(_) => Disposition::Skip,
-            Error::Store(_)
-            | Error::SchemaNeeded(_)
-            | Error::Registry(_)
-            | Error::Panicked { .. } => Disposition::Retry,
+            Error::Decode(_) => Disposition::Skip,
+            Error::SchemaNeeded(id) => Disposition::FetchSchema(*id),
+            Error::Store(_) | Error::Registry(_) | Error::Panicked { .. } => Disposition::Retry,
             // A transaction error says itself whether it is fatal (fenced, broken producer)
             // or can be aborted and replayed.
             Error::Kafka(rdkafka::error::KafkaError::Transaction(e)) => {
@@ -82,7 +84,9 @@ impl Error {
                 Some(code) if is_fatal_kafka(code) => Disposition::Fatal,
                 _ => Disposition::Retry,
             },
-            Error::CorruptStore(_) | Error::Config(_) | Error::Fatal(_) => Disposition::Fatal,
+            Error::CorruptStore(_) | Error::Config(_) | Error::Task(_) | Error::Fatal(_) => {
+                Disposition::Fatal
+            }
         }
     }
 }

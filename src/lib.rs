@@ -9,7 +9,9 @@
 //!   Confluent wire format.
 //! - [`registry`]: the schema registry client (register outputs, fetch input schemas by id).
 //! - [`store`]: the RocksDB state store: twins and input positions per partition.
-//! - [`kafka`]: consumer with rebalance hand-off, partition streams, output producer, topic admin.
+//! - [`kafka`]: every Kafka client: their settings, the consumer with rebalance hand-off,
+//!   partition streams, the output producer and its transactions, the output reader, topic admin.
+//! - [`headers`]: the `twinflow.*` header names of output records.
 //! - [`pipeline`]: the coordinator and the partition workers' hot loop.
 //! - [`metrics`]: Prometheus metrics on the instance's own registry.
 //! - [`view`]: the fleet view: a read replica of every twin, fed from the changelog, and the
@@ -17,9 +19,9 @@
 //! - [`api`]: the HTTP endpoint (metrics, health, the twin API, the fleet page).
 //! - [`app`]: config → build → run.
 //! - [`clock`]: processing time, controllable in tests.
-//! - [`embedded`]: the in-process Kafka-protocol cluster of the demo and tests.
-//! - [`sim`]: the fleet simulator.
-//! - [`demo`]: `twinflow demo`.
+//! - [`demo`]: `twinflow demo`, with the in-process Kafka-protocol cluster
+//!   ([`demo::embedded`]) and the fleet simulator ([`demo::sim`]) the demo, tests and
+//!   benchmarks use, apart from the service.
 //! - [`cli`]: the command line.
 //! - [`error`]: the library error and its dispositions.
 #![warn(missing_docs)]
@@ -31,14 +33,13 @@ pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod demo;
-pub mod embedded;
 pub mod error;
+pub mod headers;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod rules;
-pub mod sim;
 pub mod store;
 pub mod topology;
 pub mod twin;

@@ -222,3 +222,32 @@ impl Registry {
         Ok(())
     }
 }
+
+/// Runs `decode` until it no longer needs a writer schema, fetching each one it names from
+/// `registry` first; for readers of Confluent-framed output topics (restore, fleet view).
+/// Blocking: it waits for the fetch on `runtime`, so call it from a thread of its own.
+///
+/// # Errors
+/// What `decode` returns otherwise; `Error::Config` when a schema is needed and no registry
+/// is configured; a failed fetch's error (try again later).
+pub fn decode_fetching<T>(
+    registry: Option<&Registry>,
+    codec: &Codec,
+    runtime: &tokio::runtime::Handle,
+    mut decode: impl FnMut(&Codec) -> Result<T>,
+) -> Result<T> {
+    loop {
+        match decode(codec) {
+            Err(e) => {
+                let crate::error::Disposition::FetchSchema(id) = e.disposition() else {
+                    return Err(e);
+                };
+                let registry = registry.ok_or_else(|| {
+                    Error::Config("a Confluent-framed output topic needs [schema_registry]".into())
+                })?;
+                runtime.block_on(registry.fetch(id, codec))?;
+            }
+            decoded => return decoded,
+        }
+    }
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::codec::{Codec, Format};
+use crate::config::TopologyConfig;
 use crate::error::{Error, Result};
 use crate::rules::{OFFLINE_CODE, Op, Rule, RuleSet};
 use crate::twin::{ActiveWhen, Model, PropertyDef, Severity, TimePolicy};
@@ -173,8 +174,9 @@ impl Topology {
     ///
     /// # Errors
     /// `Error::Config` naming the file and what is wrong in it.
-    pub fn load(topics: &Path, model: &Path) -> Result<Topology> {
-        let topics: Topics = parse_toml(topics)?;
+    pub fn load(paths: &TopologyConfig) -> Result<Topology> {
+        let model = paths.model.as_path();
+        let topics: Topics = parse_toml(&paths.topics)?;
         let file: ModelFile = parse_toml(model)?;
         let base = model.parent().unwrap_or(Path::new("."));
         let telemetry_schema = base.join(&file.telemetry_schema);
@@ -474,11 +476,7 @@ mod tests {
     #[test]
     fn shipped_topologies_load() {
         for model in ["vehicle", "pump"] {
-            let t = Topology::load(
-                &root().join("topology/topics.toml"),
-                &root().join(format!("topology/{model}.toml")),
-            )
-            .unwrap();
+            let t = Topology::load(&TopologyConfig::shipped(&root(), model)).unwrap();
             assert!(!t.rules.rules.is_empty());
             assert!(t.describe().contains(&t.topics.changelog.name));
         }
@@ -494,9 +492,11 @@ mod tests {
             topics.replacen("partitions = 4", "partitions = 8", 1),
         )
         .unwrap();
-        let err = Topology::load(&path, &root().join("topology/vehicle.toml"))
-            .unwrap_err()
-            .to_string();
+        let paths = TopologyConfig {
+            topics: path,
+            ..TopologyConfig::shipped(&root(), "vehicle")
+        };
+        let err = Topology::load(&paths).unwrap_err().to_string();
         assert!(err.contains("must be equal"), "{err}");
     }
 
@@ -509,9 +509,11 @@ mod tests {
             .replace("property = \"speed_kmh\"", "property = \"velocity\"");
         let path = dir.path().join("vehicle.toml");
         std::fs::write(&path, model).unwrap();
-        let err = Topology::load(&root().join("topology/topics.toml"), &path)
-            .unwrap_err()
-            .to_string();
+        let paths = TopologyConfig {
+            model: path,
+            ..TopologyConfig::shipped(&root(), "vehicle")
+        };
+        let err = Topology::load(&paths).unwrap_err().to_string();
         assert!(err.contains("'velocity'"), "{err}");
     }
 }

@@ -15,16 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apache_avro::types::Value as AV;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset};
 use tokio::sync::watch;
 
-use crate::codec::{ALERT_SCHEMA, rfc3339};
-use crate::error::{Error, Result};
-use crate::kafka::cached_watermarks;
+use crate::error::Result;
+use crate::kafka::{OutputReader, Polled};
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{Registry, decode_fetching};
 use crate::store::ViewStore;
 use crate::topology::Topology;
 use crate::twin::{Status, Twin};
@@ -152,24 +149,14 @@ pub struct FleetView {
     published: watch::Sender<u64>,
     subscribers: AtomicUsize,
     caught_up: AtomicBool,
-    alert_schema: apache_avro::Schema,
 }
 
 impl FleetView {
     /// The view over `store`. Its counts start empty: [`FleetView::run`] rebuilds them from
     /// what the store holds before it reads on, so a restart is not held up by a scan of
-    /// every twin (about 2 s per 1M); until the view has caught up, `/fleet` says so.
-    ///
-    /// # Errors
-    /// `Error::Config` when the alert schema does not parse.
-    pub fn open(
-        store: ViewStore,
-        topology: Arc<Topology>,
-        metrics: Metrics,
-    ) -> Result<Arc<FleetView>> {
-        let alert_schema = apache_avro::Schema::parse_str(ALERT_SCHEMA)
-            .map_err(|e| Error::Config(format!("alert schema: {e}")))?;
-        Ok(Arc::new(FleetView {
+    /// every twin; until the view has caught up, `/fleet` says so.
+    pub fn open(store: ViewStore, topology: Arc<Topology>, metrics: Metrics) -> Arc<FleetView> {
+        Arc::new(FleetView {
             store,
             metrics,
             topology,
@@ -178,8 +165,7 @@ impl FleetView {
             published: watch::Sender::new(0),
             subscribers: AtomicUsize::new(0),
             caught_up: AtomicBool::new(false),
-            alert_schema,
-        }))
+        })
     }
 
     /// The twin of `asset_id`.
@@ -262,14 +248,14 @@ impl FleetView {
     }
 
     /// Tails the changelog and alert topics until `stop` is set. Blocking: run it on a
-    /// thread of its own. `client` carries the connection and security settings.
+    /// thread of its own. `client` is the reader's (`Clients::reader`, without ends).
     ///
     /// It starts once `ready` says the instance has restored its partitions, or after
     /// [`START_DEFER`]: a restore reads the same changelog and needs the same cores, and
     /// processing comes first.
     pub fn run(
         self: Arc<Self>,
-        mut client: ClientConfig,
+        client: ClientConfig,
         registry: Option<Arc<Registry>>,
         runtime: tokio::runtime::Handle,
         stop: Arc<AtomicBool>,
@@ -279,11 +265,6 @@ impl FleetView {
         while !ready() && deferred.elapsed() < START_DEFER && !stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(20));
         }
-        client
-            .set("group.id", "twinflow-view")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false");
         let mut failures = 0u32;
         while !stop.load(Ordering::SeqCst) {
             if let Err(error) = self.count_stored(&stop) {
@@ -334,72 +315,69 @@ impl FleetView {
         runtime: &tokio::runtime::Handle,
         stop: &AtomicBool,
     ) -> Result<()> {
-        let consumer: BaseConsumer = client.create()?;
+        let reader = OutputReader::new(client)?;
         let topics = &self.topology.topics;
         let changelog = topics.changelog.name.as_str();
-        let mut tpl = TopicPartitionList::new();
+        let mut from = Vec::new();
         let mut targets = HashMap::new();
         for p in 0..topics.changelog.partitions {
-            let from = self.store.position(p)?;
-            tpl.add_partition_offset(changelog, p, from.map_or(Offset::Beginning, Offset::Offset))?;
-            let (_, high) = consumer.fetch_watermarks(changelog, p, Duration::from_secs(10))?;
+            let at = self.store.position(p)?;
+            from.push((changelog, p, at.map_or(Offset::Beginning, Offset::Offset)));
+            let (_, high) = reader.watermarks(changelog, p, Duration::from_secs(10))?;
             targets.insert(p, high);
         }
         for p in 0..topics.alerts.partitions {
             // From the end as it is now: alerts are live only.
-            let (_, high) =
-                consumer.fetch_watermarks(&topics.alerts.name, p, Duration::from_secs(10))?;
-            tpl.add_partition_offset(&topics.alerts.name, p, Offset::Offset(high))?;
+            let (_, high) = reader.watermarks(&topics.alerts.name, p, Duration::from_secs(10))?;
+            from.push((&topics.alerts.name, p, Offset::Offset(high)));
         }
-        consumer.assign(&tpl)?;
+        reader.assign(&from)?;
+        let codec = &self.topology.codec;
         let mut positions: HashMap<i32, i64> = HashMap::new();
         let mut pending: Vec<(String, Option<Vec<u8>>)> = Vec::new();
         while !stop.load(Ordering::SeqCst) {
-            let message = consumer.poll(Duration::from_millis(50));
-            let idle = message.is_none();
-            if let Some(m) = message {
-                let m = match m {
-                    Ok(m) => m,
-                    Err(error) => {
-                        // Transport errors pass: librdkafka reconnects and fetches on.
-                        tracing::debug!(%error, "Fleet view consumer error.");
-                        continue;
+            let idle = match reader.poll(Duration::from_millis(50)) {
+                Ok(Polled::Record(m)) => {
+                    let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                    if m.topic() == changelog {
+                        positions.insert(m.partition(), m.offset() + 1);
+                        if let Some(id) = key {
+                            let twin = match m.value() {
+                                Some(v) => Some(decode_fetching(registry, codec, runtime, |c| {
+                                    c.stored_twin(v).map(|t| t.into_owned())
+                                })?),
+                                None => None,
+                            };
+                            pending.push((id, twin));
+                        }
+                    } else if let (Some(id), Some(v)) = (key, m.value()) {
+                        self.publish_alert(id, v);
                     }
-                };
-                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
-                if m.topic() == changelog {
-                    positions.insert(m.partition(), m.offset() + 1);
-                    if let Some(id) = key {
-                        let twin = match m.payload() {
-                            Some(v) => Some(self.stored(v, registry, runtime)?),
-                            None => None,
-                        };
-                        pending.push((id, twin));
-                    }
-                } else if let (Some(id), Some(v)) = (key, m.payload()) {
-                    self.publish_alert(id, v);
+                    false
                 }
-            }
+                Ok(Polled::End(_) | Polled::Idle) => true,
+                Err(error) => {
+                    // Transport errors pass: librdkafka reconnects and fetches on.
+                    tracing::debug!(%error, "Fleet view consumer error.");
+                    continue;
+                }
+            };
             if idle {
                 let lag: i64 = (0..topics.changelog.partitions)
                     .filter_map(|p| {
-                        let (_, high) = cached_watermarks(&consumer, changelog, p)?;
+                        let (_, high) = reader.cached_watermarks(changelog, p)?;
                         let at = self.store.position(p).ok().flatten().unwrap_or(0);
                         Some((high - at).max(0))
                     })
                     .sum();
                 self.metrics.view_lag.set(lag);
             }
-            if pending.len() >= VIEW_BATCH || (idle && !positions.is_empty()) {
+            let apply = pending.len() >= VIEW_BATCH || (idle && !positions.is_empty());
+            if apply {
                 self.apply(std::mem::take(&mut pending), &positions)?;
                 positions.clear();
-                if !self.caught_up() {
-                    let reached = targets.iter().all(|(p, high)| {
-                        self.store.position(*p).ok().flatten().unwrap_or(0) >= *high
-                    });
-                    self.caught_up.store(reached, Ordering::SeqCst);
-                }
-            } else if idle && !self.caught_up() {
+            }
+            if (apply || idle) && !self.caught_up() {
                 let reached = targets.iter().all(|(p, high)| {
                     *high == 0 || self.store.position(*p).ok().flatten().unwrap_or(0) >= *high
                 });
@@ -407,27 +385,6 @@ impl FleetView {
             }
         }
         Ok(())
-    }
-
-    /// A changelog value as a plain twin datum, its writer schema fetched if need be.
-    fn stored(
-        &self,
-        value: &[u8],
-        registry: Option<&Registry>,
-        runtime: &tokio::runtime::Handle,
-    ) -> Result<Vec<u8>> {
-        let codec = &self.topology.codec;
-        loop {
-            match codec.stored_twin(value) {
-                Err(Error::SchemaNeeded(id)) => {
-                    let registry = registry.ok_or_else(|| {
-                        Error::Config("a Confluent-framed changelog needs [schema_registry]".into())
-                    })?;
-                    runtime.block_on(registry.fetch(id, codec))?;
-                }
-                other => return other.map(|c| c.into_owned()),
-            }
-        }
     }
 
     /// Writes a batch of changelog twins, updates the counts and publishes the changes.
@@ -479,17 +436,9 @@ impl FleetView {
         if !self.live() {
             return;
         }
-        let datum = match self.topology.codec.alerts_header() {
-            Some(_) if value.len() >= 5 => &value[5..],
-            _ => value,
-        };
-        let Ok(v) = apache_avro::reader::datum::GenericDatumReader::builder(&self.alert_schema)
-            .build()
-            .and_then(|r| r.read_value(&mut &datum[..]))
-        else {
+        let Ok(json) = self.topology.codec.alert_json(value) else {
             return;
         };
-        let json = avro_json(&v);
         let code = json["code"].as_str().unwrap_or_default().to_owned();
         self.publish(Event {
             kind: EventKind::Alert,
@@ -513,28 +462,5 @@ fn merge(into: &mut Counts, from: &Counts, sign: i64) {
     into.by_alert.retain(|_, n| *n > 0);
     for s in Status::ALL {
         into.by_status.entry(s.symbol()).or_default();
-    }
-}
-
-/// An Avro value (of the alert schema) as JSON: enums as symbols, times as RFC 3339.
-fn avro_json(v: &AV) -> serde_json::Value {
-    use serde_json::json;
-    match v {
-        AV::Null => serde_json::Value::Null,
-        AV::Boolean(b) => json!(b),
-        AV::Int(i) => json!(i),
-        AV::Long(i) => json!(i),
-        AV::Float(f) => json!(f),
-        AV::Double(f) => json!(f),
-        AV::String(s) | AV::Enum(_, s) => json!(s),
-        AV::TimestampMillis(t) => json!(rfc3339(*t)),
-        AV::Union(_, inner) => avro_json(inner),
-        AV::Record(fields) => fields
-            .iter()
-            .map(|(k, v)| (k.clone(), avro_json(v)))
-            .collect::<serde_json::Map<_, _>>()
-            .into(),
-        AV::Array(items) => items.iter().map(avro_json).collect(),
-        other => json!(format!("{other:?}")),
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestPipeline, on_embedded, vehicle_topology};
 use twinflow::config::Secret;
-use twinflow::embedded::EmbeddedKafka;
+use twinflow::demo::embedded::EmbeddedKafka;
 
 fn cluster() -> EmbeddedKafka {
     on_embedded(vehicle_topology()).0

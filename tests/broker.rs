@@ -6,8 +6,8 @@ mod common;
 
 use common::{NOIDA_CLIENT, Noida, TestPipeline, root, text, vehicle_topology, venv};
 use twinflow::config::Guarantee;
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::kafka::{TopicReport, apply_topology};
-use twinflow::sim::{Fleet, FleetConfig};
 use twinflow::twin::{Status, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +66,7 @@ async fn topology_apply_pipeline_and_python_consumers() {
         start_ms: 1_790_000_000_000,
         interval_ms: 30_000,
     };
-    let mut fleet = Fleet::new(config, &p.topology.codec).unwrap();
+    let mut fleet = Fleet::new(config, &p.topology).unwrap();
     let (mut key, mut value) = (Vec::new(), Vec::new());
     let mut malformed = 0;
     for _ in 0..3000 {

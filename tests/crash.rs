@@ -1,6 +1,7 @@
 //! Crash loops against a real broker process (noida-db): the `twinflow` binary is killed
 //! with SIGKILL at random points while it works through a seeded input, and restarted each
-//! time. The outputs are then checked against an oracle computed directly from the input.
+//! time. The outputs are then checked against the input processed once, in order, by the
+//! same record logic: the delivery invariants (nothing lost, nothing applied twice).
 
 mod common;
 
@@ -11,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::instance::{Instance, Settings, caught_up, feed, read_all};
 use common::{
-    NOIDA_CLIENT, Noida, Oracle, Seen, assert_outputs_match, now_ms, oracle,
+    NOIDA_CLIENT, Noida, ProcessedOnce, Seen, assert_delivery_invariants, now_ms, processed_once,
     untimed_vehicle_topology,
 };
 use rand::{Rng, SeedableRng};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message};
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::kafka::apply_topology;
-use twinflow::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
 
 const RECORDS: usize = 300_000;
@@ -47,7 +48,7 @@ fn read_committed(bootstrap: &str, topic: &str) -> Vec<OwnedMessage> {
     read_all(bootstrap, topic, &settings)
 }
 
-/// The oracle processes the input in the order it was sent; check that the broker holds it
+/// The input is processed once in the order it was sent; check that the broker holds it
 /// so, per key (a key's readings share a partition), before blaming the pipeline.
 fn assert_input_as_sent(bootstrap: &str, input: &[(Vec<u8>, Vec<u8>)]) {
     let mut sent: HashMap<&[u8], Vec<&[u8]>> = HashMap::new();
@@ -102,15 +103,9 @@ type Readings = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// A broker with the topology applied, a seeded input with breaches that raise and clear
 /// and malformed records, and what processing it once must produce.
-fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
+fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, ProcessedOnce) {
     let broker = Noida::start();
-    let topology = Arc::new(
-        Topology::load(
-            &untimed_vehicle_topology().topics,
-            &untimed_vehicle_topology().model,
-        )
-        .unwrap(),
-    );
+    let topology = Arc::new(Topology::load(&untimed_vehicle_topology()).unwrap());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let created = rt
         .block_on(apply_topology(&client(&broker.bootstrap), &topology.topics))
@@ -123,9 +118,9 @@ fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, Oracle) {
         start_ms: 1_790_000_000_000,
         interval_ms: 5000,
     };
-    let input = Fleet::new(config, &topology.codec).unwrap().take(records);
+    let input = Fleet::new(config, &topology).unwrap().take(records);
     let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = oracle(&topology, &pairs, now_ms());
+    let expected = processed_once(&topology, &pairs, now_ms());
     assert!(
         expected.alerts.len() > 50,
         "the input raises and clears alerts"
@@ -146,7 +141,7 @@ fn wait_caught_up(bootstrap: &str, instance: &Instance) {
     }
 }
 
-/// The outputs as read_committed consumers see them, checked against the oracle; under
+/// The outputs as read_committed consumers see them, checked against the input processed once; under
 /// exactly-once, also that each effect is there exactly once.
 struct Outputs {
     seen: Seen,
@@ -156,10 +151,10 @@ struct Outputs {
 }
 
 impl Outputs {
-    /// The figures of a run next to the oracle's, for the test's summary line.
-    fn summary(&self, expected: &Oracle) -> String {
+    /// The figures of a run next to those of the input processed once, for the test's summary line.
+    fn summary(&self, expected: &ProcessedOnce) -> String {
         format!(
-            "changelog {} (oracle {}), {} duplicate versions, alerts {} (oracle {} transitions), dead letters {} (oracle {}), skips {}",
+            "changelog {} (once {}), {} duplicate versions, alerts {} (once {} transitions), dead letters {} (once {}), skips {}",
             self.changelog,
             expected.updates,
             self.seen.duplicate_versions,
@@ -175,15 +170,15 @@ impl Outputs {
 fn check_outputs(
     bootstrap: &str,
     topology: &Topology,
-    expected: &Oracle,
+    expected: &ProcessedOnce,
     records: usize,
     exactly_once: bool,
 ) -> Outputs {
     let changelog = read_committed(bootstrap, "twin-changelog");
     let alerts = read_committed(bootstrap, "twin-alerts");
     let dead = read_committed(bootstrap, "twin-dead-letter");
-    // Final state equals the oracle, whatever the guarantee.
-    let seen = assert_outputs_match(topology, expected, &changelog, &alerts);
+    // Final state equals the processed_once, whatever the guarantee.
+    let seen = assert_delivery_invariants(topology, expected, &changelog, &alerts);
     if exactly_once {
         assert_eq!(seen.duplicate_versions, 0, "no duplicate versions");
         assert_eq!(

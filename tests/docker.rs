@@ -26,10 +26,10 @@ fn compose_file_and_its_references_hold_together() {
 fn the_image_configuration_loads_with_the_registry_it_needs() {
     // The image's config names /etc/twinflow/topics.toml, copied from docker/topics.toml.
     let config = twinflow::Config::load(&root().join("docker/twinflow.toml")).unwrap();
-    let topology = twinflow::topology::Topology::load(
-        &root().join("docker/topics.toml"),
-        &root().join("topology/vehicle.toml"),
-    )
+    let topology = twinflow::topology::Topology::load(&twinflow::config::TopologyConfig {
+        topics: root().join("docker/topics.toml"),
+        model: root().join("topology/vehicle.toml"),
+    })
     .unwrap();
     assert!(
         topology.topics.uses_registry(),

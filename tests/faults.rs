@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::instance::committed_offsets;
-use common::{Oracle, TestPipeline, oracle, text, vehicle_topology};
+use common::{ProcessedOnce, TestPipeline, processed_once, text, vehicle_topology};
 use rdkafka::ClientConfig;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use twinflow::embedded::EmbeddedKafka;
+use twinflow::demo::embedded::EmbeddedKafka;
 use twinflow::twin::Twin;
 
 /// Event time of the first round of readings.
@@ -353,12 +353,12 @@ fn len<T>(records: &[T]) -> u64 {
 
 /// Runs `input` through the pipeline's record logic in one pass, with no Kafka in between,
 /// at the pipeline's (still) clock.
-fn expected(p: &TestPipeline, input: &[(String, Vec<u8>)]) -> Oracle {
+fn expected(p: &TestPipeline, input: &[(String, Vec<u8>)]) -> ProcessedOnce {
     let pairs: Vec<(&[u8], &[u8])> = input
         .iter()
         .map(|(k, v)| (k.as_bytes(), v.as_slice()))
         .collect();
-    let e = oracle(&Arc::new(p.topology.clone()), &pairs, p.now());
+    let e = processed_once(&Arc::new(p.topology.clone()), &pairs, p.now());
     assert_eq!(e.dead_letters, 0, "the test readings are all valid");
     e
 }
@@ -375,7 +375,7 @@ enum Repeats {
 /// they repeat (replays are deterministic, so consumers may de-duplicate on
 /// `(asset_id, version)`); the last record of the key, which compaction keeps, is the
 /// expected twin. Every alert event is there, and no other.
-fn assert_reflects(p: &TestPipeline, e: &Oracle, repeats: Repeats) {
+fn assert_reflects(p: &TestPipeline, e: &ProcessedOnce, repeats: Repeats) {
     let changelog = p.changelog(e.updates);
     let mut versions: BTreeMap<(String, i64), &Twin> = BTreeMap::new();
     let mut last: BTreeMap<&str, &Twin> = BTreeMap::new();
@@ -439,7 +439,7 @@ fn assert_reflects(p: &TestPipeline, e: &Oracle, repeats: Repeats) {
 /// update or a skip, whatever was replayed on the way.
 /// After broker outages: the outputs reflect every reading (replays allowed), every record is
 /// counted, and the outages show in the Kafka error counter.
-fn assert_outage_survived(p: &TestPipeline, e: &Oracle, consumed: usize) {
+fn assert_outage_survived(p: &TestPipeline, e: &ProcessedOnce, consumed: usize) {
     assert_reflects(p, e, Repeats::Allowed);
     assert_counted(p, consumed, e.updates);
     assert!(

@@ -17,8 +17,9 @@ use rdkafka::ClientConfig;
 use rdkafka::message::{Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use twinflow::codec::Format;
+use twinflow::headers::DEAD_LETTER_OMITTED;
 use twinflow::metrics::{BatchCounts, DeadLetterReason};
-use twinflow::pipeline::processor::{Batch, Input, OMITTED_HEADER, Processor, Target};
+use twinflow::pipeline::{Batch, Input, Processor, Target};
 use twinflow::rules::AckOutcome;
 use twinflow::topology::Topology;
 use twinflow::twin::{NoChange, Reading};
@@ -46,7 +47,7 @@ struct Entry {
 
 fn topology(format: Format) -> Arc<Topology> {
     let t = vehicle_topology();
-    let mut topology = Topology::load(&t.topics, &t.model).unwrap();
+    let mut topology = Topology::load(&t).unwrap();
     topology.topics.telemetry.format = Some(format);
     Arc::new(topology)
 }
@@ -260,7 +261,7 @@ fn corpus_records_end_as_their_outcome_in_the_record_path() {
             assert_eq!(got, [e.expect.as_str()], "{format:?}: {}", e.name);
             let new = &batch.outputs.records[dead_before..];
             if let Some(dl) = new.iter().find(|o| o.target == Target::DeadLetter) {
-                let omitted = header(&dl.headers, OMITTED_HEADER)
+                let omitted = header(&dl.headers, DEAD_LETTER_OMITTED)
                     .map(|v| String::from_utf8_lossy(v).into_owned());
                 let (_, value) = batch.outputs.bytes(dl);
                 match e.name.as_str() {
@@ -626,7 +627,7 @@ async fn hostile_records_on_the_broker_are_accounted_and_the_partition_goes_on()
         if e.value.as_ref().is_some_and(|v| v.len() > 1_000_000) {
             assert!(m.payload().is_none(), "{}", e.name);
             assert!(
-                get(OMITTED_HEADER)
+                get(DEAD_LETTER_OMITTED)
                     .unwrap()
                     .contains("value: 1000100 bytes")
             );
@@ -643,7 +644,7 @@ async fn hostile_records_on_the_broker_are_accounted_and_the_partition_goes_on()
 /// the ten failures in a row that stop an instance, leave it running, and it stops cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_record_is_dead_lettered_as_internal_and_the_partition_goes_on() {
-    use twinflow::pipeline::processor::PANICKING_ASSET;
+    use twinflow::pipeline::PANICKING_ASSET;
     let (_kafka, mut p) = common::on_embedded(common::untimed_vehicle_topology());
     p.start();
     let n = 12;

@@ -10,12 +10,12 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use common::instance::{Instance, Settings, caught_up, committed_offsets, feed};
-use common::untimed_vehicle_topology;
+use common::{http_get, untimed_vehicle_topology};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use twinflow::embedded::EmbeddedKafka;
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::embedded::EmbeddedKafka;
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
 
 const GROUP: &str = "shutdown";
@@ -24,7 +24,7 @@ const GROUP: &str = "shutdown";
 fn cluster(n: usize) -> (EmbeddedKafka, ClientConfig) {
     let kafka = EmbeddedKafka::start(1).unwrap();
     let t = untimed_vehicle_topology();
-    let topology = Topology::load(&t.topics, &t.model).unwrap();
+    let topology = Topology::load(&t).unwrap();
     for spec in topology.topics.all() {
         kafka.create_topic(&spec.name, spec.partitions).unwrap();
     }
@@ -37,7 +37,7 @@ fn cluster(n: usize) -> (EmbeddedKafka, ClientConfig) {
         start_ms: 1_790_000_000_000,
         interval_ms: 5000,
     };
-    let input = Fleet::new(config, &topology.codec).unwrap().take(n);
+    let input = Fleet::new(config, &topology).unwrap().take(n);
     feed(&client, "telemetry", &input, 1000, Duration::ZERO)
         .join()
         .unwrap();
@@ -69,14 +69,7 @@ fn spawn(dir: &Path, kafka: &EmbeddedKafka, timeout: &str) -> Instance {
 
 /// `GET path` on the instance's HTTP port: status code and body.
 fn get(instance: &Instance, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", instance.http)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
+    http_get(instance.http, path).expect("the instance answers")
 }
 
 /// Waits (polling) for `done`, at most 60 s.
@@ -269,19 +262,10 @@ fn healthz_names_a_partition_whose_worker_ended_and_the_instance_stops_non_zero(
         )
         .unwrap();
     let mut instance = spawn(dir.path(), &kafka, "5s");
-    let health = |instance: &Instance| -> Option<(u16, String)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", instance.http)).ok()?;
-        write!(s, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-        let mut response = String::new();
-        s.read_to_string(&mut response).ok()?;
-        let status = response.split(' ').nth(1)?.parse().ok()?;
-        Some((status, response))
-    };
     let mut seen = None;
     wait("/healthz names the failed partition", &instance, || {
-        seen =
-            health(&instance).filter(|(status, body)| *status == 503 && body.contains("failed:"));
+        seen = http_get(instance.http, "/healthz")
+            .filter(|(status, body)| *status == 503 && body.contains("failed:"));
         seen.is_some()
     });
     let (_, body) = seen.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{on_embedded, root, vehicle_topology, venv, wait_fleet};
 use tokio_util::sync::CancellationToken;
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::sim::{Fleet, FleetConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_page_shows_assets_alerts_and_live_events() {
@@ -22,7 +22,7 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
         start_ms: p.now() - 120_000,
         interval_ms: 200,
     };
-    let mut fleet = Fleet::new(config, &p.topology.codec).unwrap();
+    let mut fleet = Fleet::new(config, &p.topology).unwrap();
     let feeding = CancellationToken::new();
     let p = std::sync::Arc::new(p);
     let feeder = {

@@ -5,16 +5,11 @@ mod common;
 
 use common::{TestPipeline, header, number, text, vehicle_topology};
 use rdkafka::Message;
-use twinflow::embedded::EmbeddedKafka;
+use twinflow::demo::embedded::EmbeddedKafka;
 use twinflow::twin::{Status, Value};
 
 fn cluster() -> (EmbeddedKafka, TestPipeline) {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let p = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
-    for spec in p.topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
-    (kafka, p)
+    common::on_embedded(vehicle_topology())
 }
 
 fn prop(t: &twinflow::twin::Twin, p: &TestPipeline, name: &str) -> Option<f64> {
@@ -561,30 +556,62 @@ async fn acknowledgements_mark_the_alert_once() {
 }
 
 /// Every metric the shipped Grafana dashboard queries is exported by a running pipeline that
-/// went through what the panels show: readings, alerts, dead letters, a restore into a new
-/// store, a broker outage.
+/// went through what the panels show (readings, alerts, dead letters, a restore into a new
+/// store, a broker outage), and every label a panel groups by, filters on or names in its
+/// legend is a label of the metric it queries.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_dashboard_queries_only_exported_metrics() {
+async fn the_dashboard_queries_only_exported_metrics_and_labels() {
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::root().join("docker/grafana/dashboards/twinflow.json"))
             .unwrap(),
     )
     .expect("the dashboard is valid JSON");
-    let mut queried = std::collections::BTreeSet::new();
+    // Per target: the metrics it queries and the labels it uses.
+    let mut targets: Vec<(Vec<String>, Vec<String>)> = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
-            let mut rest = expr;
-            while let Some(at) = rest.find("twinflow_") {
-                let name: String = rest[at..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                rest = &rest[at + name.len()..];
-                queried.insert(name);
+            let names = |from: &str| -> Vec<String> {
+                from.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let metrics: Vec<String> = names(expr)
+                .into_iter()
+                .filter(|w| w.starts_with("twinflow_"))
+                .collect();
+            let mut labels = Vec::new();
+            // `by (a, b)` and `without (a)`.
+            for keyword in ["by (", "without ("] {
+                for part in expr.split(keyword).skip(1) {
+                    labels.extend(names(part.split(')').next().unwrap()));
+                }
             }
+            // Selectors: `metric{label="x", other=~"y"}`.
+            for part in expr.split('{').skip(1) {
+                let selector = part.split('}').next().unwrap();
+                for matcher in selector.split(',') {
+                    let label = matcher.split(['=', '!']).next().unwrap().trim();
+                    if !label.is_empty() {
+                        labels.push(label.to_owned());
+                    }
+                }
+            }
+            // Legend templates: `{{label}}`.
+            let legend = target["legendFormat"].as_str().unwrap_or("");
+            for part in legend.split("{{").skip(1) {
+                labels.push(part.split("}}").next().unwrap().trim().to_owned());
+            }
+            assert!(
+                !metrics.is_empty(),
+                "a panel target without a metric: {expr}"
+            );
+            targets.push((metrics, labels));
         }
     }
+    let queried: std::collections::BTreeSet<&String> =
+        targets.iter().flat_map(|(m, _)| m).collect();
     assert!(queried.len() > 10, "{queried:?}");
 
     let (kafka, mut first) = cluster();
@@ -622,5 +649,146 @@ async fn the_dashboard_queries_only_exported_metrics() {
     };
     let missing: Vec<_> = queried.iter().filter(|n| !exported(n)).collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+    // A label is a metric's if a series of it carries `label="`.
+    let labelled = |name: &str, label: &str| {
+        page.lines().any(|l| {
+            l.strip_prefix(name).is_some_and(|r| {
+                r.starts_with('{')
+                    && r.split('}')
+                        .next()
+                        .unwrap()
+                        .contains(&format!("{label}=\""))
+            })
+        })
+    };
+    let mut wrong = Vec::new();
+    for (metrics, labels) in &targets {
+        for label in labels {
+            if !metrics.iter().any(|m| labelled(m, label)) {
+                wrong.push(format!("{label} on {metrics:?}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "labels the metrics do not have: {wrong:?}"
+    );
     second.stop().await;
+}
+
+/// The twin semantics, computed here independently of the record logic, hold for a simulated
+/// fleet sent through the pipeline: per asset and property the value of the newest event time
+/// wins (on a tie, the later arrival); a reading more than `allowed_lateness` behind its
+/// asset's newest applied reading, or more than `max_future` ahead of processing time, is not
+/// applied, and neither is a malformed record (the simulator says which are); every record
+/// that is not applied is dead-lettered. The last changelog twin of every asset says exactly
+/// that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_hold_the_newest_value_of_every_property() {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+    use twinflow::codec::Format;
+    use twinflow::demo::sim::{Fleet, FleetConfig};
+    use twinflow::twin::Reading;
+
+    /// What an asset's twin must hold: its newest event time, and per property the event
+    /// time and value of the reading that set it.
+    #[derive(Default)]
+    struct Expected {
+        event_time: Option<i64>,
+        props: BTreeMap<usize, (i64, Value)>,
+    }
+
+    const RECORDS: usize = 20_000;
+    let (_kafka, mut p) = cluster();
+    p.start();
+    let now = p.now();
+    let config = FleetConfig {
+        assets: 300,
+        seed: 11,
+        malformed: 0.01,
+        start_ms: now - 600_000,
+        interval_ms: 1000,
+    };
+    let mut fleet = Fleet::new(config, &p.topology).unwrap();
+    let time = p.topology.model.time;
+    let (lateness, future) = (time.allowed_lateness.unwrap(), time.max_future.unwrap());
+    let mut expected: BTreeMap<String, Expected> = BTreeMap::new();
+    let (mut input, mut reading, mut not_applied) = (Vec::new(), Reading::default(), 0u64);
+    for _ in 0..RECORDS {
+        let (mut key, mut value) = (Vec::new(), Vec::new());
+        let kind = fleet.next_record(&mut key, &mut value);
+        let valid = !kind.is_malformed();
+        if valid {
+            let codec = &p.topology.codec;
+            codec
+                .decode_reading(Format::Avro, &value, &mut reading)
+                .unwrap();
+        }
+        input.push((key, value));
+        if !valid {
+            not_applied += 1;
+            continue;
+        }
+        let e = expected.entry(reading.asset_id.clone()).or_default();
+        let late = e
+            .event_time
+            .is_some_and(|newest| reading.event_time < newest - lateness);
+        if late || reading.event_time > now + future {
+            not_applied += 1;
+            continue;
+        }
+        e.event_time = Some(e.event_time.unwrap_or(i64::MIN).max(reading.event_time));
+        for (property, value) in &reading.values {
+            let at = e.props.get(property).map(|(at, _)| *at);
+            if at.is_none_or(|at| reading.event_time >= at) {
+                e.props
+                    .insert(*property, (reading.event_time, value.clone()));
+            }
+        }
+    }
+    expected.retain(|_, e| e.event_time.is_some());
+    assert!(
+        not_applied > 0 && expected.len() > 250,
+        "{not_applied} not applied"
+    );
+
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &p.bootstrap);
+    let telemetry = p.topology.topics.telemetry.name.clone();
+    let sender = common::instance::feed(&client, &telemetry, &input, 1000, Duration::ZERO);
+    tokio::task::spawn_blocking(move || sender.join())
+        .await
+        .unwrap()
+        .unwrap();
+    p.wait_consumed(RECORDS as u64).await;
+    let metrics = p.metrics();
+    let dead = metrics.total("twinflow_records_dead_lettered_total");
+    assert_eq!(
+        dead, not_applied,
+        "every record not applied is dead-lettered"
+    );
+
+    let updates = metrics.total("twinflow_twin_updates_total") as usize;
+    let mut last = BTreeMap::new();
+    for twin in p.changelog(updates) {
+        last.insert(twin.asset_id.clone(), twin);
+    }
+    assert_eq!(
+        last.len(),
+        expected.len(),
+        "a twin for every asset with a reading applied"
+    );
+    for (id, e) in &expected {
+        let twin = &last[id];
+        assert_eq!(Some(twin.event_time), e.event_time, "{id}: event time");
+        let held: BTreeMap<usize, (i64, Value)> = twin
+            .props
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (i, (p.time, p.value.clone()))))
+            .collect();
+        assert_eq!(held, e.props, "{id}: properties");
+    }
+    p.stop().await;
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{TestPipeline, header, root, venv};
 use rdkafka::Message;
 use twinflow::config::{RegistryConfig, Secret, TopologyConfig};
-use twinflow::embedded::EmbeddedKafka;
+use twinflow::demo::embedded::EmbeddedKafka;
 
 const USER: &str = "twinflow";
 const PASSWORD: &str = "registry-s3cret";

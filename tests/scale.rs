@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::instance::{Instance, Settings, caught_up, committed_offsets, feed, read_all};
-use common::{assert_outputs_match, now_ms, oracle, untimed_vehicle_topology};
+use common::{assert_delivery_invariants, now_ms, processed_once, untimed_vehicle_topology};
 use rdkafka::ClientConfig;
-use twinflow::embedded::EmbeddedKafka;
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::embedded::EmbeddedKafka;
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
 
 const RECORDS: usize = 60_000;
@@ -28,13 +28,7 @@ const RECORDS: usize = 60_000;
 fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     let kafka = EmbeddedKafka::start(1).unwrap();
     let bootstrap = kafka.bootstrap_servers();
-    let topology = Arc::new(
-        Topology::load(
-            &untimed_vehicle_topology().topics,
-            &untimed_vehicle_topology().model,
-        )
-        .unwrap(),
-    );
+    let topology = Arc::new(Topology::load(&untimed_vehicle_topology()).unwrap());
     for spec in topology.topics.all() {
         kafka.create_topic(&spec.name, spec.partitions).unwrap();
     }
@@ -48,9 +42,9 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
         start_ms: 1_790_000_000_000,
         interval_ms: 5000,
     };
-    let input = Fleet::new(fleet, &topology.codec).unwrap().take(RECORDS);
+    let input = Fleet::new(fleet, &topology).unwrap().take(RECORDS);
     let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = oracle(&topology, &pairs, now_ms());
+    let expected = processed_once(&topology, &pairs, now_ms());
     assert!(
         expected.alerts.len() > 20,
         "the input raises and clears alerts"
@@ -107,7 +101,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     let changelog = read_all(&bootstrap, "twin-changelog", &[]);
     let alerts = read_all(&bootstrap, "twin-alerts", &[]);
     let dead = read_all(&bootstrap, "twin-dead-letter", &[]);
-    let seen = assert_outputs_match(&topology, &expected, &changelog, &alerts);
+    let seen = assert_delivery_invariants(&topology, &expected, &changelog, &alerts);
     assert!(
         dead.len() >= expected.dead_letters,
         "every dead letter is there"
@@ -139,7 +133,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
         }
     }
     eprintln!(
-        "scale-out: {RECORDS} readings, a killed, c started; restored {restored:?} records; changelog {} (oracle {}), {} duplicate versions; alerts {} (oracle {} transitions); dead letters {} (oracle {})",
+        "scale-out: {RECORDS} readings, a killed, c started; restored {restored:?} records; changelog {} (once {}), {} duplicate versions; alerts {} (once {} transitions); dead letters {} (once {})",
         seen.updates,
         expected.updates,
         seen.duplicate_versions,

@@ -26,7 +26,7 @@ use rdkafka::producer::{BaseRecord, ProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Runtime;
 use twinflow::config::Guarantee;
-use twinflow::pipeline::processor::SOURCE_OFFSET_HEADER;
+use twinflow::headers::SOURCE_OFFSET;
 use twinflow::topology::Topology;
 
 use crate::common::Noida;
@@ -236,7 +236,7 @@ fn read_arrivals(
         } else {
             m.headers().and_then(|h| {
                 h.iter()
-                    .find(|h| h.key == SOURCE_OFFSET_HEADER)
+                    .find(|h| h.key == SOURCE_OFFSET)
                     .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
             })
         };

@@ -39,7 +39,7 @@ use latency::Contender;
 use support::{env, median};
 use tokio::runtime::Runtime;
 use twinflow::config::Guarantee;
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
 
 use crate::harness::{COMMIT_INTERVAL, START_MS, noida_version};
@@ -53,9 +53,7 @@ fn main() {
     let scenarios = std::env::var("TWINFLOW_BENCH_SCENARIOS")
         .unwrap_or_else(|_| "throughput,restore,latency".to_owned());
     let scenario = |name: &str| scenarios.split(',').any(|s| s.trim() == name);
-    let topology = Arc::new(
-        Topology::load(&vehicle_topology().topics, &vehicle_topology().model).expect("topology"),
-    );
+    let topology = Arc::new(Topology::load(&vehicle_topology()).expect("topology"));
     let rt = Runtime::new().expect("a Tokio runtime");
     let input = Fleet::new(
         FleetConfig {
@@ -65,7 +63,7 @@ fn main() {
             start_ms: START_MS,
             interval_ms: 1000,
         },
-        &topology.codec,
+        &topology,
     )
     .expect("fleet")
     .take(records);

@@ -9,7 +9,7 @@ use rdkafka::error::KafkaError;
 use tokio::runtime::Runtime;
 use twinflow::codec::Format;
 use twinflow::config::Guarantee;
-use twinflow::sim::{Fleet, FleetConfig};
+use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
 use twinflow::twin::{Reading, Twin};
 
@@ -194,7 +194,7 @@ fn write_changelog(bootstrap: &str, topology: &Topology, twins: usize) -> (usize
         interval_ms: 1000,
     };
     // In its first round the fleet reports every vehicle once, in order.
-    let mut fleet = Fleet::new(simulation, &topology.codec).expect("fleet");
+    let mut fleet = Fleet::new(simulation, &topology).expect("fleet");
     let sender = Sender::new(bootstrap, &topology.topics.changelog.name);
     let (mut key, mut value, mut encoded) = (Vec::new(), Vec::new(), Vec::new());
     let mut reading = Reading::default();

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use twinflow::config::TopologyConfig;
 use twinflow::topology::Topology;
 
 /// `name` from the environment as a count, or `default`.
@@ -25,10 +26,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 pub fn vehicle_topology() -> Arc<Topology> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     Arc::new(
-        Topology::load(
-            &root.join("topology/topics.toml"),
-            &root.join("topology/vehicle.toml"),
-        )
-        .expect("the shipped topology loads"),
+        Topology::load(&TopologyConfig::shipped(root, "vehicle"))
+            .expect("the shipped topology loads"),
     )
 }

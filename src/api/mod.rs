@@ -18,7 +18,8 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{Coordinator, Shared};
+use crate::metrics::Metrics;
+use crate::store::Store;
 use crate::twin::{Severity, Status, Twin};
 use crate::view::{EventKind, FleetView};
 
@@ -38,11 +39,25 @@ const PAGE: &str = include_str!("page.html");
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// How the instance's partitions are doing, as `/healthz` and `/readyz` tell.
+pub trait Health: Send + Sync {
+    /// Partitions whose worker ended unexpectedly, with why.
+    fn failed(&self) -> Vec<(i32, String)>;
+    /// Partitions with input waiting that made no progress for `processing.stall_after`.
+    fn stalled(&self) -> Vec<i32>;
+    /// Partitions assigned to this instance.
+    fn assigned(&self) -> Vec<i32>;
+    /// Whether every assigned partition is restored and processing.
+    fn ready(&self) -> bool;
+}
+
 /// What the handlers read.
 #[derive(Clone)]
 pub struct ApiState {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) coordinator: Arc<Coordinator>,
+    pub(crate) health: Arc<dyn Health>,
+    pub(crate) metrics: Metrics,
+    /// For its size on `/metrics`.
+    pub(crate) store: Store,
     pub(crate) view: Arc<FleetView>,
     pub(crate) token: Option<String>,
     /// Cancelled when the instance stops: open streams end.
@@ -131,12 +146,9 @@ async fn openapi() -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
-    s.shared
-        .metrics
-        .store_bytes
-        .set(s.shared.store.size_bytes() as i64);
+    s.metrics.store_bytes.set(s.store.size_bytes() as i64);
     let body = prometheus::TextEncoder::new()
-        .encode_to_string(&s.shared.metrics.registry().gather())
+        .encode_to_string(&s.metrics.registry().gather())
         .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
     ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
 }
@@ -144,7 +156,7 @@ async fn metrics(State(s): State<ApiState>) -> Response {
 /// Live unless wedged: a partition with input waiting whose position has not moved for
 /// `processing.stall_after`.
 async fn healthz(State(s): State<ApiState>) -> Response {
-    let failed = s.coordinator.failed();
+    let failed = s.health.failed();
     if !failed.is_empty() {
         let why: Vec<String> = failed
             .iter()
@@ -159,7 +171,7 @@ async fn healthz(State(s): State<ApiState>) -> Response {
         )
             .into_response();
     }
-    let stalled = s.coordinator.stalled();
+    let stalled = s.health.stalled();
     if stalled.is_empty() {
         "ok\n".into_response()
     } else {
@@ -172,13 +184,13 @@ async fn healthz(State(s): State<ApiState>) -> Response {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    let assigned = s.coordinator.assigned();
+    let assigned = s.health.assigned();
     if assigned.is_empty() {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no partitions assigned yet",
         )
-    } else if !s.coordinator.ready() {
+    } else if !s.health.ready() {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "restoring twins from the changelog",
@@ -424,7 +436,7 @@ struct StreamQuery {
 async fn stream(State(s): State<ApiState>, q: Params<StreamQuery>) -> Answer {
     let q = params(q)?;
     let rx = s.view.subscribe();
-    let metrics = s.shared.metrics.clone();
+    let metrics = s.metrics.clone();
     metrics.stream_clients.inc();
     Ok(Sse::new(events(rx, q, s.stop.clone(), metrics))
         .keep_alive(KeepAlive::default())

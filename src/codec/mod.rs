@@ -55,13 +55,15 @@ pub struct Codec {
     by_name: HashMap<String, usize, foldhash::fast::RandomState>,
     telemetry_schema: Schema,
     twin_schema: Schema,
+    alert_schema: Schema,
     /// The schemas' JSON text, as registered.
     texts: (String, String),
     /// Registry schemas seen on Confluent-framed input and changelog records.
     writers: WriterSchemas,
     /// Registry ids of the twin and alert schemas when those topics use the Confluent format
-    /// (set once, at start, before any record is processed).
-    output_ids: OnceLock<(Option<u32>, Option<u32>)>,
+    /// (set once, at start, before any record is processed). Shared by every clone, like
+    /// the writer schemas: a clone taken before the ids are set frames its outputs too.
+    output_ids: Arc<OnceLock<(Option<u32>, Option<u32>)>>,
 }
 
 fn decode_err(field: &str, e: String) -> Error {
@@ -87,9 +89,10 @@ impl Codec {
             by_name,
             telemetry_schema: parse(telemetry_schema)?,
             twin_schema: parse(twin_schema)?,
+            alert_schema: parse(ALERT_SCHEMA)?,
             texts: (telemetry_schema.to_owned(), twin_schema.to_owned()),
             writers: WriterSchemas::default(),
-            output_ids: OnceLock::new(),
+            output_ids: Arc::default(),
         })
     }
 
@@ -374,18 +377,7 @@ impl Codec {
     /// `Error::Decode` when the bytes are not a twin of this model.
     pub fn decode_twin(&self, bytes: &[u8]) -> Result<Twin> {
         let mut c = Cursor::new(bytes);
-        let mut twin = Twin {
-            asset_id: String::new(),
-            version: 0,
-            event_time: 0,
-            last_seen: 0,
-            updated_at: 0,
-            still_since: None,
-            status: Status::Active,
-            props: vec![None; self.plans.properties.len()],
-            alerts: Vec::new(),
-            pending: Vec::new(),
-        };
+        let mut twin = Twin::blank(String::new(), self.plans.properties.len());
         let mut times: Vec<(usize, i64)> = Vec::new();
         for (i, field) in self.plans.twin.iter().enumerate() {
             if i >= self.plans.twin_tail && c.remaining() == 0 {
@@ -538,6 +530,50 @@ impl Codec {
                 "code": p.code, "since": rfc3339(p.since),
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+impl Codec {
+    /// An alert event record's value (as [`encode_alert`] wrote it, framed as the alert
+    /// topic is) as JSON: the alert schema's field names, enums as symbols, times as
+    /// RFC 3339.
+    ///
+    /// # Errors
+    /// `Error::Decode` when the bytes are not an alert event.
+    pub fn alert_json(&self, value: &[u8]) -> Result<serde_json::Value> {
+        let datum = match self.alerts_header() {
+            Some(_) if value.len() >= 5 => &value[5..],
+            _ => value,
+        };
+        let v = apache_avro::reader::datum::GenericDatumReader::builder(&self.alert_schema)
+            .build()
+            .and_then(|r| r.read_value(&mut &datum[..]))
+            .map_err(|e| Error::Decode(format!("alert event: {e}")))?;
+        Ok(avro_json(&v))
+    }
+}
+
+/// An Avro value (of the alert schema) as JSON: enums as symbols, times as RFC 3339.
+fn avro_json(v: &apache_avro::types::Value) -> serde_json::Value {
+    use apache_avro::types::Value as AV;
+    use serde_json::json;
+    match v {
+        AV::Null => serde_json::Value::Null,
+        AV::Boolean(b) => json!(b),
+        AV::Int(i) => json!(i),
+        AV::Long(i) => json!(i),
+        AV::Float(f) => json!(f),
+        AV::Double(f) => json!(f),
+        AV::String(s) | AV::Enum(_, s) => json!(s),
+        AV::TimestampMillis(t) => json!(rfc3339(*t)),
+        AV::Union(_, inner) => avro_json(inner),
+        AV::Record(fields) => fields
+            .iter()
+            .map(|(k, v)| (k.clone(), avro_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        AV::Array(items) => items.iter().map(avro_json).collect(),
+        other => json!(format!("{other:?}")),
     }
 }
 

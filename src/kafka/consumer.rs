@@ -9,6 +9,7 @@
 //!   store owns;
 //! - on revoke, the handler returns only after the partitions' workers committed and stopped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -17,10 +18,14 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, RebalanceP
 use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+
+/// Bound on a seek.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The consumer type of the pipeline.
 pub type Consumer = BaseConsumer<RebalanceContext>;
@@ -45,25 +50,75 @@ pub trait RebalanceHandler: Send + Sync {
 
 /// Consumer context that routes rebalances to a [`RebalanceHandler`].
 pub struct RebalanceContext {
+    /// The consumer itself, which the handler splits partition queues off: set by
+    /// [`subscribe`] before the first poll.
     consumer: OnceLock<Weak<Consumer>>,
     handler: Arc<dyn RebalanceHandler>,
     metrics: Metrics,
 }
 
-impl RebalanceContext {
-    /// A context calling `handler` and counting client errors in `metrics`.
-    pub fn new(handler: Arc<dyn RebalanceHandler>, metrics: &Metrics) -> Self {
-        RebalanceContext {
-            consumer: OnceLock::new(),
-            handler,
-            metrics: metrics.clone(),
+/// Creates the group consumer with `config`, routing its rebalances to `handler` and
+/// counting its errors in `metrics`, and subscribes it to `topic`.
+///
+/// # Errors
+/// When librdkafka refuses the configuration or the subscription.
+pub fn subscribe(
+    config: &ClientConfig,
+    handler: Arc<dyn RebalanceHandler>,
+    metrics: &Metrics,
+    topic: &str,
+) -> Result<Arc<Consumer>> {
+    let context = RebalanceContext {
+        consumer: OnceLock::new(),
+        handler,
+        metrics: metrics.clone(),
+    };
+    let consumer: Arc<Consumer> = Arc::new(config.create_with_context(context)?);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}
+
+/// Serves the consumer's callbacks (rebalances, errors) until `stop` is set, then calls
+/// `drain`, which must stop the work on every partition, and closes the consumer: it
+/// revokes (nothing left to drain), commits the stored offsets and leaves the group.
+/// Blocking: run it on the consumer's own thread.
+pub fn serve(consumer: Arc<Consumer>, stop: &AtomicBool, drain: impl FnOnce()) {
+    while !stop.load(Ordering::SeqCst) {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(msg)) => {
+                // Every assigned partition has its own queue, split before it was assigned,
+                // so this should not happen; if it does, hand the record back to its queue.
+                let (topic, partition, offset) =
+                    (msg.topic().to_owned(), msg.partition(), msg.offset());
+                drop(msg);
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    "Record on the main queue; seeking back."
+                );
+                if let Err(error) = seek(&consumer, &topic, partition, offset) {
+                    tracing::error!(%error, "Seek failed.");
+                }
+            }
+            Some(Err(error)) => tracing::warn!(%error, "Consumer error."),
         }
     }
+    drain();
+    // Dropping the last handle closes the consumer.
+    drop(consumer);
+}
 
-    /// Tells the context which consumer it belongs to; needed before the first poll.
-    pub fn attach(consumer: &Arc<Consumer>) {
-        let _ = consumer.context().consumer.set(Arc::downgrade(consumer));
-    }
+/// Moves the next fetch of a partition to `offset`. Blocking, up to 10 s.
+///
+/// # Errors
+/// `Error::Kafka` when the seek fails.
+pub fn seek(consumer: &Consumer, topic: &str, partition: i32, offset: i64) -> Result<()> {
+    consumer
+        .seek(topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+        .map_err(Error::Kafka)
 }
 
 impl ClientContext for RebalanceContext {
@@ -157,40 +212,67 @@ pub fn cached_watermarks<C: ConsumerContext>(
     (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
-/// Messages of one partition, awaitable. Wakes on librdkafka's "queue became non-empty"
-/// callback; `Notify` keeps a wake-up that comes between an empty poll and the wait.
+/// Messages of one partition. librdkafka's "queue became non-empty" callback notifies a
+/// `Notify` that the reader shares among its partitions (it keeps a wake-up that comes
+/// between an empty poll and the wait).
 pub struct PartitionStream {
     queue: PartitionQueue<RebalanceContext>,
-    ready: Arc<Notify>,
+    consumer: Arc<Consumer>,
+    topic: String,
+    partition: i32,
 }
 
 impl PartitionStream {
-    /// Splits `topic`/`partition` off the consumer's main queue.
-    pub fn split(consumer: &Arc<Consumer>, topic: &str, partition: i32) -> Option<PartitionStream> {
-        let mut queue = consumer.split_partition_queue(topic, partition)?;
-        let ready = Arc::new(Notify::new());
+    /// Splits `topic`/`partition` off the consumer's main queue; `ready` is notified when
+    /// records arrive in an empty queue.
+    ///
+    /// # Errors
+    /// `Error::Config` when librdkafka does not know the topic.
+    pub fn split(
+        consumer: &Arc<Consumer>,
+        topic: &str,
+        partition: i32,
+        ready: &Arc<Notify>,
+    ) -> Result<PartitionStream> {
+        let mut queue = consumer
+            .split_partition_queue(topic, partition)
+            .ok_or_else(|| {
+                Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
+            })?;
         let wake = ready.clone();
         queue.set_nonempty_callback(move || wake.notify_one());
-        Some(PartitionStream { queue, ready })
+        Ok(PartitionStream {
+            queue,
+            consumer: consumer.clone(),
+            topic: topic.to_owned(),
+            partition,
+        })
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Moves the next record of this partition to `offset` (on a blocking thread).
+    ///
+    /// # Errors
+    /// `Error::Kafka` when the seek fails.
+    pub async fn seek(&self, offset: i64) -> Result<()> {
+        let (consumer, topic, partition) =
+            (self.consumer.clone(), self.topic.clone(), self.partition);
+        tokio::task::spawn_blocking(move || seek(&consumer, &topic, partition, offset)).await?
+    }
+
+    /// The partition's end as of the client's last fetch from it (no request). `None`
+    /// before the first fetch.
+    pub fn end(&self) -> Option<i64> {
+        let (_, high) = cached_watermarks(&*self.consumer, &self.topic, self.partition)?;
+        Some(high)
     }
 
     /// The next message if one is waiting.
     pub fn try_next(&self) -> Option<KafkaResult<BorrowedMessage<'_>>> {
         self.queue.poll(Duration::ZERO)
-    }
-
-    /// The next message, waiting for it. Cancel-safe.
-    ///
-    /// librdkafka signals only the empty → non-empty transition of a queue, and not on
-    /// every path that fills one; like rdkafka's own stream consumer, the wait is therefore
-    /// bounded, so a missed signal costs at most `RECHECK`, never a wedged partition.
-    pub async fn next(&self) -> KafkaResult<BorrowedMessage<'_>> {
-        const RECHECK: Duration = Duration::from_millis(100);
-        loop {
-            if let Some(m) = self.try_next() {
-                return m;
-            }
-            let _ = tokio::time::timeout(RECHECK, self.ready.notified()).await;
-        }
     }
 }

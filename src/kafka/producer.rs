@@ -11,13 +11,15 @@ use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
-use rdkafka::{ClientConfig, ClientContext, Message};
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 
+use super::Clients;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -125,19 +127,21 @@ impl Tracking {
 pub struct OutputProducer {
     producer: ThreadedProducer<Tracking>,
     max_record_bytes: usize,
+    transactional: bool,
 }
 
+/// Bound on starting transactions (the broker may fence an earlier incarnation first).
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl OutputProducer {
-    /// Creates the producer; `changelog` is the topic whose offsets are tracked; errors and
-    /// failed deliveries are counted in `metrics`.
+    /// Creates the producer the instance's `clients` describe (under exactly-once with its
+    /// first transaction open); `changelog` is the topic whose offsets are tracked; errors
+    /// and failed deliveries are counted in `metrics`. Blocking under exactly-once.
     ///
     /// # Errors
-    /// When librdkafka refuses the configuration.
-    pub fn new(
-        config: &ClientConfig,
-        changelog: &str,
-        metrics: &Metrics,
-    ) -> Result<OutputProducer> {
+    /// When librdkafka refuses the configuration, or transactions cannot start.
+    pub fn new(clients: &Clients, changelog: &str, metrics: &Metrics) -> Result<OutputProducer> {
+        let config = clients.producer();
         let context = Tracking {
             changelog: changelog.to_owned(),
             state: Mutex::new(Generations::default()),
@@ -150,20 +154,55 @@ impl OutputProducer {
             .get("message.max.bytes")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_MAX_RECORD_BYTES);
+        let producer: ThreadedProducer<Tracking> = config.create_with_context(context)?;
+        if clients.exactly_once() {
+            producer.init_transactions(INIT_TIMEOUT)?;
+            producer.begin_transaction()?;
+        }
         Ok(OutputProducer {
-            producer: config.create_with_context(context)?,
+            producer,
             max_record_bytes,
+            transactional: clients.exactly_once(),
         })
+    }
+
+    /// Sends the input offsets of the open transaction's work to it, commits it, and opens
+    /// the next. Blocking.
+    ///
+    /// # Errors
+    /// `Error::Kafka` with the transaction error (it says whether it is fatal).
+    pub fn commit_transaction(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.producer
+            .send_offsets_to_transaction(offsets, group, timeout)?;
+        self.producer.commit_transaction(timeout)?;
+        self.producer.begin_transaction()?;
+        Ok(())
+    }
+
+    /// Drops what was sent since the last commit: under exactly-once aborts the open
+    /// transaction and opens the next; otherwise lets the records in flight settle, so
+    /// their failures are not blamed on the replay. Blocking.
+    ///
+    /// # Errors
+    /// `Error::Kafka` when the transaction cannot be aborted.
+    pub fn abandon(&self, timeout: Duration) -> Result<()> {
+        if self.transactional {
+            self.producer.abort_transaction(timeout)?;
+            self.producer.begin_transaction()?;
+        } else {
+            let _ = self.producer.flush(timeout);
+        }
+        Ok(())
     }
 
     /// The largest record this producer sends (its `message.max.bytes`).
     pub fn max_record_bytes(&self) -> usize {
         self.max_record_bytes
-    }
-
-    /// The underlying producer, for flushes and transactions.
-    pub fn inner(&self) -> &ThreadedProducer<Tracking> {
-        &self.producer
     }
 
     /// What happened to the records of `generation` and before, forgetting them. Blocking:
@@ -223,9 +262,14 @@ impl OutputProducer {
         partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
+        headers: &[(&str, Option<&[u8]>)],
     ) -> Result<()> {
-        let mut headers = headers;
+        let mut headers = (!headers.is_empty()).then(|| {
+            headers.iter().fold(
+                OwnedHeaders::new_with_capacity(headers.len()),
+                |h, (key, value)| h.insert(Header { key, value: *value }),
+            )
+        });
         loop {
             let mut record: BaseRecord<'_, [u8], [u8], usize> =
                 BaseRecord::with_opaque_to(topic, generation as usize);

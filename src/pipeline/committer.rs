@@ -22,65 +22,26 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer as _;
-use rdkafka::producer::Producer as _;
+use rdkafka::consumer::{Consumer as _, ConsumerGroupMetadata};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{Mutex as AsyncMutex, RwLock, RwLockReadGuard, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::input::InputKind;
 use super::processor::Batch;
-use crate::config::Guarantee;
-use crate::error::{Error, Result};
-use crate::kafka::{Consumer, cached_watermarks};
-use crate::metrics::PartitionMetrics;
+use super::slot::Slot;
+use crate::error::{Disposition, Error, Result};
+use crate::kafka::Consumer;
 
 /// Failures in a row (batches or commits whose work was dropped, with no commit in
 /// between) after which the instance stops.
 const MAX_FAILURES: u32 = 10;
 /// Bound on one flush or transaction commit.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// One partition's work since the last commit.
-pub struct Slot {
-    /// The partition.
-    pub partition: i32,
-    /// Input topic.
-    pub topic: String,
-    /// Staged store writes, counts and position; `None` when nothing is staged.
-    pub staged: Mutex<Option<Batch>>,
-    /// Where the committed counts go.
-    pub metrics: PartitionMetrics,
-    /// Set once the partition is restored and its worker processes input.
-    pub processing: AtomicBool,
-    /// The last committed input position, and when it last moved (monotonic).
-    progress: Mutex<(i64, Instant)>,
-}
-
-impl Slot {
-    /// Records a committed position.
-    fn progressed(&self, next: i64) {
-        let mut p = self.progress.lock().expect("progress lock");
-        if p.0 != next {
-            *p = (next, Instant::now());
-        }
-    }
-
-    /// The last committed input position (where processing started, before any commit).
-    pub fn committed(&self) -> i64 {
-        self.progress.lock().expect("progress lock").0
-    }
-
-    /// Whether the partition has input waiting (lag) but its position has not moved for
-    /// `after`: the pipeline is wedged.
-    pub fn stalled(&self, after: std::time::Duration) -> bool {
-        let since = self.progress.lock().expect("progress lock").1;
-        self.metrics.lag.get() > 0 && since.elapsed() > after
-    }
-}
 
 /// Commits the progress of every partition of the instance.
 pub struct Committer {
@@ -100,7 +61,6 @@ pub struct Committer {
     /// Drops of staged work since the last commit that made progress: it survives the
     /// rewinds, so work that keeps failing backs off and, at [`MAX_FAILURES`], stops.
     failures: AtomicU32,
-    consumer: OnceLock<Weak<Consumer>>,
 }
 
 impl Committer {
@@ -117,28 +77,17 @@ impl Committer {
             poisoned: AtomicBool::new(false),
             poison_counts: AtomicBool::new(false),
             failures: AtomicU32::new(0),
-            consumer: OnceLock::new(),
         }
     }
 
-    /// Tells the committer which consumer's group the offsets belong to.
-    pub fn attach(&self, consumer: &Arc<Consumer>) {
-        let _ = self.consumer.set(Arc::downgrade(consumer));
-    }
-
-    /// Registers a partition's slot.
-    pub fn register(&self, partition: i32, topic: &str, start: i64) -> Arc<Slot> {
-        let slot = Arc::new(Slot {
-            partition,
-            topic: topic.to_owned(),
-            staged: Mutex::new(None),
-            metrics: self
-                .shared
-                .metrics
-                .partition(partition, &self.shared.topology.rules),
-            processing: AtomicBool::new(false),
-            progress: Mutex::new((start, Instant::now())),
-        });
+    /// Registers the slot of `partition`, whose readings start at `start`, assigned to
+    /// `consumer`.
+    pub fn register(&self, partition: i32, start: i64, consumer: &Arc<Consumer>) -> Arc<Slot> {
+        let metrics = self
+            .shared
+            .metrics
+            .partition(partition, &self.shared.topology.rules);
+        let slot = Arc::new(Slot::new(partition, start, metrics, consumer));
         self.slots
             .lock()
             .expect("slots lock")
@@ -200,8 +149,9 @@ impl Committer {
             slots
                 .values()
                 .filter_map(|s| {
-                    let batch = s.staged.lock().expect("slot lock").take()?;
-                    batch.next_offset.is_some().then(|| (s.clone(), batch))
+                    let batch = s.take_staged()?;
+                    let positioned = batch.next.get(InputKind::Readings).is_some();
+                    positioned.then(|| (s.clone(), batch))
                 })
                 .collect()
         };
@@ -209,7 +159,7 @@ impl Committer {
             return Ok(());
         }
         let started = Instant::now();
-        let exactly_once = self.shared.settings.guarantee == Guarantee::ExactlyOnce;
+        let exactly_once = self.shared.clients.exactly_once();
         let generation = self.generation.fetch_add(1, Ordering::SeqCst);
         if !exactly_once {
             // Every output of the taken work is sent: workers may go on while it is delivered.
@@ -218,23 +168,33 @@ impl Committer {
         }
         let result = async {
             let deliveries = self.deliveries(generation).await?;
+            let topics = &self.shared.topology.topics;
             let mut offsets = TopicPartitionList::new();
             for (slot, batch) in &mut staged {
-                let next = batch.next_offset.expect("filtered above");
-                offsets.add_partition_offset(&slot.topic, slot.partition, Offset::Offset(next))?;
-                batch.store.set_next_offset(&slot.topic, next);
-                if let Some(next) = batch.ack_next {
-                    let acks = &self.shared.topology.topics.acks.name;
-                    offsets.add_partition_offset(acks, slot.partition, Offset::Offset(next))?;
-                    batch.store.set_next_offset(acks, next);
+                for (input, next) in batch.next.iter() {
+                    if let Some(next) = next {
+                        let topic = input.topic(topics);
+                        offsets.add_partition_offset(
+                            topic,
+                            slot.partition,
+                            Offset::Offset(next),
+                        )?;
+                        batch.store.set_next_offset(topic, next);
+                    }
                 }
                 if let Some(c) = deliveries.get(&slot.partition) {
                     batch.store.set_changelog_next(*c);
                 }
             }
             if exactly_once {
+                let group = staged
+                    .iter()
+                    .find_map(|(slot, _)| slot.consumer()?.group_metadata())
+                    .ok_or_else(|| {
+                        Error::Config("exactly-once needs the consumer's group metadata".into())
+                    })?;
                 self.prepare(&mut staged).await?;
-                self.commit_transaction(offsets).await?;
+                self.commit_transaction(offsets, group).await?;
             }
             Ok::<_, Error>(())
         }
@@ -264,38 +224,21 @@ impl Committer {
                 (store, writes)
             })
             .collect();
-        tokio::task::spawn_blocking(move || {
+        let written = tokio::task::spawn_blocking(move || {
             writes
                 .into_iter()
                 .try_for_each(|(store, writes)| store.commit(writes))
         })
-        .await
-        .map_err(|e| Error::CorruptStore(format!("store commit task: {e}")))?
-        .map_err(|e| Error::CorruptStore(format!("writing committed state: {e}")))?;
+        .await?;
+        // Kafka holds work the store could not take: stop, and let the restart restore it.
+        written
+            .map_err(|e| Error::Fatal(format!("cannot write committed work to the store: {e}")))?;
+        let topics = &self.shared.topology.topics;
         for (slot, batch) in staged {
-            let next = batch.next_offset.expect("filtered above");
             slot.metrics
                 .publish(&batch.counts, self.shared.clock.now_ms());
-            slot.progressed(next);
-            if let Some(c) = self.consumer.get().and_then(Weak::upgrade)
-                && let Some((_, high)) = cached_watermarks(&*c, &slot.topic, slot.partition)
-            {
-                slot.metrics.lag.set((high - next).max(0));
-            }
-            slot.metrics.next_offset.set(next);
-            if !exactly_once {
-                // The store owns the position; the group offset follows it (librdkafka commits
-                // it every `auto.commit.interval.ms` and on revoke), so an instance taking a
-                // partition over replays little, and lag tools see progress.
-                // (librdkafka stores the given offset + 1.)
-                if let Some(c) = self.consumer.get().and_then(Weak::upgrade) {
-                    let _ = c.store_offset(&slot.topic, slot.partition, next - 1);
-                    if let Some(next) = batch.ack_next {
-                        let acks = &self.shared.topology.topics.acks.name;
-                        let _ = c.store_offset(acks, slot.partition, next - 1);
-                    }
-                }
-            }
+            // The store owns the position; at-least-once, the group offset follows it.
+            slot.progressed(&batch.next, topics, !exactly_once);
         }
         self.settling.store(false, Ordering::SeqCst);
         self.failures.store(0, Ordering::SeqCst);
@@ -321,14 +264,11 @@ impl Committer {
                 .producer
                 .take_deliveries(generation, COMMIT_TIMEOUT)?;
             match d.failure {
-                Some(e) if shared.settings.guarantee == Guarantee::AtLeastOnce => {
-                    Err(Error::Kafka(e))
-                }
+                Some(e) if !shared.clients.exactly_once() => Err(Error::Kafka(e)),
                 _ => Ok(d.changelog_next),
             }
         })
-        .await
-        .map_err(|e| Error::Store(format!("flush task: {e}")))?
+        .await?
     }
 
     /// Stores each partition's batch aside as a prepared commit (exactly-once), so a crash
@@ -338,7 +278,10 @@ impl Committer {
             .iter_mut()
             .map(|(slot, batch)| {
                 let store = self.shared.store.partition(slot.partition);
-                let next = batch.next_offset.expect("staged batches have a position");
+                let next = batch
+                    .next
+                    .get(InputKind::Readings)
+                    .expect("staged batches have a position");
                 let writes = std::mem::replace(&mut batch.store, store.batch());
                 (store, next, writes)
             })
@@ -349,8 +292,7 @@ impl Committer {
                 .try_for_each(|(store, next, writes)| store.prepare(*next, writes));
             (work, result)
         })
-        .await
-        .map_err(|e| Error::Store(format!("prepare task: {e}")))?;
+        .await?;
         for ((_, batch), (_, _, writes)) in staged.iter_mut().zip(work) {
             batch.store = writes;
         }
@@ -358,25 +300,18 @@ impl Committer {
     }
 
     /// Sends the input offsets to the open transaction, commits it and begins the next.
-    async fn commit_transaction(&self, offsets: TopicPartitionList) -> Result<()> {
-        let group = self
-            .consumer
-            .get()
-            .and_then(Weak::upgrade)
-            .and_then(|c| c.group_metadata())
-            .ok_or_else(|| {
-                Error::Config("exactly-once needs the consumer's group metadata".into())
-            })?;
+    async fn commit_transaction(
+        &self,
+        offsets: TopicPartitionList,
+        group: ConsumerGroupMetadata,
+    ) -> Result<()> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let producer = shared.producer.inner();
-            producer.send_offsets_to_transaction(&offsets, &group, COMMIT_TIMEOUT)?;
-            producer.commit_transaction(COMMIT_TIMEOUT)?;
-            producer.begin_transaction()?;
-            Ok(())
+            shared
+                .producer
+                .commit_transaction(&offsets, &group, COMMIT_TIMEOUT)
         })
-        .await
-        .map_err(|e| Error::Store(format!("commit task: {e}")))?
+        .await?
     }
 
     /// Drops all staged work (aborting the transaction) and moves the epoch on, so every
@@ -410,7 +345,7 @@ impl Committer {
     /// Called with the gate shut.
     async fn drop_staged(&self, reason: &str, counts: bool) -> Result<()> {
         for slot in self.slots.lock().expect("slots lock").values() {
-            slot.staged.lock().expect("slot lock").take();
+            slot.take_staged();
             // Best effort: a prepared commit left behind is dropped at the next start, as
             // the group offset shows its transaction did not commit.
             let _ = self
@@ -433,21 +368,12 @@ impl Committer {
         );
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || {
-            let producer = shared.producer.inner();
-            if shared.settings.guarantee == Guarantee::ExactlyOnce {
-                producer.abort_transaction(COMMIT_TIMEOUT)?;
-                producer.begin_transaction()?;
-            } else {
-                // Let in-flight records settle so their failures are not blamed on the
-                // replay.
-                let _ = producer.flush(COMMIT_TIMEOUT);
-            }
+            let abandoned = shared.producer.abandon(COMMIT_TIMEOUT);
             // Whatever happens to them, the dropped generations' records are replayed.
             shared.producer.discard(generation);
-            Ok::<_, Error>(())
+            abandoned
         })
-        .await
-        .map_err(|e| Error::Store(format!("abort task: {e}")))?
+        .await?
         .map_err(|e| match e {
             Error::Kafka(k) => Error::Fatal(format!("cannot abort the transaction: {k}")),
             other => other,
@@ -473,7 +399,7 @@ impl Committer {
             match self.commit().await {
                 Ok(()) => {}
                 // Counted in `failures` as the staged work was dropped.
-                Err(e) if e.disposition() == crate::error::Disposition::Retry => {
+                Err(e) if e.disposition() == Disposition::Retry => {
                     tracing::warn!(error = %e, "Commit failed; replaying.");
                 }
                 Err(e) => {

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,9 +18,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::committer::{Committer, Slot};
-use super::worker::PartitionWorker;
-use crate::config::Guarantee;
+use super::committer::Committer;
+use super::input::{InputKind, PerInput};
+use super::slot::Slot;
+use super::worker::{Inputs, PartitionWorker};
 use crate::error::Error;
 use crate::kafka::{Consumer, PartitionStream, RebalanceHandler, TopicPartition};
 
@@ -78,10 +78,7 @@ impl Coordinator {
     /// Whether every assigned partition is restored and processing.
     pub fn ready(&self) -> bool {
         let workers = self.workers.lock().expect("worker map lock");
-        !workers.is_empty()
-            && workers
-                .values()
-                .all(|w| w.slot.processing.load(Ordering::SeqCst))
+        !workers.is_empty() && workers.values().all(|w| w.slot.is_processing())
     }
 
     /// Partitions with input waiting whose position has not moved for `stall_after`.
@@ -119,79 +116,68 @@ impl Coordinator {
             .collect())
     }
 
-    /// Where a partition nobody processed yet starts: its beginning, or its end if the
-    /// consumer's `auto.offset.reset` says so.
+    /// Where an input partition nobody processed yet starts: its beginning, or for the
+    /// group's input its end if the consumer's `auto.offset.reset` says so.
     fn reset_position(
         &self,
         consumer: &Consumer,
-        topic: &str,
+        input: InputKind,
         partition: i32,
     ) -> Result<i64, Error> {
+        let topic = input.topic(&self.shared.topology.topics);
         let (low, high) = consumer.fetch_watermarks(topic, partition, COMMITTED_TIMEOUT)?;
-        let reset = self.shared.restore_client.get("auto.offset.reset");
-        Ok(match reset {
-            Some("latest" | "largest" | "end") => high,
-            _ => low,
-        })
+        let at_end = input.is_group() && self.shared.clients.starts_at_end();
+        Ok(if at_end { high } else { low })
     }
 
+    /// Starts the worker of `partition`, whose telemetry has the group offset `committed`;
+    /// returns every input partition to assign, with where it starts.
     fn start(
         &self,
         consumer: &Arc<Consumer>,
-        topic: &str,
         partition: i32,
         committed: Option<i64>,
     ) -> Result<Vec<(TopicPartition, Offset)>, Error> {
+        let topics = &self.shared.topology.topics;
         let store = self.shared.store.partition(partition);
         // A prepared commit left by a crash: under exactly-once the group offset, committed
         // in the same transaction, says whether it counts.
-        let arbiter = match self.shared.settings.guarantee {
-            Guarantee::ExactlyOnce => committed,
-            Guarantee::AtLeastOnce => None,
-        };
+        let arbiter = committed.filter(|_| self.shared.clients.exactly_once());
         if store.resolve_prepared(arbiter)? {
             tracing::info!(
-                topic,
                 partition,
                 "Applied the commit prepared before a crash; its transaction had committed."
             );
         }
-        // Where to start: after everything that is both processed and durable. The store's
-        // position is never ahead of Kafka's outputs; the group offset is ahead of it when
-        // another instance processed the partition since (its changelog is restored first),
-        // or after a crash under exactly-once.
-        let stored = store.next_offset(topic)?;
-        let start = match stored.max(committed) {
-            Some(start) => start,
-            None => self.reset_position(consumer, topic, partition)?,
-        };
-        let split = |topic: &str| {
-            PartitionStream::split(consumer, topic, partition).ok_or_else(|| {
-                Error::Config(format!("cannot split {topic}/{partition} off the consumer"))
-            })
-        };
-        let stream = split(topic)?;
-        // The partition's acknowledgements: from the store's position, else the group's,
-        // else the beginning (applying an acknowledgement twice changes nothing).
-        let acks = &self.shared.topology.topics.acks.name;
-        let ack_committed = Self::committed(consumer, &[(acks.clone(), partition)])?[0];
-        let ack_start = match store.next_offset(acks)?.max(ack_committed) {
-            Some(start) => start,
-            None => {
-                consumer
-                    .fetch_watermarks(acks, partition, COMMITTED_TIMEOUT)?
-                    .0
-            }
-        };
-        let ack_stream = split(acks)?;
-        let slot = self.committer.register(partition, topic, start);
+        // Where each input starts: after everything that is both processed and durable. The
+        // store's position is never ahead of Kafka's outputs; the group offset is ahead of it
+        // when another instance processed the partition since (its changelog is restored
+        // first), or after a crash under exactly-once. A partition nobody processed starts
+        // at its reset position.
+        let mut starts = PerInput::all(0);
+        for input in InputKind::ALL {
+            let topic = input.topic(topics);
+            let committed = if input.is_group() {
+                committed
+            } else {
+                Self::committed(consumer, &[(topic.to_owned(), partition)])?[0]
+            };
+            let start = match store.next_offset(topic)?.max(committed) {
+                Some(start) => start,
+                None => self.reset_position(consumer, input, partition)?,
+            };
+            starts.set(input, start);
+        }
+        let inputs = Inputs::split(|input, ready| {
+            PartitionStream::split(consumer, input.topic(topics), partition, ready)
+        })?;
+        let start = starts.get(InputKind::Readings);
+        let slot = self.committer.register(partition, start, consumer);
         let worker = PartitionWorker::new(
             self.shared.clone(),
             self.committer.clone(),
-            consumer.clone(),
             slot.clone(),
-            start,
-            ack_start,
+            starts,
         );
         let stop = CancellationToken::new();
         let shared = self.shared.clone();
@@ -201,7 +187,7 @@ impl Coordinator {
             // A worker ends on its own only on a fatal error or a panic outside the record
             // path (where a panic is set aside with its record): the partition is dead, so
             // the instance says so and stops non-zero.
-            let ended = AssertUnwindSafe(worker.run(stream, ack_stream, token))
+            let ended = AssertUnwindSafe(worker.run(inputs, token))
                 .catch_unwind()
                 .await;
             let error = match ended {
@@ -224,18 +210,14 @@ impl Coordinator {
             .expect("worker map lock")
             .insert(partition, Running { stop, task, slot });
         debug_assert!(old.is_none(), "a partition is assigned once at a time");
-        let offset = Offset::Offset(start);
-        tracing::info!(
-            topic,
-            partition,
-            ?offset,
-            acks_offset = ack_start,
-            "Partition worker started."
-        );
-        Ok(vec![
-            ((topic.to_owned(), partition), offset),
-            ((acks.clone(), partition), Offset::Offset(ack_start)),
-        ])
+        tracing::info!(partition, starts = ?starts, "Partition worker started.");
+        Ok(starts
+            .iter()
+            .map(|(input, at)| {
+                let topic = input.topic(topics).to_owned();
+                ((topic, partition), Offset::Offset(at))
+            })
+            .collect())
     }
 
     /// Stops the workers of `partitions`, waits until they finished their batch, and commits.
@@ -281,6 +263,24 @@ impl Coordinator {
     }
 }
 
+impl crate::api::Health for Coordinator {
+    fn failed(&self) -> Vec<(i32, String)> {
+        Coordinator::failed(self)
+    }
+
+    fn stalled(&self) -> Vec<i32> {
+        Coordinator::stalled(self)
+    }
+
+    fn assigned(&self) -> Vec<i32> {
+        Coordinator::assigned(self)
+    }
+
+    fn ready(&self) -> bool {
+        Coordinator::ready(self)
+    }
+}
+
 /// The rebalance handler wraps an `Arc<Coordinator>`.
 pub struct Handler(pub Arc<Coordinator>);
 
@@ -300,8 +300,8 @@ impl RebalanceHandler for Handler {
             }
         };
         let mut assignment = Vec::new();
-        for ((topic, partition), committed) in partitions.iter().zip(committed) {
-            match self.0.start(consumer, topic, *partition, committed) {
+        for ((_, partition), committed) in partitions.iter().zip(committed) {
+            match self.0.start(consumer, *partition, committed) {
                 Ok(mut parts) => assignment.append(&mut parts),
                 Err(e) => self.0.shared.failure.fail(e),
             }
@@ -313,7 +313,14 @@ impl RebalanceHandler for Handler {
     fn revoke(&self, partitions: &[TopicPartition]) -> Vec<TopicPartition> {
         let numbers: Vec<i32> = partitions.iter().map(|(_, p)| *p).collect();
         self.0.stop(&numbers);
-        let acks = &self.0.shared.topology.topics.acks.name;
-        numbers.into_iter().map(|p| (acks.clone(), p)).collect()
+        let topics = &self.0.shared.topology.topics;
+        let companions = InputKind::ALL.into_iter().filter(|i| !i.is_group());
+        companions
+            .flat_map(|input| {
+                numbers
+                    .iter()
+                    .map(move |p| (input.topic(topics).to_owned(), *p))
+            })
+            .collect()
     }
 }

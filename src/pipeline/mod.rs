@@ -7,21 +7,25 @@
 //! makes the outputs durable (delivered, or a committed transaction with the input offsets),
 //! and only then writes the staged twins and positions to RocksDB.
 
+mod commands;
 mod committer;
 mod coordinator;
-pub mod processor;
+mod dead_letter;
+mod input;
+mod output;
+mod processor;
 mod restore;
+mod slot;
 mod worker;
 
 use std::sync::{Arc, Mutex};
 
-use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::config::ProcessingConfig;
 use crate::error::Error;
-use crate::kafka::OutputProducer;
+use crate::kafka::{Clients, OutputProducer};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::Store;
@@ -29,6 +33,12 @@ use crate::topology::Topology;
 
 pub use committer::Committer;
 pub use coordinator::{Coordinator, Handler};
+pub use dead_letter::Stage;
+pub use input::{Input, RecordHeaders};
+pub use output::{Output, OutputHeader, Outputs, Routed, Target};
+#[cfg(feature = "fault-injection")]
+pub use processor::PANICKING_ASSET;
+pub use processor::{Batch, Processor, Work};
 
 /// What every part of an instance shares.
 pub struct Shared {
@@ -44,8 +54,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     /// The instance's producer.
     pub producer: OutputProducer,
-    /// Client settings for the changelog readers of restores.
-    pub restore_client: ClientConfig,
+    /// Every Kafka client's settings.
+    pub clients: Clients,
     /// The first fatal error; the instance stops when it is set.
     pub failure: Failure,
     /// The schema registry, when a topic uses the Confluent wire format.

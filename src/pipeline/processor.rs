@@ -6,9 +6,12 @@
 //! writes of the batch. The worker emits what was staged and commits.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
+use super::commands::{Ack, decode_ack};
+use super::dead_letter::{MAX_MESSAGE_BYTES, Stage, Why, dead_letter};
+use super::input::{Input, InputKind, PerInput};
+use super::output::{Outputs, Target};
 use crate::codec::{encode_alert, rfc3339};
 use crate::error::{Error, Result};
 use crate::metrics::{BatchCounts, DeadLetterReason};
@@ -17,162 +20,17 @@ use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
 use crate::twin::{Reading, Twin, TwinChange, Untimely};
 
-/// Where an output record goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// The twin changelog, same partition number as the input.
-    Changelog,
-    /// The alert topic.
-    Alerts,
-    /// The dead-letter topic.
-    DeadLetter,
-}
-
-/// Header naming the input offset a record came from: on dead letters, and on changelog
-/// records, where a restore uses it to tell committed work from an unfinished tail.
-pub const SOURCE_OFFSET_HEADER: &str = "twinflow.source.offset";
-
-/// Room left in a dead letter for the record framing librdkafka counts against
-/// `message.max.bytes` (record header varints, timestamps; about 40 bytes) and per header.
-const RECORD_OVERHEAD: usize = 128;
-const HEADER_OVERHEAD: usize = 12;
-
-/// Longest `twinflow.error.message`: a message quoting hostile input stays small.
-const MAX_MESSAGE_BYTES: usize = 1024;
-
 /// With the test-only `fault-injection` feature, a valid reading of this asset panics in the
 /// record path, so that tests can show a panic is isolated to its record.
 #[cfg(feature = "fault-injection")]
 pub const PANICKING_ASSET: &str = "twinflow-test-panic";
 
-/// Header saying what a dead letter could not carry of the original record, and why.
-pub const OMITTED_HEADER: &str = "twinflow.dead_letter.omitted";
-
-/// A header of an output record: a name and a value, which may be null.
-pub type OutputHeader = (String, Option<Vec<u8>>);
-
-/// One staged output record; its bytes live in [`Outputs::buf`].
-#[derive(Debug)]
-pub struct Output {
-    /// Destination.
-    pub target: Target,
-    /// Offset of the input record it came from.
-    pub source: i64,
-    key: Option<Range<usize>>,
-    payload: Option<Range<usize>>,
-    /// Headers (dead letters only).
-    pub headers: Vec<OutputHeader>,
-}
-
-/// The output records of a batch, sharing one buffer.
-#[derive(Debug, Default)]
-pub struct Outputs {
-    buf: Vec<u8>,
-    /// The records, in emission order.
-    pub records: Vec<Output>,
-}
-
-impl Outputs {
-    fn push(
-        &mut self,
-        target: Target,
-        source: i64,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: Vec<OutputHeader>,
-    ) {
-        let k = key.map(|k| self.append(k));
-        let p = payload.map(|p| self.append(p));
-        self.records.push(Output {
-            target,
-            source,
-            key: k,
-            payload: p,
-            headers,
-        });
-    }
-
-    /// Pushes a changelog or alert record, its value framed by `header` if given.
-    fn push_value(
-        &mut self,
-        target: Target,
-        source: i64,
-        key: &[u8],
-        header: Option<[u8; 5]>,
-        value: &[u8],
-    ) {
-        let k = self.append(key);
-        let start = self.buf.len();
-        self.buf
-            .extend_from_slice(header.as_ref().map_or(&[][..], |h| &h[..]));
-        self.buf.extend_from_slice(value);
-        self.records.push(Output {
-            target,
-            source,
-            key: Some(k),
-            payload: Some(start..self.buf.len()),
-            headers: Vec::new(),
-        });
-    }
-
-    fn append(&mut self, bytes: &[u8]) -> Range<usize> {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(bytes);
-        start..self.buf.len()
-    }
-
-    /// Key and value of a record.
-    pub fn bytes(&self, o: &Output) -> (Option<&[u8]>, Option<&[u8]>) {
-        (
-            o.key.clone().map(|r| &self.buf[r]),
-            o.payload.clone().map(|r| &self.buf[r]),
-        )
-    }
-
-    /// Empties the buffer, keeping its memory.
-    pub fn clear(&mut self) {
-        self.buf.clear();
-        self.records.clear();
-    }
-}
-
-/// An input record's headers as bytes. Kafka allows any bytes in a header's name, so a
-/// name need not be UTF-8, and a value may be null.
-pub trait RecordHeaders {
-    /// Calls `f` with each header's name and value, in order.
-    fn each(&self, f: &mut dyn FnMut(&[u8], Option<&[u8]>));
-}
-
-impl RecordHeaders for &[(&[u8], Option<&[u8]>)] {
-    fn each(&self, f: &mut dyn FnMut(&[u8], Option<&[u8]>)) {
-        for (name, value) in self.iter() {
-            f(name, *value);
-        }
-    }
-}
-
-/// One input record.
-pub struct Input<'a> {
-    /// Record key (should be the asset id).
-    pub key: Option<&'a [u8]>,
-    /// Record value.
-    pub payload: Option<&'a [u8]>,
-    /// Input topic.
-    pub topic: &'a str,
-    /// Input offset.
-    pub offset: i64,
-    /// Original headers, copied onto a dead letter.
-    pub headers: Option<&'a dyn RecordHeaders>,
-}
-
 /// A unit of work of the processor: what a panic is pinned on, so that a replay can set
 /// that one record (or timer) aside and go on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Work {
-    /// The telemetry record at this offset.
-    Reading(i64),
-    /// The acknowledgement record at this offset.
-    Ack(i64),
+    /// The record of this input at this offset.
+    Record(InputKind, i64),
     /// The timer of this asset at this deadline.
     Timer(i64, String),
 }
@@ -181,8 +39,7 @@ impl Work {
     /// The bounded label of its kind, for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Work::Reading(_) => "reading",
-            Work::Ack(_) => "ack",
+            Work::Record(input, _) => input.label(),
             Work::Timer(..) => "timer",
         }
     }
@@ -196,10 +53,8 @@ pub struct Batch {
     pub counts: BatchCounts,
     /// Records to emit before the commit.
     pub outputs: Outputs,
-    /// Offset after the last record processed.
-    pub next_offset: Option<i64>,
-    /// Offset after the last acknowledgement processed.
-    pub ack_next: Option<i64>,
+    /// Per input, the offset after the last record processed, if any was.
+    pub next: PerInput<Option<i64>>,
 }
 
 /// The record logic of one partition.
@@ -277,17 +132,15 @@ impl Processor {
             store: self.store.batch(),
             counts: BatchCounts::default(),
             outputs: Outputs::default(),
-            next_offset: None,
-            ack_next: None,
+            next: PerInput::default(),
         }
     }
 
-    /// Forgets the set-aside records before the stored positions (of readings and of
-    /// acknowledgements): they are committed, so no replay reaches them again.
-    pub fn forget_before(&mut self, readings: i64, acks: i64) {
+    /// Forgets the set-aside records before the stored positions of their inputs: they are
+    /// committed, so no replay reaches them again.
+    pub fn forget_before(&mut self, stored: &PerInput<i64>) {
         self.quarantine.retain(|work, _| match work {
-            Work::Reading(offset) => *offset >= readings,
-            Work::Ack(offset) => *offset >= acks,
+            Work::Record(input, offset) => *offset >= stored.get(*input),
             // Keyed by deadline: a timer filed again has another key. One entry per panic.
             Work::Timer(..) => true,
         });
@@ -308,7 +161,7 @@ impl Processor {
     /// Confluent-framed record whose writer schema is not known yet; then the record was
     /// not processed and nothing was staged for it.
     pub fn process(&mut self, input: &Input<'_>, batch: &mut Batch, now: i64) -> Result<()> {
-        let work = Work::Reading(input.offset);
+        let work = Work::Record(InputKind::Readings, input.offset);
         self.pinned(work, input, batch, |p, batch| p.read(input, batch, now))
     }
 
@@ -343,23 +196,29 @@ impl Processor {
             // Not processed: the caller fetches the schema and reads this record again.
             return Err(Error::SchemaNeeded(id));
         }
-        batch.next_offset = Some(input.offset + 1);
+        batch.next.set(InputKind::Readings, Some(input.offset + 1));
         batch.counts.consumed += 1;
         match decoded {
             None => {
                 let reason = DeadLetterReason::Empty;
-                self.dead_letter(input, batch, reason, "decode", "record has no value");
+                self.dead_letter(input, batch, reason, Stage::Decode, "record has no value");
                 return Ok(());
             }
             Some(Err(e)) => {
                 let reason = DeadLetterReason::Decode;
-                self.dead_letter(input, batch, reason, "decode", &e.to_string());
+                self.dead_letter(input, batch, reason, Stage::Decode, &e.to_string());
                 return Ok(());
             }
             Some(Ok(())) => {}
         }
         if let Err(why) = topology.model.validate(&self.reading) {
-            self.dead_letter(input, batch, DeadLetterReason::Invalid, "validate", &why);
+            self.dead_letter(
+                input,
+                batch,
+                DeadLetterReason::Invalid,
+                Stage::Validate,
+                &why,
+            );
             return Ok(());
         }
         #[cfg(feature = "fault-injection")]
@@ -376,7 +235,7 @@ impl Processor {
                 ),
             };
             let reason = DeadLetterReason::KeyMismatch;
-            self.dead_letter(input, batch, reason, "validate", &why);
+            self.dead_letter(input, batch, reason, Stage::Validate, &why);
             return Ok(());
         }
 
@@ -417,7 +276,7 @@ impl Processor {
                     ),
                 ),
             };
-            self.dead_letter(input, batch, reason, "time", &why);
+            self.dead_letter(input, batch, reason, Stage::Time, &why);
             return Ok(());
         }
         let deadline = model.deadline(twin);
@@ -432,6 +291,26 @@ impl Processor {
         batch.counts.event_times.push(reading.event_time);
         self.emit(id, &change, deadline, input.offset, batch, None);
         Ok(())
+    }
+
+    /// Processes one record of input `kind` (see [`Processor::process`] and
+    /// [`Processor::process_ack`]); `source` is the offset of the last reading processed,
+    /// which outputs of other inputs carry.
+    ///
+    /// # Errors
+    /// As [`Processor::process`].
+    pub fn process_input(
+        &mut self,
+        kind: InputKind,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
+        match kind {
+            InputKind::Readings => self.process(input, batch, now),
+            InputKind::Acks => self.process_ack(input, batch, now, source),
+        }
     }
 
     /// Processes one acknowledgement record (key: asset id; value: JSON
@@ -449,44 +328,26 @@ impl Processor {
         now: i64,
         source: i64,
     ) -> Result<()> {
-        batch.ack_next = Some(input.offset + 1);
-        let work = Work::Ack(input.offset);
-        self.pinned(work, input, batch, |p, batch| {
-            p.read_ack(input, batch, now, source)
+        batch.next.set(InputKind::Acks, Some(input.offset + 1));
+        let work = Work::Record(InputKind::Acks, input.offset);
+        self.pinned(work, input, batch, |p, batch| match decode_ack(input) {
+            Ok((id, ack)) => p.acknowledge(id, &ack, batch, now, source),
+            Err((reason, why)) => {
+                p.dead_letter(input, batch, reason, Stage::Ack, &why);
+                Ok(())
+            }
         })
     }
 
-    fn read_ack(
+    /// Applies `ack` to the twin of `id`.
+    fn acknowledge(
         &mut self,
-        input: &Input<'_>,
+        id: &str,
+        ack: &Ack,
         batch: &mut Batch,
         now: i64,
         source: i64,
     ) -> Result<()> {
-        #[derive(serde::Deserialize)]
-        struct Ack {
-            alert_id: String,
-            by: Option<String>,
-        }
-        let id = input.key.and_then(|k| std::str::from_utf8(k).ok());
-        let ack = input
-            .payload
-            .ok_or_else(|| "record has no value".to_owned())
-            .and_then(|p| serde_json::from_slice::<Ack>(p).map_err(|e| e.to_string()));
-        let (id, ack) = match (id, ack) {
-            (Some(id), Ok(ack)) if !id.is_empty() => (id, ack),
-            (_, Err(why)) => {
-                let why =
-                    format!("not an acknowledgement ({{\"alert_id\": ..., \"by\": ...}}): {why}");
-                self.dead_letter(input, batch, DeadLetterReason::Decode, "ack", &why);
-                return Ok(());
-            }
-            _ => {
-                let reason = DeadLetterReason::KeyMismatch;
-                self.dead_letter(input, batch, reason, "ack", "the key must be the asset id");
-                return Ok(());
-            }
-        };
         if !self.load(id)? {
             self.cache.remove(id);
             batch.counts.acks[AckOutcome::Unknown as usize] += 1;
@@ -649,123 +510,45 @@ impl Processor {
             return false;
         };
         let why = format!("processing panicked: {message}");
-        if let Work::Reading(offset) = work {
-            batch.next_offset = Some(offset + 1);
+        if let Work::Record(InputKind::Readings, offset) = work {
+            batch.next.set(InputKind::Readings, Some(offset + 1));
             batch.counts.consumed += 1;
         }
         // Should this panic too, the entry is still there: `quarantine` then says so.
         self.current = Some(work.clone());
-        self.dead_letter(input, batch, DeadLetterReason::Internal, "internal", &why);
+        self.dead_letter(
+            input,
+            batch,
+            DeadLetterReason::Internal,
+            Stage::Internal,
+            &why,
+        );
         self.current = None;
         true
     }
 
-    /// Stages the record for the dead-letter topic, with why in its headers. It carries the
-    /// original key, value and headers, as far as they fit in a record the producer sends
-    /// (`max_record_bytes`) and can be copied (a header name that is not UTF-8 cannot be):
-    /// what it leaves out, it names in [`OMITTED_HEADER`], with the sizes.
+    /// Stages the record for the dead-letter topic, with why (see [`super::dead_letter`]).
     fn dead_letter(
         &mut self,
         input: &Input<'_>,
         batch: &mut Batch,
         reason: DeadLetterReason,
-        stage: &str,
+        stage: Stage,
         message: &str,
     ) {
         batch.counts.dead_letter(reason);
-        let mut headers: Vec<OutputHeader> = Vec::new();
-        let mut original_bytes = 0;
-        let mut not_utf8 = 0;
-        if let Some(h) = input.headers {
-            h.each(&mut |name, value| match std::str::from_utf8(name) {
-                Ok(name) => {
-                    original_bytes += name.len() + value.map_or(0, <[u8]>::len) + HEADER_OVERHEAD;
-                    headers.push((name.to_owned(), value.map(<[u8]>::to_vec)));
-                }
-                Err(_) => not_utf8 += 1,
-            });
-        }
-        let mut message = message;
-        if message.len() > MAX_MESSAGE_BYTES {
-            let mut end = MAX_MESSAGE_BYTES;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message = &message[..end];
-        }
-        let ours = [
-            ("twinflow.error.reason", reason.label().to_owned()),
-            ("twinflow.error.stage", stage.to_owned()),
-            ("twinflow.error.message", message.to_owned()),
-            ("twinflow.source.topic", input.topic.to_owned()),
-            ("twinflow.source.partition", self.partition.to_string()),
-            (SOURCE_OFFSET_HEADER, input.offset.to_string()),
-        ];
-        // What is left for the original's key, value and headers, keeping room for the
-        // note on what was left out.
-        let fixed: usize = ours
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
-            .sum::<usize>()
-            + RECORD_OVERHEAD
-            + OMITTED_HEADER.len()
-            + 256;
-        let room = self.max_record_bytes.saturating_sub(fixed);
-        let (mut key, mut value) = (input.key, input.payload);
-        let mut omitted = Vec::new();
-        // Leave out the largest of value, headers and key until the rest fits.
-        loop {
-            let sizes = [
-                value.map_or(0, <[u8]>::len),
-                if headers.is_empty() {
-                    0
-                } else {
-                    original_bytes
-                },
-                key.map_or(0, <[u8]>::len),
-            ];
-            if sizes.iter().sum::<usize>() <= room {
-                break;
-            }
-            let largest = (0..3).max_by_key(|i| sizes[*i]).expect("three parts");
-            match largest {
-                0 => {
-                    omitted.push(format!("value: {} bytes", sizes[0]));
-                    value = None;
-                }
-                1 => {
-                    omitted.push(format!("headers: {}, {} bytes", headers.len(), sizes[1]));
-                    headers.clear();
-                }
-                _ => {
-                    omitted.push(format!("key: {} bytes", sizes[2]));
-                    key = None;
-                }
-            }
-        }
-        if !omitted.is_empty() {
-            omitted.push(format!(
-                "over the largest record the producer sends (message.max.bytes = {})",
-                self.max_record_bytes
-            ));
-        }
-        if not_utf8 > 0 {
-            omitted.push(format!(
-                "headers: {not_utf8} whose names are not UTF-8 cannot be copied"
-            ));
-        }
-        for (name, value) in ours {
-            headers.push((name.to_owned(), Some(value.into_bytes())));
-        }
-        if !omitted.is_empty() {
-            headers.push((
-                OMITTED_HEADER.to_owned(),
-                Some(omitted.join("; ").into_bytes()),
-            ));
-        }
-        batch
-            .outputs
-            .push(Target::DeadLetter, input.offset, key, value, headers);
+        let why = Why {
+            reason,
+            stage,
+            message,
+        };
+        dead_letter(
+            &mut batch.outputs,
+            input,
+            self.partition,
+            &why,
+            self.max_record_bytes,
+        );
     }
 
     /// Keeps the cache within its bound. Called between batches, when every cached twin
@@ -793,13 +576,8 @@ mod tests {
 
     fn topology() -> Arc<Topology> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        Arc::new(
-            Topology::load(
-                &root.join("topology/topics.toml"),
-                &root.join("topology/vehicle.toml"),
-            )
-            .expect("the shipped topology loads"),
-        )
+        let paths = crate::config::TopologyConfig::shipped(root, "vehicle");
+        Arc::new(Topology::load(&paths).expect("the shipped topology loads"))
     }
 
     /// Processes a moving reading of `truck-1` at `now` and commits it to the store.

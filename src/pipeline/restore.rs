@@ -11,15 +11,12 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers as _};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::Offset;
 
 use super::Shared;
-use super::processor::SOURCE_OFFSET_HEADER;
-use crate::config::Guarantee;
-use crate::error::{Disposition, Error, Result};
+use crate::error::{Disposition, Result};
+use crate::kafka::{OutputReader, Polled};
+use crate::registry::decode_fetching;
 
 /// Records per store write during a restore.
 const RESTORE_BATCH: u64 = 10_000;
@@ -34,21 +31,11 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let topic = &shared.topology.topics.changelog.name;
     let store = shared.store.partition(partition);
     let from = store.changelog_next()?;
-    let mut config = shared.restore_client.clone();
-    config
-        .set("group.id", "twinflow-restore")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest");
-    if shared.settings.guarantee == Guarantee::ExactlyOnce {
-        config.set("isolation.level", "read_committed");
-    }
-    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+    let reader = OutputReader::new(&shared.clients.reader("twinflow-restore", true))?;
+    let (low, high) = reader.watermarks(topic, partition, Duration::from_secs(30))?;
     let start = from.unwrap_or(low).max(low);
     if start >= high {
-        close_in_background(consumer);
+        reader.close_in_background();
         return Ok(0);
     }
     let (applied, remaining, seconds) = shared.metrics.restore(partition);
@@ -62,9 +49,9 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
         "Restoring twins from the changelog."
     );
     let started = Instant::now();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
-    consumer.assign(&tpl)?;
+    reader.assign(&[(topic, partition, Offset::Offset(start))])?;
+    let runtime = tokio::runtime::Handle::current();
+    let (codec, registry) = (&shared.topology.codec, shared.registry.as_deref());
 
     let time = shared.topology.model.time;
     let timers = time.offline_after.is_some() || time.idle_after.is_some();
@@ -72,16 +59,15 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let (mut in_batch, mut total, mut unfinished) = (0u64, 0u64, 0u64);
     let mut read_any = false;
     loop {
-        let m = match consumer.poll(Duration::from_secs(1)) {
-            None => continue,
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(m)) => m,
+        let m = match reader.poll(Duration::from_secs(1))? {
+            Polled::Idle => continue,
+            Polled::End(_) => break,
+            Polled::Record(m) => m,
         };
         read_any = true;
         remaining.set((high - m.offset() - 1).max(0));
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-        match (key, source_offset(&m)) {
+        match (key, m.source_offset()) {
             (None, _) => tracing::warn!(
                 partition,
                 offset = m.offset(),
@@ -89,15 +75,16 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
             ),
             (Some(_), Some(source)) if source >= resume => unfinished += 1,
             (Some(key), _) => {
-                match m.payload().map(|v| stored_twin(shared, v)) {
+                let stored = m
+                    .value()
+                    .map(|v| decode_fetching(registry, codec, &runtime, |c| c.stored_twin(v)));
+                match stored {
                     Some(Ok(twin)) => {
                         batch.put_twin(key, &twin);
                         if timers {
                             // An older entry of this twin may stay behind: a timer that
                             // comes due checks the twin before it fires.
-                            let deadline = shared
-                                .topology
-                                .codec
+                            let deadline = codec
                                 .decode_twin(&twin)
                                 .ok()
                                 .and_then(|t| shared.topology.model.deadline(&t));
@@ -136,7 +123,7 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
         applied.inc_by(in_batch);
     }
     remaining.set(0);
-    close_in_background(consumer);
+    reader.close_in_background();
     let elapsed = started.elapsed().as_secs_f64();
     seconds.set(elapsed);
     tracing::info!(
@@ -149,55 +136,6 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     );
     Ok(total)
 }
-
-/// A changelog value as the store keeps it, fetching its writer schema from the registry
-/// first when it is Confluent-framed with an id not seen yet.
-fn stored_twin<'a>(shared: &Shared, value: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>> {
-    let codec = &shared.topology.codec;
-    loop {
-        match codec.stored_twin(value) {
-            Err(Error::SchemaNeeded(id)) => {
-                let registry = shared.registry.as_ref().ok_or_else(|| {
-                    Error::Config("a Confluent-framed changelog needs [schema_registry]".into())
-                })?;
-                // On a blocking thread: wait for the fetch on the instance's runtime.
-                tokio::runtime::Handle::current().block_on(registry.fetch(id, codec))?;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// The input offset a changelog record came from, from its header.
-fn source_offset(m: &BorrowedMessage<'_>) -> Option<i64> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == SOURCE_OFFSET_HEADER)
-        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-}
-
-/// Closes a restore consumer off the calling thread: librdkafka's close waits for its
-/// broker threads (100 ms and more on a busy broker), and the partition is ready without it.
-fn close_in_background(consumer: BaseConsumer<Quiet>) {
-    // Should the thread not start, the consumer is closed here, when the closure drops.
-    let _ = std::thread::Builder::new()
-        .name("twinflow-restore-close".into())
-        .spawn(move || drop(consumer));
-}
-
-/// A consumer context that does not log the end of a partition, which a restore reads on
-/// purpose.
-struct Quiet;
-
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
-            tracing::warn!(%error, reason, "Restore consumer error.");
-        }
-    }
-}
-
-impl ConsumerContext for Quiet {}
 
 /// Runs `f` when dropped.
 fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {

@@ -1,53 +1,46 @@
-//! The partition worker: the async shell around a [`Processor`] for one input partition.
+//! The partition worker: the async shell around a [`Processor`] for one partition and its
+//! inputs ([`InputKind`]: telemetry and acknowledgements).
 //!
-//! It restores the partition's twins from the changelog, then loops: wait for records, take
-//! the read side of the commit gate, process a batch into the partition's staged state, send
-//! the batch's outputs, release the gate. The [`Committer`] makes staged state durable.
+//! It restores the partition's twins from the changelog, then loops: wait for records of
+//! any input (or a timer tick), take the read side of the commit gate, process a batch of
+//! one input into the partition's staged state, send the batch's outputs, release the gate.
+//! The [`Committer`] makes staged state durable.
 //!
 //! Invariants:
 //! - nothing reaches the store that Kafka has not made durable (see the committer);
 //! - when staged work was dropped (the committer's epoch moved), the worker forgets its cache
-//!   and seeks back to the stored position before processing anything else, so every input
-//!   record is applied exactly once to the committed state.
+//!   and seeks every input back to its stored position before processing anything else, so
+//!   every input record is applied exactly once to the committed state.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer as _;
-use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::{Message, Offset};
-use tokio::sync::watch;
+use rdkafka::Message;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::committer::{Committer, Slot};
-use super::processor::{
-    Batch, Input, Outputs, Processor, RecordHeaders, SOURCE_OFFSET_HEADER, Target, Work,
-};
+use super::committer::Committer;
+use super::input::{Input, InputKind, PerInput, RecordHeaders};
+use super::output::Outputs;
+use super::processor::{Batch, Processor, Work};
 use super::restore::restore;
+use super::slot::Slot;
 use crate::error::{Disposition, Error, Result};
-use crate::kafka::{Consumer, MessageHeaders, PartitionStream, cached_watermarks};
+use crate::kafka::{MessageHeaders, PartitionStream};
 
 /// What woke the worker.
 enum Next<'a> {
-    /// A telemetry record.
-    Reading(rdkafka::error::KafkaResult<BorrowedMessage<'a>>),
-    /// An acknowledgement record.
-    Ack(rdkafka::error::KafkaResult<BorrowedMessage<'a>>),
+    /// A record of an input (the index in the worker's inputs).
+    Record(usize, KafkaResult<BorrowedMessage<'a>>),
     /// Time to look for due timers.
     Tick,
     /// The commit epoch moved: staged work was dropped.
     Epoch,
-}
-
-/// The two inputs of a partition.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Source {
-    /// Telemetry readings.
-    Readings,
-    /// Alert acknowledgements.
-    Acks,
 }
 
 /// Consecutive failures of a restore or a rewind after which the worker gives up.
@@ -68,39 +61,85 @@ pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
+/// The input streams of a partition, read in turn.
+pub struct Inputs {
+    streams: Vec<(InputKind, PartitionStream)>,
+    /// Notified when records arrive in any of the streams' empty queues.
+    ready: Arc<Notify>,
+    /// The input looked at first next time, so that a busy input does not starve another.
+    turn: AtomicUsize,
+}
+
+impl Inputs {
+    /// The inputs of a partition: `split` splits each input's partition off the consumer
+    /// with the notifier they share.
+    ///
+    /// # Errors
+    /// What `split` returns.
+    pub fn split(
+        mut split: impl FnMut(InputKind, &Arc<Notify>) -> Result<PartitionStream>,
+    ) -> Result<Inputs> {
+        let ready = Arc::new(Notify::new());
+        let streams = InputKind::ALL
+            .into_iter()
+            .map(|kind| Ok((kind, split(kind, &ready)?)))
+            .collect::<Result<_>>()?;
+        Ok(Inputs {
+            streams,
+            ready,
+            turn: AtomicUsize::new(0),
+        })
+    }
+
+    /// The next record of any input, waiting for one. Cancel-safe.
+    ///
+    /// librdkafka signals only the empty → non-empty transition of a queue, and not on
+    /// every path that fills one; like rdkafka's own stream consumer, each wait is therefore
+    /// bounded, so a missed signal costs at most `RECHECK`, never a wedged partition.
+    async fn next(&self) -> (usize, KafkaResult<BorrowedMessage<'_>>) {
+        const RECHECK: Duration = Duration::from_millis(100);
+        let n = self.streams.len();
+        loop {
+            let first = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+            for i in (0..n).map(|i| (first + i) % n) {
+                if let Some(m) = self.streams[i].1.try_next() {
+                    return (i, m);
+                }
+            }
+            let _ = tokio::time::timeout(RECHECK, self.ready.notified()).await;
+        }
+    }
+}
+
 /// One partition's worker.
 pub struct PartitionWorker {
     shared: Arc<Shared>,
     committer: Arc<Committer>,
-    consumer: Arc<Consumer>,
     slot: Arc<Slot>,
     partition: i32,
     processor: Processor,
-    /// Where processing starts. Rewinds never go below it, and a restore applies only
-    /// changelog records of input before it.
-    start: i64,
-    /// Records below this offset are from before a rewind and are ignored.
-    floor: i64,
-    /// The next input offset to process: timer output goes with this position.
+    /// Where each input starts. Rewinds never go below it, and a restore applies only
+    /// changelog records of readings before it.
+    start: PerInput<i64>,
+    /// Per input, records below this offset are from before a rewind and are ignored.
+    floor: PerInput<i64>,
+    /// The next reading offset to process: output of other inputs and of timers goes with
+    /// this position.
     position: i64,
-    /// Acknowledgements below this offset are from before a rewind and are ignored.
-    ack_floor: i64,
     epoch: u64,
     epochs: watch::Receiver<u64>,
     /// A record that was not processed because its writer schema (this registry id) must
-    /// be fetched first, and its offset, where processing goes on.
-    needs_schema: Option<(u32, i64)>,
+    /// be fetched first: its input and offset, where processing goes on.
+    needs_schema: Option<(u32, usize, i64)>,
 }
 
 impl PartitionWorker {
-    /// A worker for the partition of `slot`.
+    /// A worker for the partition of `slot`, whose inputs start at `start`.
     pub fn new(
         shared: Arc<Shared>,
         committer: Arc<Committer>,
-        consumer: Arc<Consumer>,
         slot: Arc<Slot>,
-        start: i64,
-        ack_start: i64,
+        start: PerInput<i64>,
     ) -> Self {
         let store = shared.store.partition(slot.partition);
         PartitionWorker {
@@ -115,35 +154,27 @@ impl PartitionWorker {
             epochs: committer.epochs(),
             start,
             floor: start,
-            position: start,
-            ack_floor: ack_start,
+            position: start.get(InputKind::Readings),
             needs_schema: None,
             shared,
             committer,
-            consumer,
             slot,
         }
     }
 
-    /// Restores, then processes until `stop` is cancelled (after finishing the batch in
-    /// flight) or a fatal error.
+    /// Restores, then processes `inputs` until `stop` is cancelled (after finishing the
+    /// batch in flight) or a fatal error.
     ///
     /// # Errors
     /// A fatal error, or a transient one that kept failing `MAX_REPLAYS` times in a row.
-    pub async fn run(
-        mut self,
-        stream: PartitionStream,
-        acks: PartitionStream,
-        stop: CancellationToken,
-    ) -> Result<()> {
+    pub async fn run(mut self, inputs: Inputs, stop: CancellationToken) -> Result<()> {
         let mut failures = 0u32;
         loop {
             let shared = self.shared.clone();
             let partition = self.partition;
-            let start = self.start;
-            let restored = tokio::task::spawn_blocking(move || restore(&shared, partition, start))
-                .await
-                .map_err(|e| Error::Store(format!("restore task: {e}")))?;
+            let start = self.position;
+            let restored =
+                tokio::task::spawn_blocking(move || restore(&shared, partition, start)).await?;
             match restored {
                 Ok(_) => break,
                 Err(e) => failures = self.retry(e, failures, &stop).await?,
@@ -152,10 +183,8 @@ impl PartitionWorker {
                 return Ok(());
             }
         }
-        self.slot.metrics.next_offset.set(self.start);
-        self.slot
-            .processing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.slot.metrics.next_offset.set(self.position);
+        self.slot.start_processing();
         let time = self.shared.topology.model.time;
         let timers = time.offline_after.is_some() || time.idle_after.is_some();
         let mut ticks = tokio::time::interval(self.shared.settings.timer_interval);
@@ -169,8 +198,7 @@ impl PartitionWorker {
                 _ = stop.cancelled() => return Ok(()),
                 _ = self.epochs.changed() => Next::Epoch,
                 _ = ticks.tick(), if timers => Next::Tick,
-                m = stream.next() => Next::Reading(m),
-                m = acks.next() => Next::Ack(m),
+                (i, m) = inputs.next() => Next::Record(i, m),
             };
             let committer = self.committer.clone();
             let gate = committer.gate().await;
@@ -179,7 +207,7 @@ impl PartitionWorker {
                 drop(next);
                 drop(gate);
                 self.back_off(&stop).await;
-                failures = match self.rewind().await {
+                failures = match self.rewind(&inputs).await {
                     Ok(()) => 0,
                     Err(e) => self.retry(e, failures, &stop).await?,
                 };
@@ -187,8 +215,10 @@ impl PartitionWorker {
             }
             let started = Instant::now();
             let outcome = match next {
-                Next::Reading(first) => self.run_records(Source::Readings, first, &stream).await,
-                Next::Ack(first) => self.run_records(Source::Acks, first, &acks).await,
+                Next::Record(i, first) => {
+                    let (kind, stream) = &inputs.streams[i];
+                    self.run_records(*kind, i, first, stream).await
+                }
                 Next::Tick => self.run_timers().await,
                 Next::Epoch => continue,
             };
@@ -198,9 +228,10 @@ impl PartitionWorker {
                 self.committer.poison(!matches!(e, Error::Panicked { .. }));
             }
             drop(gate);
-            if let Some((id, offset)) = self.needs_schema.take() {
+            if let Some((id, input, offset)) = self.needs_schema.take() {
                 // Outside the gate: a slow registry must not hold up other partitions' commits.
-                self.fetch_schema(id, offset, &stop).await?;
+                self.fetch_schema(id, &stop).await?;
+                inputs.streams[input].1.seek(offset).await?;
             }
             match outcome {
                 Ok(()) => self
@@ -223,17 +254,20 @@ impl PartitionWorker {
         }
     }
 
-    /// Before a rewind: waits the retry back-off for the failures in a row (doubling from
-    /// `processing.retry_backoff` up to 30 s), so work that keeps failing does not spin.
-    async fn back_off(&self, stop: &CancellationToken) {
-        let failures = self.committer.failures();
-        if failures == 0 {
-            return;
-        }
-        let backoff = self.shared.settings.retry_backoff * 2u32.pow((failures - 1).min(6));
+    /// Waits `pause`, or until `stop`.
+    async fn pause(pause: Duration, stop: &CancellationToken) {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+
+    /// Before a rewind: waits the retry back-off for the failures in a row, so work that
+    /// keeps failing does not spin.
+    async fn back_off(&self, stop: &CancellationToken) {
+        let failures = self.committer.failures();
+        if failures > 0 {
+            Self::pause(self.shared.settings.backoff(failures - 1), stop).await;
         }
     }
 
@@ -253,9 +287,8 @@ impl PartitionWorker {
         };
         self.shared.metrics.panics(work.kind()).inc();
         let (topic, what) = match &work {
-            Work::Reading(offset) => (self.slot.topic.as_str(), format!("offset {offset}")),
-            Work::Ack(offset) => (
-                self.shared.topology.topics.acks.name.as_str(),
+            Work::Record(input, offset) => (
+                input.topic(&self.shared.topology.topics),
                 format!("offset {offset}"),
             ),
             Work::Timer(deadline, id) => ("timer", format!("asset {id} due at {deadline}")),
@@ -279,28 +312,23 @@ impl PartitionWorker {
             return Err(e);
         }
         tracing::warn!(error = %e, partition = self.partition, attempt = failures + 1, "Partition failed; retrying from the stored position.");
-        let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6));
-        tokio::select! {
-            _ = stop.cancelled() => {}
-            _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
-        }
+        Self::pause(self.shared.settings.backoff(failures), stop).await;
         Ok(failures + 1)
     }
 
-    /// Processes the waiting records of one input (`first` and what else is fetched, up to a
-    /// batch) into the staged batch and sends their outputs.
+    /// Processes the waiting records of input `kind` (number `index` of the worker's;
+    /// `first` and what else is fetched, up to a batch) into the staged batch and sends
+    /// their outputs.
     async fn run_records(
         &mut self,
-        source: Source,
-        first: rdkafka::error::KafkaResult<BorrowedMessage<'_>>,
+        kind: InputKind,
+        index: usize,
+        first: KafkaResult<BorrowedMessage<'_>>,
         stream: &PartitionStream,
     ) -> Result<()> {
         let mut batch = self.staged();
         let now = self.shared.clock.now_ms();
-        let floor = match source {
-            Source::Readings => self.floor,
-            Source::Acks => self.ack_floor,
-        };
+        let floor = self.floor.get(kind);
         let mut next = Some(first);
         let mut taken = 0;
         let mut result = Ok(());
@@ -324,22 +352,19 @@ impl PartitionWorker {
                         offset: m.offset(),
                         headers: Some(&headers),
                     };
-                    let processed = match source {
-                        Source::Readings => self.processor.process(&record, &mut batch, now),
-                        Source::Acks => {
-                            self.processor
-                                .process_ack(&record, &mut batch, now, self.position - 1)
-                        }
-                    };
-                    match processed {
+                    let source = self.position - 1;
+                    let processed = self
+                        .processor
+                        .process_input(kind, &record, &mut batch, now, source);
+                    match processed.map_err(|e| (e.disposition(), e)) {
                         Ok(()) => {}
-                        Err(Error::SchemaNeeded(id)) => {
+                        Err((Disposition::FetchSchema(id), _)) => {
                             // The batch ends before this record; it is read again once the
                             // schema is known.
-                            self.needs_schema = Some((id, m.offset()));
+                            self.needs_schema = Some((id, index, m.offset()));
                             break;
                         }
-                        Err(e) => {
+                        Err((_, e)) => {
                             result = Err(e);
                             break;
                         }
@@ -357,15 +382,12 @@ impl PartitionWorker {
             result = Err(self.panicked(&*panic));
         }
         drop(next);
-        if let Some(next) = batch.next_offset.filter(|_| source == Source::Readings) {
-            self.position = next;
-            // Input not yet committed: the end as of the last fetch (cached by the client,
-            // no request) minus the committed position.
-            if let Some((_, high)) =
-                cached_watermarks(&*self.consumer, &self.slot.topic, self.partition)
-            {
-                let lag = high - self.slot.committed();
-                self.slot.metrics.lag.set(lag.max(0));
+        if kind == InputKind::Readings {
+            if let Some(next) = batch.next.get(InputKind::Readings) {
+                self.position = next;
+            }
+            if let Some(end) = stream.end() {
+                self.slot.saw_end(end);
             }
         }
         self.send_and_stage(batch, result).await
@@ -373,7 +395,7 @@ impl PartitionWorker {
 
     /// Fires the due timers into the staged batch and sends their outputs.
     async fn run_timers(&mut self) -> Result<()> {
-        let fresh = self.slot.staged.lock().expect("slot lock").is_none();
+        let fresh = self.slot.is_empty();
         let mut batch = self.staged();
         let now = self.shared.clock.now_ms();
         let limit = self.shared.settings.batch_max_records;
@@ -393,20 +415,22 @@ impl PartitionWorker {
     /// The partition's staged batch, or a new one. Nothing staged and no commit settling
     /// means the store holds everything, so the cache may shed twins.
     fn staged(&mut self) -> Batch {
-        let staged = self.slot.staged.lock().expect("slot lock").take();
+        let staged = self.slot.take_staged();
         staged.unwrap_or_else(|| self.processor.batch(self.committer.settled()))
     }
 
     /// Sends the batch's outputs (unless processing failed) and stages it for the committer.
-    /// Work without input of its own (acknowledgements, timers) commits with the current
-    /// input position.
+    /// Work without readings of its own (other inputs, timers) commits with the current
+    /// reading position.
     async fn send_and_stage(&mut self, mut batch: Batch, mut result: Result<()>) -> Result<()> {
-        batch.next_offset.get_or_insert(self.position);
+        if batch.next.get(InputKind::Readings).is_none() {
+            batch.next.set(InputKind::Readings, Some(self.position));
+        }
         if result.is_ok() {
             result = self.send(&batch.outputs).await;
         }
         batch.outputs.clear();
-        *self.slot.staged.lock().expect("slot lock") = Some(batch);
+        self.slot.stage(batch);
         result
     }
 
@@ -414,42 +438,19 @@ impl PartitionWorker {
     async fn send(&self, outputs: &Outputs) -> Result<()> {
         let topics = &self.shared.topology.topics;
         let generation = self.committer.generation();
+        let mut scratch = String::new();
         for o in &outputs.records {
-            let (key, payload) = outputs.bytes(o);
-            let (topic, partition, headers) = match o.target {
-                Target::Changelog => {
-                    let source = o.source.to_string();
-                    let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
-                        key: SOURCE_OFFSET_HEADER,
-                        value: Some(&source),
-                    });
-                    (&topics.changelog.name, Some(self.partition), Some(headers))
-                }
-                Target::Alerts => (&topics.alerts.name, None, None),
-                Target::DeadLetter => {
-                    let headers = o
-                        .headers
-                        .iter()
-                        .fold(OwnedHeaders::new(), |h, (key, value)| {
-                            h.insert(Header {
-                                key,
-                                value: value.as_deref(),
-                            })
-                        });
-                    (&topics.dead_letter.name, None, Some(headers))
-                }
-            };
+            let r = outputs.route(o, topics, self.partition, &mut scratch);
             self.shared
                 .producer
-                .send(generation, topic, partition, key, payload, headers)
+                .send(generation, r.topic, r.partition, r.key, r.value, &r.headers)
                 .await?;
         }
         Ok(())
     }
 
-    /// Fetches writer schema `id` from the registry, retrying while it cannot be reached, and
-    /// seeks back to `offset`, the record that needs it.
-    async fn fetch_schema(&mut self, id: u32, offset: i64, stop: &CancellationToken) -> Result<()> {
+    /// Fetches writer schema `id` from the registry, retrying while it cannot be reached.
+    async fn fetch_schema(&mut self, id: u32, stop: &CancellationToken) -> Result<()> {
         let registry = self.shared.registry.clone().ok_or_else(|| {
             Error::Config("a Confluent-framed input needs [schema_registry]".into())
         })?;
@@ -458,72 +459,38 @@ impl PartitionWorker {
             if e.disposition() != Disposition::Retry {
                 return Err(e);
             }
-            let backoff = self.shared.settings.retry_backoff * 2u32.pow(failures.min(6));
             tracing::warn!(error = %e, partition = self.partition, "Schema registry unavailable; retrying.");
-            failures += 1;
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(backoff.min(Duration::from_secs(30))) => {}
+            if stop.is_cancelled() {
+                return Ok(());
             }
+            Self::pause(self.shared.settings.backoff(failures), stop).await;
+            failures += 1;
         }
-        let (consumer, topic, partition) = (
-            self.consumer.clone(),
-            self.slot.topic.clone(),
-            self.partition,
-        );
-        tokio::task::spawn_blocking(move || {
-            consumer.seek(
-                &topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            )
-        })
-        .await
-        .map_err(|e| Error::Store(format!("seek task: {e}")))??;
         Ok(())
     }
 
-    /// Forgets in-memory state and seeks back to the stored position.
-    async fn rewind(&mut self) -> Result<()> {
+    /// Forgets in-memory state and seeks every input back to its stored position.
+    async fn rewind(&mut self, inputs: &Inputs) -> Result<()> {
         self.epoch = *self.epochs.borrow_and_update();
         self.slot.metrics.replays.inc();
         self.processor.reset();
-        self.slot.staged.lock().expect("slot lock").take();
-        let stored = self
-            .shared
-            .store
-            .partition(self.partition)
-            .next_offset(&self.slot.topic)?;
-        self.floor = stored.unwrap_or(self.start).max(self.start);
-        self.position = self.floor;
-        let acks = &self.shared.topology.topics.acks.name;
-        let ack_stored = self
-            .shared
-            .store
-            .partition(self.partition)
-            .next_offset(acks)?;
-        // Without a stored position the acknowledgements were read from ack_floor on.
-        self.ack_floor = ack_stored.unwrap_or(self.ack_floor);
-        self.processor.forget_before(self.floor, self.ack_floor);
-        let seeks = [
-            (self.slot.topic.clone(), self.floor),
-            (acks.clone(), self.ack_floor),
-        ];
-        let consumer = self.consumer.clone();
-        let partition = self.partition;
-        tokio::task::spawn_blocking(move || {
-            seeks.iter().try_for_each(|(topic, offset)| {
-                consumer.seek(
-                    topic,
-                    partition,
-                    Offset::Offset(*offset),
-                    Duration::from_secs(10),
-                )
-            })
-        })
-        .await
-        .map_err(|e| Error::Store(format!("seek task: {e}")))??;
+        self.slot.take_staged();
+        let store = self.shared.store.partition(self.partition);
+        let topics = &self.shared.topology.topics;
+        for (kind, _) in &inputs.streams {
+            // Without a stored position, the input was read from its start (or floor) on.
+            let stored = store.next_offset(kind.topic(topics))?;
+            let floor = match stored {
+                Some(at) => at.max(self.start.get(*kind)),
+                None => self.floor.get(*kind).max(self.start.get(*kind)),
+            };
+            self.floor.set(*kind, floor);
+        }
+        self.position = self.floor.get(InputKind::Readings);
+        self.processor.forget_before(&self.floor);
+        for (kind, stream) in &inputs.streams {
+            stream.seek(self.floor.get(*kind)).await?;
+        }
         Ok(())
     }
 }

@@ -39,7 +39,8 @@ impl Op {
         }
     }
 
-    fn holds(self, value: f64, threshold: f64) -> bool {
+    /// Whether `value op threshold` holds.
+    pub fn holds(self, value: f64, threshold: f64) -> bool {
         match self {
             Op::Gt => value > threshold,
             Op::Ge => value >= threshold,

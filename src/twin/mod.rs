@@ -226,17 +226,22 @@ impl NoChange {
 }
 
 impl Twin {
-    /// A twin that has never received a reading.
+    /// A twin of `model` that has never received a reading.
     pub fn new(asset_id: &str, model: &Model) -> Twin {
+        Twin::blank(asset_id.to_owned(), model.properties.len())
+    }
+
+    /// A twin with `properties` properties that has never received a reading.
+    pub fn blank(asset_id: String, properties: usize) -> Twin {
         Twin {
-            asset_id: asset_id.to_owned(),
+            asset_id,
             version: 0,
             event_time: 0,
             last_seen: 0,
             updated_at: 0,
             still_since: None,
             status: Status::Active,
-            props: vec![None; model.properties.len()],
+            props: vec![None; properties],
             alerts: Vec::new(),
             pending: Vec::new(),
         }

@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message};
 
-use super::{root, untimed_vehicle_topology};
+use super::{free_port, http_get, root, untimed_vehicle_topology};
 
 /// How an instance is configured beyond the defaults.
 pub struct Settings<'a> {
@@ -104,13 +104,7 @@ impl Instance {
 
     /// The /metrics page (`None` until the instance answers).
     pub fn scrape(&self) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        Some(body)
+        http_get(self.http, "/metrics").map(|(_, body)| body)
     }
 
     /// The sum of a metric's series (0 until the instance answers).
@@ -253,12 +247,4 @@ pub fn feed(
         }
         producer.flush(Duration::from_secs(60)).unwrap();
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

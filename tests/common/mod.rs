@@ -26,19 +26,35 @@ use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
 use twinflow::twin::{Reading, Twin, Value};
 
+/// `GET path` on `127.0.0.1:port`, HTTP/1.0: the status code and the body (`None` while
+/// nothing answers).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: twinflow\r\n\r\n").ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 pub fn vehicle_topology() -> TopologyConfig {
-    TopologyConfig {
-        topics: root().join("topology/topics.toml"),
-        model: root().join("topology/vehicle.toml"),
-    }
+    TopologyConfig::shipped(&root(), "vehicle")
 }
 
 /// The vehicle model without its wall-clock timers (idle, offline): for tests that run the
-/// binary on the system clock and compare it with an oracle computed in an instant.
+/// binary on the system clock and compare its outputs with the input processed once, computed in an instant.
 pub fn untimed_vehicle_topology() -> TopologyConfig {
     static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
     let dir = DIR.get_or_init(|| {
@@ -60,8 +76,10 @@ pub fn untimed_vehicle_topology() -> TopologyConfig {
 }
 
 /// An embedded cluster with the topology's topics, and a stopped pipeline on it.
-pub fn on_embedded(topology: TopologyConfig) -> (twinflow::embedded::EmbeddedKafka, TestPipeline) {
-    let kafka = twinflow::embedded::EmbeddedKafka::start(1).unwrap();
+pub fn on_embedded(
+    topology: TopologyConfig,
+) -> (twinflow::demo::embedded::EmbeddedKafka, TestPipeline) {
+    let kafka = twinflow::demo::embedded::EmbeddedKafka::start(1).unwrap();
     let p = TestPipeline::new(&kafka.bootstrap_servers(), topology, &[]);
     for spec in p.topology.topics.all() {
         kafka.create_topic(&spec.name, spec.partitions).unwrap();
@@ -108,8 +126,7 @@ impl TestPipeline {
     /// A stopped pipeline on `bootstrap` with the given topology; `extra` librdkafka
     /// properties go to every client.
     pub fn new(bootstrap: &str, topology_paths: TopologyConfig, extra: &[(&str, &str)]) -> Self {
-        let topology =
-            Topology::load(&topology_paths.topics, &topology_paths.model).expect("topology loads");
+        let topology = Topology::load(&topology_paths).expect("topology loads");
         let extra: BTreeMap<String, String> = extra
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -524,7 +541,7 @@ pub fn avro_read(schema: &apache_avro::Schema, bytes: &[u8]) -> apache_avro::typ
 
 /// What processing an input once, in order, through the pipeline's own record logic must
 /// produce: the expectation the end-to-end tests compare outputs with.
-pub struct Oracle {
+pub struct ProcessedOnce {
     /// The last twin of each asset.
     pub twins: BTreeMap<String, Twin>,
     /// Alert events by `(alert_id, state)`, with how often each occurs.
@@ -540,13 +557,17 @@ pub struct Oracle {
 }
 
 /// Runs `input` (key, value) through a [`Processor`] at processing time `now`.
-pub fn oracle(topology: &Arc<Topology>, input: &[(&[u8], &[u8])], now: i64) -> Oracle {
-    use twinflow::pipeline::processor::{Input, Processor, Target};
+pub fn processed_once(
+    topology: &Arc<Topology>,
+    input: &[(&[u8], &[u8])],
+    now: i64,
+) -> ProcessedOnce {
+    use twinflow::pipeline::{Input, Processor, Target};
     let dir = tempfile::tempdir().unwrap();
     let store = twinflow::store::Store::open(dir.path()).unwrap();
     let mut processor = Processor::new(topology.clone(), store.partition(0), usize::MAX);
     let schema = apache_avro::Schema::parse_str(twinflow::codec::ALERT_SCHEMA).unwrap();
-    let mut o = Oracle {
+    let mut o = ProcessedOnce {
         twins: BTreeMap::new(),
         alerts: BTreeMap::new(),
         alert_events: 0,
@@ -619,11 +640,11 @@ pub fn now_ms() -> i64 {
 }
 
 /// Checks what every guarantee promises: the last changelog twin of every asset equals the
-/// oracle's (processing time aside), every alert transition is there and no other, and a
+/// input processed once (processing time aside), every alert transition is there and no other, and a
 /// version written more than once is an identical replay.
-pub fn assert_outputs_match(
+pub fn assert_delivery_invariants(
     topology: &Topology,
-    expected: &Oracle,
+    expected: &ProcessedOnce,
     changelog: &[OwnedMessage],
     alerts: &[OwnedMessage],
 ) -> Seen {

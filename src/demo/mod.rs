@@ -1,6 +1,12 @@
-//! `twinflow demo`: the whole system in one process, with no Kafka to install. An embedded
-//! Kafka-protocol cluster, the topics of the topology, the fleet simulator and the pipeline,
-//! with a progress line every two seconds.
+//! `twinflow demo`: the whole system in one process, with no Kafka to install, and the parts
+//! only the demo, the simulator command, the tests and the benchmarks use: the embedded
+//! cluster ([`embedded`]) and the fleet simulator ([`sim`]).
+//!
+//! `twinflow demo` runs, in one process, an embedded Kafka-protocol cluster, the topics of
+//! the topology, the fleet simulator (for any model) and the pipeline, with a progress line
+//! every two seconds. The fleet's recent past comes
+//! first, as a backlog sent as fast as it goes, so alerts that need a breach to last (a
+//! rule's `for`) show within seconds; then the fleet is live at `--rate`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,9 +22,12 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{
     Config, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
 };
-use crate::embedded::EmbeddedKafka;
-use crate::sim::{self, Fleet, FleetConfig, Publish};
+pub mod embedded;
+pub mod sim;
+
 use crate::topology::Topology;
+use embedded::EmbeddedKafka;
+use sim::{Fleet, FleetConfig, Publish};
 
 /// What the demo runs (the options of `twinflow demo`).
 #[derive(Clone, Debug, clap::Args)]
@@ -26,9 +35,12 @@ pub struct DemoOptions {
     /// Stop after this long (e.g. 30s, 5m); runs until Ctrl-C without it.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Simulated vehicles.
+    /// Simulated assets (vehicles, or machines of another model).
     #[arg(long, default_value_t = 2000)]
     pub assets: usize,
+    /// How much of the fleet's past arrives first, as a backlog (e.g. 1m; 0s for none).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    pub backlog: Duration,
     /// Readings per second.
     #[arg(long, default_value_t = 5000)]
     pub rate: u64,
@@ -54,7 +66,7 @@ pub struct DemoOptions {
 /// # Errors
 /// When any part fails to start, or the pipeline fails.
 pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
-    let topology = Topology::load(&opts.topology.topics, &opts.topology.model)?;
+    let topology = Topology::load(&opts.topology)?;
     let kafka = EmbeddedKafka::start(1)?;
     for spec in topology.topics.all() {
         kafka.create_topic(&spec.name, spec.partitions)?;
@@ -92,17 +104,33 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         "twinflow demo: embedded Kafka at {}",
         kafka.bootstrap_servers()
     );
+    let stop_sim = Arc::new(AtomicBool::new(false));
+    let backlog_ms = opts.backlog.as_millis() as i64;
+    let fleet = Fleet::new(
+        FleetConfig {
+            assets: opts.assets,
+            seed: opts.seed,
+            malformed: opts.malformed,
+            start_ms: SystemClock.now_ms() - backlog_ms,
+            interval_ms: ((opts.assets as u64 * 1000) / opts.rate.max(1)).max(1) as i64,
+        },
+        &topology,
+    )?;
     println!(
-        "  {} vehicles, {} readings/s, {:.1}% malformed, seed {}",
+        "  {} assets of {}, {} readings/s after a backlog of {}, {:.1}% malformed, seed {}",
         opts.assets,
+        opts.topology.model.display(),
         opts.rate,
+        humantime::format_duration(opts.backlog),
         opts.malformed * 100.0,
         opts.seed
     );
+    println!("  fleet page: http://{addr}/   (live map, statuses and alerts)");
     println!(
-        "  twins:   curl http://{addr}/twins?limit=5   ·   curl http://{addr}/twins/reefer-00003"
+        "  twins:      curl http://{addr}/twins?limit=5   ·   curl http://{addr}/twins/{}",
+        fleet.asset_id(opts.assets.min(4) - 1)
     );
-    println!("  metrics: curl http://{addr}/metrics");
+    println!("  alerts:     curl http://{addr}/alerts   ·   metrics: curl http://{addr}/metrics");
     println!(
         "  stop with Ctrl-C{}",
         opts.duration.map_or(String::new(), |d| format!(
@@ -111,21 +139,11 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         ))
     );
 
-    let stop_sim = Arc::new(AtomicBool::new(false));
-    let fleet = Fleet::new(
-        FleetConfig {
-            assets: opts.assets,
-            seed: opts.seed,
-            malformed: opts.malformed,
-            start_ms: SystemClock.now_ms(),
-            interval_ms: ((opts.assets as u64 * 1000) / opts.rate.max(1)).max(1) as i64,
-        },
-        &topology.codec,
-    )?;
     let publish = Publish {
         client: config.kafka.admin_config(),
         topic: topology.topics.telemetry.name.clone(),
         rate: opts.rate,
+        burst: (backlog_ms as u64).saturating_mul(opts.rate) / 1000,
         count: None,
         duration: None,
     };

@@ -1,0 +1,142 @@
+//! The reader of twinflow's output topics: a consumer that assigns itself partitions at
+//! given positions and reads them as the pipeline committed them. It serves the restore
+//! (one changelog partition, to its end) and the fleet view (every changelog and alert
+//! partition, on and on).
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers as _};
+use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
+
+use crate::error::Result;
+use crate::headers::SOURCE_OFFSET;
+
+/// What a poll brought.
+pub enum Polled<'a> {
+    /// A record.
+    Record(OutputRecord<'a>),
+    /// The reader reached the end of this partition, as it is now.
+    End(i32),
+    /// Nothing within the timeout.
+    Idle,
+}
+
+/// One record of an output topic.
+pub struct OutputRecord<'a>(BorrowedMessage<'a>);
+
+impl OutputRecord<'_> {
+    /// Its topic.
+    pub fn topic(&self) -> &str {
+        self.0.topic()
+    }
+
+    /// Its partition.
+    pub fn partition(&self) -> i32 {
+        self.0.partition()
+    }
+
+    /// Its offset.
+    pub fn offset(&self) -> i64 {
+        self.0.offset()
+    }
+
+    /// Its key: the asset id.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.0.key()
+    }
+
+    /// Its value; `None` for a tombstone.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.0.payload()
+    }
+
+    /// The input offset it came from (its `twinflow.source.offset` header).
+    pub fn source_offset(&self) -> Option<i64> {
+        self.0
+            .headers()?
+            .iter()
+            .find(|h| h.key == SOURCE_OFFSET)
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+    }
+}
+
+/// A reader of output partitions; see the module documentation.
+pub struct OutputReader {
+    consumer: BaseConsumer<Quiet>,
+}
+
+impl OutputReader {
+    /// A reader with `config` (from [`super::Clients::reader`]).
+    ///
+    /// # Errors
+    /// When librdkafka refuses the configuration.
+    pub fn new(config: &ClientConfig) -> Result<OutputReader> {
+        Ok(OutputReader {
+            consumer: config.create_with_context(Quiet)?,
+        })
+    }
+
+    /// The `(low, high)` offsets of a partition, asked of the broker.
+    ///
+    /// # Errors
+    /// When the broker does not answer within `timeout`.
+    pub fn watermarks(&self, topic: &str, partition: i32, timeout: Duration) -> Result<(i64, i64)> {
+        Ok(self.consumer.fetch_watermarks(topic, partition, timeout)?)
+    }
+
+    /// A partition's `(low, high)` offsets as of the last fetch; see [`super::cached_watermarks`].
+    pub fn cached_watermarks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        super::cached_watermarks(&self.consumer, topic, partition)
+    }
+
+    /// Reads these partitions from these positions (and no others).
+    ///
+    /// # Errors
+    /// When the assignment is refused.
+    pub fn assign(&self, from: &[(&str, i32, Offset)]) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in from {
+            tpl.add_partition_offset(topic, *partition, *offset)?;
+        }
+        Ok(self.consumer.assign(&tpl)?)
+    }
+
+    /// The next record, waiting up to `timeout`.
+    ///
+    /// # Errors
+    /// What the client reports (transport errors pass: librdkafka reconnects and fetches
+    /// on).
+    pub fn poll(&self, timeout: Duration) -> Result<Polled<'_>, KafkaError> {
+        match self.consumer.poll(timeout) {
+            None => Ok(Polled::Idle),
+            Some(Ok(m)) => Ok(Polled::Record(OutputRecord(m))),
+            Some(Err(KafkaError::PartitionEOF(partition))) => Ok(Polled::End(partition)),
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    /// Closes the reader off the calling thread: librdkafka's close waits for its broker
+    /// threads (100 ms and more on a busy broker), and nothing waits for it.
+    pub fn close_in_background(self) {
+        // Should the thread not start, the reader is closed here, when the closure drops.
+        let _ = std::thread::Builder::new()
+            .name("twinflow-reader-close".into())
+            .spawn(move || drop(self));
+    }
+}
+
+/// A consumer context that does not log the end of a partition, which readers reach on
+/// purpose.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "Output reader error.");
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}

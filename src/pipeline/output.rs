@@ -1,0 +1,165 @@
+//! The output records of a batch, and where each goes: the one place that chooses an
+//! output's topic, partition and headers.
+//!
+//! - A changelog record goes to the changelog partition of the input's number, keyed by
+//!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from.
+//! - An alert event goes to the alert topic, keyed by asset id (the producer's partitioner
+//!   picks the partition), with no headers.
+//! - A dead letter goes to the dead-letter topic with the original key, value and headers
+//!   and twinflow's own (see [`super::dead_letter`]).
+
+use std::fmt::Write as _;
+use std::ops::Range;
+
+use crate::headers;
+use crate::topology::Topics;
+
+/// Where an output record goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The twin changelog, same partition number as the input.
+    Changelog,
+    /// The alert topic.
+    Alerts,
+    /// The dead-letter topic.
+    DeadLetter,
+}
+
+/// A header of an output record: a name and a value, which may be null.
+pub type OutputHeader = (String, Option<Vec<u8>>);
+
+/// One staged output record; its bytes live in its batch's [`Outputs`].
+#[derive(Debug)]
+pub struct Output {
+    /// Destination.
+    pub target: Target,
+    /// Offset of the input record it came from.
+    pub source: i64,
+    key: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+    /// Headers (dead letters only; a changelog record's is added when it is routed).
+    pub headers: Vec<OutputHeader>,
+}
+
+/// An output record as the producer takes it.
+pub struct Routed<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition; `None` leaves it to the producer's partitioner (by key).
+    pub partition: Option<i32>,
+    /// Key.
+    pub key: Option<&'a [u8]>,
+    /// Value.
+    pub value: Option<&'a [u8]>,
+    /// Headers.
+    pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+}
+
+/// The output records of a batch, sharing one buffer.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    buf: Vec<u8>,
+    /// The records, in emission order.
+    pub records: Vec<Output>,
+}
+
+impl Outputs {
+    /// Pushes a record with the given key, value and headers.
+    pub fn push(
+        &mut self,
+        target: Target,
+        source: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: Vec<OutputHeader>,
+    ) {
+        let k = key.map(|k| self.append(k));
+        let p = payload.map(|p| self.append(p));
+        self.records.push(Output {
+            target,
+            source,
+            key: k,
+            payload: p,
+            headers,
+        });
+    }
+
+    /// Pushes a changelog or alert record, its value framed by `header` if given.
+    pub fn push_value(
+        &mut self,
+        target: Target,
+        source: i64,
+        key: &[u8],
+        header: Option<[u8; 5]>,
+        value: &[u8],
+    ) {
+        let k = self.append(key);
+        let start = self.buf.len();
+        self.buf
+            .extend_from_slice(header.as_ref().map_or(&[][..], |h| &h[..]));
+        self.buf.extend_from_slice(value);
+        self.records.push(Output {
+            target,
+            source,
+            key: Some(k),
+            payload: Some(start..self.buf.len()),
+            headers: Vec::new(),
+        });
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Range<usize> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        start..self.buf.len()
+    }
+
+    /// Key and value of a record.
+    pub fn bytes(&self, o: &Output) -> (Option<&[u8]>, Option<&[u8]>) {
+        (
+            o.key.clone().map(|r| &self.buf[r]),
+            o.payload.clone().map(|r| &self.buf[r]),
+        )
+    }
+
+    /// Where and how record `o` of input partition `partition` goes; `scratch` holds the
+    /// text of a header made here.
+    pub fn route<'a>(
+        &'a self,
+        o: &'a Output,
+        topics: &'a Topics,
+        partition: i32,
+        scratch: &'a mut String,
+    ) -> Routed<'a> {
+        let (key, value) = self.bytes(o);
+        let (topic, partition, headers) = match o.target {
+            Target::Changelog => {
+                scratch.clear();
+                let _ = write!(scratch, "{}", o.source);
+                let headers = vec![(headers::SOURCE_OFFSET, Some(scratch.as_bytes()))];
+                (&topics.changelog.name, Some(partition), headers)
+            }
+            Target::Alerts => (&topics.alerts.name, None, Vec::new()),
+            Target::DeadLetter => {
+                let headers = o
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_deref()))
+                    .collect();
+                (&topics.dead_letter.name, None, headers)
+            }
+        };
+        Routed {
+            topic,
+            partition,
+            key,
+            value,
+            headers,
+        }
+    }
+
+    /// Empties the buffer, keeping its memory.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.records.clear();
+    }
+}
