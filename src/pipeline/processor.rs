@@ -383,54 +383,47 @@ impl Processor {
         source: i64,
         limit: usize,
     ) -> Result<usize> {
-        let fired = self.fire_due(batch, now, source, limit);
+        // Every exit clears the current work, the early ones too.
+        let fired = (|| -> Result<usize> {
+            let topology = self.topology.clone();
+            let model = &topology.model;
+            let mut fired = 0;
+            // A new deadline is after `now`, so nothing lands behind `due_after`.
+            let due = self.store.due(self.due_after.as_ref(), now, limit)?;
+            if let Some(last) = due.last() {
+                self.due_after = Some(last.clone());
+            }
+            for (deadline, id) in due {
+                // A due entry leaves the index; the twin decides what follows.
+                batch.store.delete_deadline(deadline, &id);
+                let work = Work::Timer(deadline, id.clone());
+                if self.quarantine.contains_key(&work) {
+                    // It panicked: the entry is dropped, the twin keeps its status until its
+                    // next reading.
+                    continue;
+                }
+                self.current = Some(work);
+                if !self.load(&id)? {
+                    continue;
+                }
+                let twin = self.cache.get_mut(id.as_str()).expect("loaded above");
+                // The index may lag the twin (staged work, a restore, a deadline that moved
+                // later): a deadline still ahead is filed again.
+                let Some(actual) = model.deadline(twin) else {
+                    continue;
+                };
+                if actual > now || !twin.tick(model, now) {
+                    batch.store.put_deadline(actual, &id);
+                    continue;
+                }
+                fired += 1;
+                self.emit(&id, &TwinChange::default(), None, source, batch, None);
+            }
+            batch.counts.timers_fired += fired as u64;
+            Ok(fired)
+        })();
         self.current = None;
         fired
-    }
-
-    fn fire_due(
-        &mut self,
-        batch: &mut Batch,
-        now: i64,
-        source: i64,
-        limit: usize,
-    ) -> Result<usize> {
-        let topology = self.topology.clone();
-        let model = &topology.model;
-        let mut fired = 0;
-        // A new deadline is after `now`, so nothing lands behind `due_after`.
-        let due = self.store.due(self.due_after.as_ref(), now, limit)?;
-        if let Some(last) = due.last() {
-            self.due_after = Some(last.clone());
-        }
-        for (deadline, id) in due {
-            // A due entry leaves the index; the twin decides what follows.
-            batch.store.delete_deadline(deadline, &id);
-            let work = Work::Timer(deadline, id.clone());
-            if self.quarantine.contains_key(&work) {
-                // It panicked: the entry is dropped, the twin keeps its status until its
-                // next reading.
-                continue;
-            }
-            self.current = Some(work);
-            if !self.load(&id)? {
-                continue;
-            }
-            let twin = self.cache.get_mut(id.as_str()).expect("loaded above");
-            // The index may lag the twin (staged work, a restore, a deadline that moved
-            // later): a deadline still ahead is filed again.
-            let Some(actual) = model.deadline(twin) else {
-                continue;
-            };
-            if actual > now || !twin.tick(model, now) {
-                batch.store.put_deadline(actual, &id);
-                continue;
-            }
-            fired += 1;
-            self.emit(&id, &TwinChange::default(), None, source, batch, None);
-        }
-        batch.counts.timers_fired += fired as u64;
-        Ok(fired)
     }
 
     /// Loads the twin of `id` into the cache (a fresh one if it has none). Returns whether
