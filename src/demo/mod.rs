@@ -105,13 +105,22 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         kafka.bootstrap_servers()
     );
     let stop_sim = Arc::new(AtomicBool::new(false));
-    let backlog_ms = opts.backlog.as_millis() as i64;
+    let now = SystemClock.now_ms();
+    let backlog_ms = i64::try_from(opts.backlog.as_millis())
+        .ok()
+        .filter(|b| *b < now)
+        .with_context(|| {
+            format!(
+                "--backlog {} reaches back before 1970",
+                humantime::format_duration(opts.backlog)
+            )
+        })?;
     let fleet = Fleet::new(
         FleetConfig {
             assets: opts.assets,
             seed: opts.seed,
             malformed: opts.malformed,
-            start_ms: SystemClock.now_ms() - backlog_ms,
+            start_ms: now - backlog_ms,
             interval_ms: ((opts.assets as u64 * 1000) / opts.rate.max(1)).max(1) as i64,
         },
         &topology,

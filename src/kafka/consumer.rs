@@ -249,11 +249,6 @@ impl PartitionStream {
         })
     }
 
-    /// The topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Moves the next record of this partition to `offset` (on a blocking thread).
     ///
     /// # Errors
