@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::kafka::{self, Clients, Consumer, OutputProducer};
+use crate::kafka::{self, Clients, Consumer, OutputProducer, RecordWriter};
 use crate::metrics::Metrics;
 use crate::pipeline::{Committer, Coordinator, Failure, Handler, Shared};
 use crate::registry::Registry;
@@ -28,7 +28,8 @@ pub struct App {
     coordinator: Arc<Coordinator>,
     consumer: Arc<Consumer>,
     listener: std::net::TcpListener,
-    token: Option<String>,
+    http: crate::config::HttpConfig,
+    writer: Arc<RecordWriter>,
 }
 
 impl App {
@@ -59,6 +60,7 @@ impl App {
         let metrics = Metrics::new(prometheus::Registry::new());
         let producer = OutputProducer::new(&clients, &topology.topics.changelog.name, &metrics)
             .context("creating the producer")?;
+        let writer = Arc::new(RecordWriter::new(&clients).context("creating the API's writer")?);
 
         let registry = match (&config.schema_registry, topology.topics.uses_registry()) {
             (Some(r), true) => Some(Arc::new(Registry::new(r)?)),
@@ -106,7 +108,8 @@ impl App {
             coordinator,
             consumer,
             listener,
-            token: config.http.token.as_ref().map(|t| t.0.clone()),
+            http: config.http.clone(),
+            writer,
         })
     }
 
@@ -134,7 +137,8 @@ impl App {
             coordinator,
             consumer,
             listener,
-            token,
+            http,
+            writer,
         } = self;
         if let Some(registry) = &shared.registry {
             // Before the first poll, so before any partition is assigned.
@@ -167,7 +171,16 @@ impl App {
             metrics: shared.metrics.clone(),
             store: shared.store.clone(),
             view,
-            token: token.clone(),
+            token: http.token.as_ref().map(|t| t.0.clone()),
+            writers: Arc::new(
+                http.writers
+                    .iter()
+                    .map(|(name, token)| (token.0.clone(), name.clone()))
+                    .collect(),
+            ),
+            writes: Arc::new(api::RateLimit::new(http.desired_writes_per_minute)),
+            writer,
+            clock: shared.clock.clone(),
             stop: http_stop.clone(),
         };
         let http = tokio::spawn(api::serve(listener, state, http_stop.clone()));

@@ -230,6 +230,7 @@ impl Cli {
                     burst: 0,
                     count,
                     duration,
+                    obey: None,
                 };
                 let stop = std::sync::Arc::new(AtomicBool::new(false));
                 let s = stop.clone();
@@ -238,9 +239,10 @@ impl Cli {
                     token.cancelled().await;
                     s.store(true, std::sync::atomic::Ordering::SeqCst);
                 });
-                let stats =
-                    tokio::task::spawn_blocking(move || sim::publish(fleet, &publish, &stop))
-                        .await??;
+                let stats = tokio::task::spawn_blocking(move || {
+                    sim::publish(fleet, &publish, &topology, &stop)
+                })
+                .await??;
                 println!(
                     "sent {} readings ({} malformed), {} not delivered",
                     stats.sent, stats.malformed, stats.failed

@@ -257,6 +257,16 @@ pub struct HttpConfig {
     /// or `?access_token=<token>` where a header cannot be set, as for EventSource). None:
     /// no authentication. Set it from the environment or a secret file.
     pub token: Option<Secret>,
+    /// Named write credentials, name to token: a desired-state write
+    /// (`PATCH /twins/{id}/desired`) needs one of them in `Authorization: Bearer <token>`,
+    /// and the read token never writes. A writer's token also reads. The name, never the
+    /// token, is recorded as who set the value (`set_by` = `http:<name>`). Set them from
+    /// the environment or secret files: `TWINFLOW_HTTP__WRITERS__OPS_FILE=/run/secrets/ops`.
+    /// None: the API takes no writes.
+    pub writers: BTreeMap<String, Secret>,
+    /// Desired writes one asset takes through the API per minute (a burst of as many, or
+    /// spread out); more are answered 429 with `Retry-After`.
+    pub desired_writes_per_minute: u32,
 }
 
 impl Default for HttpConfig {
@@ -264,6 +274,8 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
             token: None,
+            writers: BTreeMap::new(),
+            desired_writes_per_minute: 30,
         }
     }
 }
@@ -351,6 +363,31 @@ impl Config {
                         .into(),
                 );
             }
+        }
+        for (name, token) in &self.http.writers {
+            let named = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !named {
+                return Err(format!(
+                    "key `http.writers.{name}`: a writer's name is 1 to 64 letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if token.0.len() < 16 {
+                return Err(format!(
+                    "key `http.writers.{name}`: a write token must be at least 16 characters"
+                ));
+            }
+            if self.http.token.as_ref().is_some_and(|t| t.0 == token.0) {
+                return Err(format!(
+                    "key `http.writers.{name}`: must differ from http.token (the read token never writes)"
+                ));
+            }
+        }
+        if self.http.desired_writes_per_minute == 0 {
+            return Err("key `http.desired_writes_per_minute`: must be at least 1".into());
         }
         let passthrough = || {
             self.kafka
@@ -510,6 +547,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("group.id"), "{err}");
+    }
+
+    #[test]
+    fn write_credentials_are_named_long_and_never_the_read_token() {
+        let c = parse(
+            &format!("{MINIMAL}[http]\ntoken = \"read-token-0123456789\"\n"),
+            &[("TWINFLOW_HTTP__WRITERS__OPS", "write-token-0123456789")],
+        )
+        .unwrap();
+        assert_eq!(c.http.writers["ops"].0, "write-token-0123456789");
+        for (writers, wrong) in [
+            ("ops = \"short\"", "at least 16"),
+            (
+                "ops = \"read-token-0123456789\"",
+                "must differ from http.token",
+            ),
+            ("\"a b\" = \"write-token-0123456789\"", "writer's name"),
+        ] {
+            let text = format!(
+                "{MINIMAL}[http]\ntoken = \"read-token-0123456789\"\n[http.writers]\n{writers}\n"
+            );
+            let err = parse(&text, &[]).unwrap_err();
+            assert!(err.contains(wrong), "{writers}: {err}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use prometheus::{
 };
 
 use crate::rules::{AckOutcome, AlertState, RuleSet};
-use crate::twin::NoChange;
+use crate::twin::{CommandState, NoChange, Unapplied};
 
 /// Why a record was dead-lettered: the `reason` label of
 /// `twinflow_records_dead_lettered_total` and the `twinflow.error.reason` header.
@@ -67,6 +67,9 @@ pub struct Metrics {
     twins_created: IntCounterVec,
     timers_fired: IntCounterVec,
     acks: IntCounterVec,
+    command_events: IntCounterVec,
+    commands_sent: IntCounter,
+    command_noops: IntCounterVec,
     skipped: IntCounterVec,
     dead_lettered: IntCounterVec,
     alerts: IntCounterVec,
@@ -90,6 +93,7 @@ pub struct Metrics {
     next_offset: IntGaugeVec,
     lag: IntGaugeVec,
     end_to_end: Histogram,
+    convergence: Histogram,
     /// Partitions this instance currently owns.
     pub assigned_partitions: IntGauge,
     /// Approximate size of the local store.
@@ -102,6 +106,10 @@ pub struct Metrics {
     pub stream_clients: IntGauge,
     /// Stream clients dropped for falling behind.
     pub stream_dropped: IntCounter,
+    /// Desired writes the HTTP API sent to the desired-state topic.
+    pub desired_writes: IntCounter,
+    /// Desired writes the HTTP API refused over the per-asset rate limit.
+    pub desired_writes_limited: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -171,9 +179,22 @@ impl Metrics {
         .expect("metric names are static and valid");
         r.register(Box::new(end_to_end.clone()))
             .expect("each family registers once");
+        let convergence = Histogram::with_opts(
+            HistogramOpts::new(
+                "twinflow_command_convergence_seconds",
+                "From a command's issue to the event time of the reading that converged it (device clock skew included).",
+            )
+            .buckets(
+                prometheus::exponential_buckets(0.05, 1.5, 24).expect("static buckets are valid"),
+            ),
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(convergence.clone()))
+            .expect("each family registers once");
         Metrics {
             lag,
             end_to_end,
+            convergence,
             consumed: counter(
                 r,
                 "twinflow_records_consumed_total",
@@ -203,6 +224,27 @@ impl Metrics {
                 "twinflow_alert_acks_total",
                 "Acknowledgements read, by result: applied, unknown (no such active alert) or repeated.",
                 &["result"],
+            ),
+            command_events: counter(
+                r,
+                "twinflow_command_events_total",
+                "Command transitions, by state: ISSUED, DELIVERED, CONVERGED, REJECTED, TIMED_OUT, SUPERSEDED.",
+                &["state"],
+            ),
+            commands_sent: {
+                let c = IntCounter::new(
+                    "twinflow_commands_sent_total",
+                    "Command records sent to devices (first attempts and re-sends).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("registered once");
+                c
+            },
+            command_noops: counter(
+                r,
+                "twinflow_command_noops_total",
+                "Desired writes and device acknowledgements that changed nothing, by reason: repeated (the write's command id is an open command's), unknown (no such open command or twin), stale (the command is past what the acknowledgement says).",
+                &["reason"],
             ),
             skipped: counter(
                 r,
@@ -348,6 +390,20 @@ impl Metrics {
                 &[],
             )
             .with_label_values::<&str>(&[]),
+            desired_writes: counter(
+                r,
+                "twinflow_http_desired_writes_total",
+                "Desired writes the HTTP API sent to the desired-state topic.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
+            desired_writes_limited: counter(
+                r,
+                "twinflow_http_desired_writes_limited_total",
+                "Desired writes the HTTP API refused over http.desired_writes_per_minute.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             registry,
         }
     }
@@ -395,6 +451,11 @@ impl Metrics {
             twins_created: self.twins_created.with_label_values(&[&p]),
             timers_fired: self.timers_fired.with_label_values(&[&p]),
             acks: AckOutcome::ALL.map(|o| self.acks.with_label_values(&[o.label()])),
+            command_events: CommandState::ALL
+                .map(|s| self.command_events.with_label_values(&[s.symbol()])),
+            commands_sent: self.commands_sent.clone(),
+            command_noops: Unapplied::ALL
+                .map(|u| self.command_noops.with_label_values(&[u.label()])),
             skipped: NoChange::ALL.map(|r| self.skipped.with_label_values(&[r.reason()])),
             dead_lettered: DeadLetterReason::ALL
                 .map(|r| self.dead_lettered.with_label_values(&[r.label()])),
@@ -418,6 +479,7 @@ impl Metrics {
             next_offset: self.next_offset.with_label_values(&[&p]),
             lag: self.lag.with_label_values(&[&p]),
             end_to_end: self.end_to_end.clone(),
+            convergence: self.convergence.clone(),
         }
     }
 
@@ -465,11 +527,15 @@ pub struct PartitionMetrics {
     /// Per rule: `[raised, cleared]`.
     pub(crate) alerts: Vec<[IntCounter; 3]>,
     pub(crate) acks: [IntCounter; 3],
+    pub(crate) command_events: [IntCounter; CommandState::ALL.len()],
+    pub(crate) commands_sent: IntCounter,
+    pub(crate) command_noops: [IntCounter; Unapplied::ALL.len()],
     pub(crate) batch_seconds: Histogram,
     pub(crate) replays: IntCounter,
     pub(crate) next_offset: IntGauge,
     pub(crate) lag: IntGauge,
     end_to_end: Histogram,
+    convergence: Histogram,
 }
 
 /// Counts gathered during one batch.
@@ -480,6 +546,11 @@ pub struct BatchCounts {
     pub(crate) twins_created: u64,
     pub(crate) timers_fired: u64,
     pub(crate) acks: [u64; 3],
+    pub(crate) command_events: [u64; CommandState::ALL.len()],
+    pub(crate) commands_sent: u64,
+    pub(crate) command_noops: [u64; Unapplied::ALL.len()],
+    /// Milliseconds from issue to convergence of the commands that converged.
+    pub(crate) converged_after: Vec<i64>,
     /// Event times of the readings that changed a twin.
     pub(crate) event_times: Vec<i64>,
     pub(crate) skipped: [u64; NoChange::ALL.len()],
@@ -514,6 +585,21 @@ impl BatchCounts {
         self.acks[outcome as usize]
     }
 
+    /// Command transitions to `state`.
+    pub fn command_events(&self, state: CommandState) -> u64 {
+        self.command_events[state as usize]
+    }
+
+    /// Desired writes and device acknowledgements that changed nothing, for `why`.
+    pub fn command_noops(&self, why: Unapplied) -> u64 {
+        self.command_noops[why as usize]
+    }
+
+    /// Counts a desired write or device acknowledgement that changed nothing.
+    pub fn command_noop(&mut self, why: Unapplied) {
+        self.command_noops[why as usize] += 1;
+    }
+
     /// Counts a skip.
     pub fn skip(&mut self, reason: NoChange) {
         self.skipped[reason as usize] += 1;
@@ -536,6 +622,16 @@ impl PartitionMetrics {
         self.twins_created.inc_by(c.twins_created);
         self.timers_fired.inc_by(c.timers_fired);
         for (h, n) in self.acks.iter().zip(c.acks) {
+            h.inc_by(n);
+        }
+        for (h, n) in self.command_events.iter().zip(c.command_events) {
+            h.inc_by(n);
+        }
+        self.commands_sent.inc_by(c.commands_sent);
+        for ms in &c.converged_after {
+            self.convergence.observe(*ms as f64 / 1000.0);
+        }
+        for (h, n) in self.command_noops.iter().zip(c.command_noops) {
             h.inc_by(n);
         }
         for (h, n) in self.skipped.iter().zip(c.skipped) {

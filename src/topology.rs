@@ -12,8 +12,10 @@ use serde::Deserialize;
 use crate::codec::{Codec, Format};
 use crate::config::TopologyConfig;
 use crate::error::{Error, Result};
-use crate::rules::{OFFLINE_CODE, Op, Rule, RuleSet};
-use crate::twin::{ActiveWhen, Model, PropertyDef, Severity, TimePolicy};
+use crate::rules::{DESIRED_CODE, OFFLINE_CODE, Op, Rule, RuleSet};
+use crate::twin::{
+    ActiveWhen, DesiredPolicy, Model, PropKind, PropertyDef, Severity, TimePolicy, Value,
+};
 
 /// One topic declaration.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -39,7 +41,7 @@ fn one() -> i32 {
     1
 }
 
-/// The five topics of a pipeline.
+/// The topics of a pipeline.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Topics {
@@ -51,20 +53,35 @@ pub struct Topics {
     pub alerts: TopicSpec,
     /// Records that could not be applied.
     pub dead_letter: TopicSpec,
-    /// Input: alert acknowledgements, keyed by asset id, partitioned like the telemetry.
+    /// Input: alert and command acknowledgements, keyed by asset id, partitioned like the
+    /// telemetry.
     pub acks: TopicSpec,
+    /// Input: desired-state writes, keyed by asset id, partitioned like the telemetry.
+    pub desired: TopicSpec,
+    /// Output: commands for devices, keyed by asset id.
+    pub commands: TopicSpec,
+    /// Output: command transitions (the audit trail), keyed by asset id.
+    pub command_events: TopicSpec,
 }
 
 impl Topics {
-    /// All five, input first.
-    pub fn all(&self) -> [&TopicSpec; 5] {
+    /// All of them, the inputs first.
+    pub fn all(&self) -> [&TopicSpec; 8] {
         [
             &self.telemetry,
+            &self.acks,
+            &self.desired,
             &self.changelog,
             &self.alerts,
             &self.dead_letter,
-            &self.acks,
+            &self.commands,
+            &self.command_events,
         ]
+    }
+
+    /// The desired-state topic's wire format: JSON unless it says Avro.
+    pub fn desired_format(&self) -> Format {
+        self.desired.format.unwrap_or(Format::Json)
     }
 
     /// The telemetry topic's wire format.
@@ -91,6 +108,29 @@ struct ModelFile {
     properties: BTreeMap<String, BoundsFile>,
     #[serde(default)]
     rules: Vec<RuleFile>,
+    desired: Option<DesiredFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DesiredFile {
+    #[serde(default, with = "humantime_serde")]
+    converge_within: Option<Duration>,
+    #[serde(default = "yes")]
+    clear_reached: bool,
+    severity: Option<Severity>,
+    properties: BTreeMap<String, WritableFile>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WritableFile {
+    #[serde(default)]
+    tolerance: f64,
 }
 
 #[derive(Deserialize)]
@@ -132,6 +172,14 @@ struct RuleFile {
     clear_threshold: Option<f64>,
     #[serde(default, rename = "for", with = "humantime_serde")]
     min_duration: Option<Duration>,
+    on_raise: Option<ActionFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionFile {
+    /// Desired values to set, property name to value.
+    desired: toml::Table,
 }
 
 fn ms(d: i64) -> Duration {
@@ -198,12 +246,7 @@ impl Topology {
         let mut properties: Vec<PropertyDef> = codec
             .properties()
             .iter()
-            .map(|p| PropertyDef {
-                name: p.name.clone(),
-                kind: p.kind,
-                min: None,
-                max: None,
-            })
+            .map(|p| PropertyDef::new(&p.name, p.kind))
             .collect();
         let numeric = |name: &str, what: &str, props: &[PropertyDef]| -> Result<usize, String> {
             let i = props.iter().position(|p| p.name == name).ok_or_else(|| {
@@ -244,8 +287,11 @@ impl Topology {
         }
         let mut codes = HashSet::new();
         let mut rules = Vec::new();
+        let mut actions = Vec::new();
         for r in file.rules {
-            if !codes.insert(r.code.clone()) || r.code == OFFLINE_CODE {
+            if !codes.insert(r.code.clone())
+                || [OFFLINE_CODE, DESIRED_CODE].contains(&r.code.as_str())
+            {
                 return Err(format!("rule code {} is used twice", r.code));
             }
             if !r.threshold.is_finite() || r.clear_threshold.is_some_and(|c| !c.is_finite()) {
@@ -279,6 +325,9 @@ impl Topology {
             );
             rule.clear_threshold = r.clear_threshold;
             rule.min_duration = millis(r.min_duration);
+            if let Some(action) = r.on_raise {
+                actions.push((rules.len(), action));
+            }
             rules.push(rule);
         }
         if let Some(after) = time.offline_after {
@@ -286,6 +335,44 @@ impl Topology {
                 .and_then(|s| s.offline_severity)
                 .unwrap_or(Severity::Warning);
             rules.push(Rule::offline(severity, after));
+        }
+        let mut desired = DesiredPolicy::default();
+        if let Some(file) = &file.desired {
+            if file.properties.is_empty() {
+                return Err("[desired] lists no property under [desired.properties]".into());
+            }
+            for (name, w) in &file.properties {
+                let i = properties
+                    .iter()
+                    .position(|p| p.name == *name)
+                    .ok_or_else(|| {
+                        format!(
+                            "[desired.properties.{name}] names no property of the telemetry schema"
+                        )
+                    })?;
+                if !w.tolerance.is_finite() || w.tolerance < 0.0 {
+                    return Err(format!(
+                        "[desired.properties.{name}] tolerance must be a finite number >= 0"
+                    ));
+                }
+                properties[i].writable = true;
+                properties[i].tolerance = w.tolerance;
+            }
+            desired.converge_within = millis(file.converge_within);
+            desired.clear_reached = file.clear_reached;
+            if let Some(within) = desired.converge_within {
+                if within == 0 {
+                    return Err("desired.converge_within must be more than 0".into());
+                }
+                let severity = file.severity.unwrap_or(Severity::Warning);
+                rules.push(Rule::desired_not_reached(severity, within));
+            }
+            if !codec.has_desired() {
+                return Err(format!(
+                    "[desired] needs the twin schema's desired-state fields ({}); see schemas/vehicle_twin.avsc",
+                    crate::codec::DESIRED_FIELDS.join(", ")
+                ));
+            }
         }
         for spec in topics.all() {
             if spec.partitions < 1 || spec.replication_factor < 1 {
@@ -324,37 +411,76 @@ impl Topology {
                 "none: dead letters are the input bytes, untouched",
             ),
             (&topics.acks, "none: acknowledgements are JSON"),
+            (&topics.desired, "json or avro"),
+            (&topics.commands, "avro"),
+            (&topics.command_events, "avro"),
         ] {
             let ok = match spec.format {
-                None | Some(Format::Avro) => true,
-                Some(Format::ConfluentAvro) => allowed.starts_with("avro"),
-                Some(Format::Json) => false,
+                None => true,
+                Some(Format::Avro) => allowed.contains("avro"),
+                Some(Format::ConfluentAvro) => allowed.contains("confluent_avro"),
+                Some(Format::Json) => allowed.starts_with("json"),
             };
             if !ok {
                 return Err(format!("topic {}: format must be {allowed}", spec.name));
             }
         }
         let names: HashSet<_> = topics.all().iter().map(|t| t.name.as_str()).collect();
-        if names.len() != 5 {
-            return Err("the five topics must have five different names".into());
+        if names.len() != topics.all().len() {
+            return Err("every topic must have a name of its own".into());
         }
-        if topics.acks.partitions != topics.telemetry.partitions {
-            return Err(format!(
-                "acknowledgement topic {} has {} partitions but telemetry {} has {}: they must be equal, \
-                 since an asset's acknowledgements are applied by the owner of its telemetry partition",
-                topics.acks.name,
-                topics.acks.partitions,
-                topics.telemetry.name,
-                topics.telemetry.partitions
-            ));
+        for (companion, what) in [
+            (&topics.acks, "acknowledgements"),
+            (&topics.desired, "desired-state writes"),
+        ] {
+            if companion.partitions != topics.telemetry.partitions {
+                return Err(format!(
+                    "topic {} has {} partitions but telemetry {} has {}: they must be equal, \
+                     since an asset's {what} are applied by the owner of its telemetry partition",
+                    companion.name,
+                    companion.partitions,
+                    topics.telemetry.name,
+                    topics.telemetry.partitions
+                ));
+            }
+        }
+        let model = Model {
+            properties,
+            active_when,
+            time,
+            desired,
+        };
+        for (at, action) in actions {
+            let rule: &mut Rule = &mut rules[at];
+            for (name, value) in &action.desired {
+                let what = format!("rule {}: on_raise.desired.{name}", rule.code);
+                let index = model
+                    .property(name)
+                    .filter(|i| model.properties[*i].writable)
+                    .ok_or_else(|| format!("{what}: not a [desired.properties] property"))?;
+                let kind = model.properties[index].kind;
+                let value = match (value, kind) {
+                    (toml::Value::Float(v), PropKind::Double | PropKind::Float) => {
+                        Value::Double(*v)
+                    }
+                    (toml::Value::Integer(v), PropKind::Double | PropKind::Float) => {
+                        Value::Double(*v as f64)
+                    }
+                    (toml::Value::Integer(v), PropKind::Long | PropKind::Int) => Value::Long(*v),
+                    (toml::Value::Boolean(b), PropKind::Bool) => Value::Bool(*b),
+                    (toml::Value::String(v), PropKind::Str) => Value::Str(v.as_str().into()),
+                    _ => return Err(format!("{what}: takes a {} value", kind.avro_name())),
+                };
+                model
+                    .check_value(index, &value)
+                    .map_err(|e| format!("{what}: {e}"))?;
+                rule.on_raise.push((index, value));
+            }
+            rule.on_raise.sort_by_key(|(i, _)| *i);
         }
         Ok(Topology {
             topics,
-            model: Model {
-                properties,
-                active_when,
-                time,
-            },
+            model,
             rules: RuleSet { rules },
             codec,
             telemetry_schema,
@@ -394,16 +520,32 @@ impl Topology {
         );
         let _ = writeln!(
             s,
-            "  {} (JSON acknowledgements, partition p read with telemetry partition p)\n    -> mark the active alert in the twin -> changelog, ACKNOWLEDGED event",
+            "       {}   commands for devices (schemas/command.avsc)\n       {}   command transitions (schemas/command_event.avsc)",
+            t.commands.name, t.command_events.name
+        );
+        let _ = writeln!(
+            s,
+            "  {} (JSON acknowledgements, partition p read with telemetry partition p)\n    -> mark the active alert (or the device's command) in the twin -> changelog, ACKNOWLEDGED (or command) event",
             t.acks.name
+        );
+        let _ = writeln!(
+            s,
+            "  {} ({:?} desired-state writes, partition p read with telemetry partition p)\n    -> set desired values (If-Match on desired_version) -> changelog, command, command events",
+            t.desired.name,
+            t.desired_format()
         );
         let _ = writeln!(s, "\nModel properties");
         for p in &self.model.properties {
             let _ = writeln!(
                 s,
-                "  {:<20} {:?}{}",
+                "  {:<20} {:?}{}{}",
                 p.name,
                 p.kind,
+                if p.writable {
+                    format!("  writable (tolerance {})", p.tolerance)
+                } else {
+                    String::new()
+                },
                 match (p.min, p.max) {
                     (None, None) => String::new(),
                     (min, max) => format!(
@@ -422,6 +564,16 @@ impl Topology {
             let hold = r.min_duration.map_or(String::new(), |d| {
                 format!(", held for {}", humantime::format_duration(ms(d)))
             });
+            let action: Vec<String> = r
+                .on_raise
+                .iter()
+                .map(|(i, v)| format!("{} = {v:?}", self.model.properties[*i].name))
+                .collect();
+            let hold = if action.is_empty() {
+                hold
+            } else {
+                format!("{hold}; on raise, desired {}", action.join(", "))
+            };
             let _ = writeln!(
                 s,
                 "  {:<16} {:<8} {} {} {}{clear}{hold}",

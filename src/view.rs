@@ -2,8 +2,9 @@
 //! changelog, so any instance answers for any twin (see `ARCHITECTURE.md`, "The twin API").
 //!
 //! One thread tails every changelog partition (from where the view last stopped) and every
-//! alert partition (from its end: alerts are live only), writes the newest twin of each
-//! asset to the store's view keys, keeps the fleet counts (by status, by active alert) up
+//! alert and command event partition (from its end: they are live only), writes the newest
+//! twin of each asset (and its partition) to the store's view keys, answers the API's
+//! waits for the decision on a desired write, keeps the fleet counts (by status, by active alert) up
 //! to date, and publishes each change for the live stream in a bounded log that keeps the
 //! latest event per asset (and per alert), so a client that falls behind during a burst
 //! catches up with the latest state instead of being dropped.
@@ -16,13 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::{ClientConfig, Offset};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::Result;
 use crate::kafka::{OutputReader, Polled};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, decode_fetching};
-use crate::store::ViewStore;
+use crate::store::{ViewStore, ViewedTwin};
 use crate::topology::Topology;
 use crate::twin::{Status, Twin};
 
@@ -67,6 +68,8 @@ pub enum EventKind {
     Twin,
     /// An alert was raised, cleared or acknowledged; the JSON is the alert event.
     Alert,
+    /// A command changed state; the JSON is the command event.
+    Command,
 }
 
 /// One live event.
@@ -78,6 +81,9 @@ pub struct Event {
     pub asset_id: String,
     /// Alert codes it concerns: the twin's active alerts, or the alert's code.
     pub codes: Vec<String>,
+    /// What of the asset it is about, for a client behind: empty for a twin, the alert's
+    /// code, or the command's id.
+    pub about: String,
     /// The event as JSON text.
     pub json: String,
 }
@@ -149,6 +155,33 @@ pub struct FleetView {
     published: watch::Sender<u64>,
     subscribers: AtomicUsize,
     caught_up: AtomicBool,
+    /// The API's waits for the decision on a command, by command id.
+    decisions: Mutex<HashMap<String, oneshot::Sender<serde_json::Value>>>,
+}
+
+/// A wait for the decision on one desired write: the first event of its command (ISSUED,
+/// CONVERGED at once, or REJECTED). Dropping it ends the wait.
+pub struct Decision {
+    view: Arc<FleetView>,
+    command_id: String,
+    answer: oneshot::Receiver<serde_json::Value>,
+}
+
+impl Decision {
+    /// The decision, as the command event's JSON, or `None` if none came within `timeout`.
+    pub async fn wait(mut self, timeout: Duration) -> Option<serde_json::Value> {
+        tokio::time::timeout(timeout, &mut self.answer)
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+impl Drop for Decision {
+    fn drop(&mut self) {
+        let mut decisions = self.view.decisions.lock().expect("decisions lock");
+        decisions.remove(&self.command_id);
+    }
 }
 
 impl FleetView {
@@ -165,7 +198,29 @@ impl FleetView {
             published: watch::Sender::new(0),
             subscribers: AtomicUsize::new(0),
             caught_up: AtomicBool::new(false),
+            decisions: Mutex::default(),
         })
+    }
+
+    /// The changelog partition of the twin of `asset_id`, if the view knows it.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn partition(&self, asset_id: &str) -> Result<Option<i32>> {
+        self.store.partition(asset_id)
+    }
+
+    /// Starts waiting for the decision on command `command_id`: call it before the write
+    /// is sent, so that a quick answer is not missed.
+    pub fn decision(self: &Arc<Self>, command_id: &str) -> Decision {
+        let (tx, answer) = oneshot::channel();
+        let mut decisions = self.decisions.lock().expect("decisions lock");
+        decisions.insert(command_id.to_owned(), tx);
+        Decision {
+            view: self.clone(),
+            command_id: command_id.to_owned(),
+            answer,
+        }
     }
 
     /// The twin of `asset_id`.
@@ -215,11 +270,7 @@ impl FleetView {
     /// Publishes a change for the stream clients: it replaces the earlier event of its key,
     /// and the oldest key goes when more than [`STREAM_BUFFER`] are kept.
     fn publish(&self, event: Event) {
-        let code = match event.kind {
-            EventKind::Twin => String::new(),
-            EventKind::Alert => event.codes.first().cloned().unwrap_or_default(),
-        };
-        let key = (event.kind, event.asset_id.clone(), code);
+        let key = (event.kind, event.asset_id.clone(), event.about.clone());
         let mut recent = self.recent.lock().expect("recent lock");
         let seq = recent.next;
         recent.next += 1;
@@ -326,15 +377,17 @@ impl FleetView {
             let (_, high) = reader.watermarks(changelog, p, Duration::from_secs(10))?;
             targets.insert(p, high);
         }
-        for p in 0..topics.alerts.partitions {
-            // From the end as it is now: alerts are live only.
-            let (_, high) = reader.watermarks(&topics.alerts.name, p, Duration::from_secs(10))?;
-            from.push((&topics.alerts.name, p, Offset::Offset(high)));
+        for live in [&topics.alerts, &topics.command_events] {
+            for p in 0..live.partitions {
+                // From the end as it is now: alerts and command events are live only.
+                let (_, high) = reader.watermarks(&live.name, p, Duration::from_secs(10))?;
+                from.push((&live.name, p, Offset::Offset(high)));
+            }
         }
         reader.assign(&from)?;
         let codec = &self.topology.codec;
         let mut positions: HashMap<i32, i64> = HashMap::new();
-        let mut pending: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        let mut pending: Vec<ViewedTwin> = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             let idle = match reader.poll(Duration::from_millis(50)) {
                 Ok(Polled::Record(m)) => {
@@ -348,10 +401,14 @@ impl FleetView {
                                 })?),
                                 None => None,
                             };
-                            pending.push((id, twin));
+                            pending.push((id, m.partition(), twin));
                         }
                     } else if let (Some(id), Some(v)) = (key, m.value()) {
-                        self.publish_alert(id, v);
+                        if m.topic() == topics.alerts.name {
+                            self.publish_alert(id, v);
+                        } else {
+                            self.command_event(id, v);
+                        }
                     }
                     false
                 }
@@ -388,17 +445,13 @@ impl FleetView {
     }
 
     /// Writes a batch of changelog twins, updates the counts and publishes the changes.
-    fn apply(
-        &self,
-        changes: Vec<(String, Option<Vec<u8>>)>,
-        positions: &HashMap<i32, i64>,
-    ) -> Result<()> {
+    fn apply(&self, changes: Vec<ViewedTwin>, positions: &HashMap<i32, i64>) -> Result<()> {
         let codec = &self.topology.codec;
         let live = self.live();
         let mut latest: HashMap<&str, Option<&Vec<u8>>> = HashMap::new();
         let mut diff = Counts::default();
         let mut removed = Counts::default();
-        for (id, twin) in &changes {
+        for (id, _, twin) in &changes {
             let before = match latest.get(id.as_str()) {
                 Some(b) => b.and_then(|b| codec.decode_twin(b).ok()),
                 None => self
@@ -417,6 +470,7 @@ impl FleetView {
                         kind: EventKind::Twin,
                         asset_id: id.clone(),
                         codes: a.alerts.iter().map(|x| x.code.clone()).collect(),
+                        about: String::new(),
                         json: codec.twin_json(a).to_string(),
                     });
                 }
@@ -443,9 +497,35 @@ impl FleetView {
         self.publish(Event {
             kind: EventKind::Alert,
             asset_id,
-            codes: vec![code],
+            codes: vec![code.clone()],
+            about: code,
             json: json.to_string(),
         });
+    }
+
+    /// Answers the wait for the decision on the event's command, if any, and publishes it.
+    fn command_event(&self, asset_id: String, value: &[u8]) {
+        let Ok(json) = crate::codec::command_event_json(value) else {
+            return;
+        };
+        let command_id = json["command_id"].as_str().unwrap_or_default().to_owned();
+        let waiting = self
+            .decisions
+            .lock()
+            .expect("decisions lock")
+            .remove(&command_id);
+        if let Some(answer) = waiting {
+            let _ = answer.send(json.clone());
+        }
+        if self.live() {
+            self.publish(Event {
+                kind: EventKind::Command,
+                asset_id,
+                codes: Vec::new(),
+                about: command_id,
+                json: json.to_string(),
+            });
+        }
     }
 }
 

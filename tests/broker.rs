@@ -16,14 +16,14 @@ async fn topology_apply_pipeline_and_python_consumers() {
     let mut p = TestPipeline::new(&broker.bootstrap, vehicle_topology(), &NOIDA_CLIENT);
     let admin = p.config().kafka.admin_config();
 
-    // Topology apply creates the five topics with their configs, then finds them as declared.
+    // Topology apply creates the eight topics with their configs, then finds them as declared.
     let created = apply_topology(&admin, &p.topology.topics).await.unwrap();
     assert_eq!(
         created
             .iter()
             .filter(|r| matches!(r, TopicReport::Created(_)))
             .count(),
-        5,
+        8,
         "{created:?}"
     );
     let again = apply_topology(&admin, &p.topology.topics).await.unwrap();

@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::instance::{Instance, Settings, caught_up, feed, read_all};
 use common::{
-    NOIDA_CLIENT, Noida, ProcessedOnce, Seen, assert_delivery_invariants, now_ms, processed_once,
-    untimed_vehicle_topology,
+    NOIDA_CLIENT, Noida, ProcessedOnce, Seen, assert_command_events, assert_delivery_invariants,
+    now_ms, processed_once, untimed_vehicle_topology,
 };
 use rand::{Rng, SeedableRng};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message};
 use twinflow::demo::sim::{Fleet, FleetConfig};
-use twinflow::kafka::apply_topology;
+use twinflow::kafka::{TopicReport, apply_topology};
 use twinflow::topology::Topology;
 
 const RECORDS: usize = 300_000;
@@ -110,7 +110,10 @@ fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, ProcessedOnce) {
     let created = rt
         .block_on(apply_topology(&client(&broker.bootstrap), &topology.topics))
         .unwrap();
-    assert_eq!(created.len(), 5);
+    assert!(
+        created.iter().all(|r| matches!(r, TopicReport::Created(_))),
+        "{created:?}"
+    );
     let config = FleetConfig {
         assets: 500,
         seed: 11,
@@ -124,6 +127,10 @@ fn setup(records: usize) -> (Noida, Arc<Topology>, Readings, ProcessedOnce) {
     assert!(
         expected.alerts.len() > 50,
         "the input raises and clears alerts"
+    );
+    assert!(
+        expected.command_events.len() > 10,
+        "the raised alerts' actions issue and supersede commands"
     );
     (broker, topology, input, expected)
 }
@@ -148,18 +155,21 @@ struct Outputs {
     changelog: usize,
     alerts: usize,
     dead: usize,
+    command_events: usize,
 }
 
 impl Outputs {
     /// The figures of a run next to those of the input processed once, for the test's summary line.
     fn summary(&self, expected: &ProcessedOnce) -> String {
         format!(
-            "changelog {} (once {}), {} duplicate versions, alerts {} (once {} transitions), dead letters {} (once {}), skips {}",
+            "changelog {} (once {}), {} duplicate versions, alerts {} (once {} transitions), command events {} (once {}), dead letters {} (once {}), skips {}",
             self.changelog,
             expected.updates,
             self.seen.duplicate_versions,
             self.alerts,
             expected.alerts.len(),
+            self.command_events,
+            expected.command_events.len(),
             self.dead,
             expected.dead_letters,
             expected.skips
@@ -177,8 +187,10 @@ fn check_outputs(
     let changelog = read_committed(bootstrap, "twin-changelog");
     let alerts = read_committed(bootstrap, "twin-alerts");
     let dead = read_committed(bootstrap, "twin-dead-letter");
+    let events = read_committed(bootstrap, "twin-command-events");
     // Final state equals the processed_once, whatever the guarantee.
     let seen = assert_delivery_invariants(topology, expected, &changelog, &alerts);
+    let commands = assert_command_events(expected, &events);
     if exactly_once {
         assert_eq!(seen.duplicate_versions, 0, "no duplicate versions");
         assert_eq!(
@@ -189,6 +201,10 @@ fn check_outputs(
         assert!(
             seen.alerts.values().all(|n| *n == 1),
             "each alert transition exactly once"
+        );
+        assert!(
+            commands.values().all(|n| *n == 1),
+            "each (command_id, state) exactly once"
         );
         assert_eq!(dead.len(), expected.dead_letters);
         assert_eq!(
@@ -205,6 +221,7 @@ fn check_outputs(
         changelog: changelog.len(),
         alerts: alerts.len(),
         dead: dead.len(),
+        command_events: events.len(),
     }
 }
 

@@ -22,7 +22,7 @@ use twinflow::metrics::{BatchCounts, DeadLetterReason};
 use twinflow::pipeline::{Batch, Input, Processor, Target};
 use twinflow::rules::AckOutcome;
 use twinflow::topology::Topology;
-use twinflow::twin::{NoChange, Reading};
+use twinflow::twin::{CommandState, NoChange, Reading, Unapplied};
 
 /// Processing time: the test pipeline's clock starts here too.
 const NOW: i64 = 1_800_000_000_000;
@@ -33,6 +33,18 @@ type Header = (Vec<u8>, Option<Vec<u8>>);
 enum Door {
     Telemetry,
     Acks,
+    Desired,
+}
+
+impl Door {
+    fn topic(self, topology: &Topology) -> &str {
+        let t = &topology.topics;
+        match self {
+            Door::Telemetry => &t.telemetry.name,
+            Door::Acks => &t.acks.name,
+            Door::Desired => &t.desired.name,
+        }
+    }
 }
 
 /// One record of the corpus and the outcome it must have.
@@ -128,6 +140,7 @@ fn corpus(topology: &Topology) -> Vec<Entry> {
                 door: match e["input"].as_str().unwrap() {
                     "telemetry" => Door::Telemetry,
                     "acks" => Door::Acks,
+                    "desired" => Door::Desired,
                     other => panic!("unknown input {other}"),
                 },
                 key: bytes(&e["key"], topology),
@@ -145,6 +158,9 @@ fn tally(c: &BatchCounts) -> Vec<(&'static str, u64)> {
     t.extend(NoChange::ALL.map(|r| (r.reason(), c.skipped(r))));
     t.extend(DeadLetterReason::ALL.map(|r| (r.label(), c.dead_lettered(r))));
     t.extend(AckOutcome::ALL.map(|o| (o.label(), c.acks(o))));
+    t.extend(Unapplied::ALL.map(|u| (u.label(), c.command_noops(u))));
+    // A refused desired write changes no twin; its answer is the REJECTED event.
+    t.push(("rejected", c.command_events(CommandState::Rejected)));
     t
 }
 
@@ -179,6 +195,7 @@ fn run(
         topic: match door {
             Door::Telemetry => "telemetry",
             Door::Acks => "twin-alert-acks",
+            Door::Desired => "twin-desired",
         },
         offset,
         headers: Some(&headers),
@@ -187,6 +204,7 @@ fn run(
     match door {
         Door::Telemetry => p.process(&input, batch, now).unwrap(),
         Door::Acks => p.process_ack(&input, batch, now, offset).unwrap(),
+        Door::Desired => p.process_desired(&input, batch, now, offset).unwrap(),
     }
     outcome(&before, &tally(&batch.counts))
 }
@@ -427,22 +445,106 @@ proptest! {
             times(),
         ), 1..16),
     ) {
-        let topology = topology(Format::Avro);
-        let dir = tempfile::tempdir().unwrap();
-        let store = twinflow::store::Store::open(dir.path()).unwrap();
-        let mut p = Processor::new(topology.clone(), store.partition(0), 1000)
-            .with_max_record_bytes(FUZZ_MAX);
-        let mut batch = p.batch(true);
-        // A twin with a raised alert to acknowledge.
-        let hot = reading_bytes(&topology, "truck-1", NOW, 200.0, None, None);
-        run(&mut p, &mut batch, Door::Telemetry, Some(b"truck-1"), Some(&hot), &[], 0, NOW);
-        for (i, (key, value, headers, now)) in acks.iter().enumerate() {
-            let got = run(&mut p, &mut batch, Door::Acks, key.as_deref(), value.as_deref(), headers, i as i64, *now);
-            prop_assert_eq!(got.len(), 1, "{:?}", got);
-        }
-        let dead: u64 = DeadLetterReason::ALL.iter().map(|r| batch.counts.dead_lettered(*r)).sum();
-        prop_assert_eq!(check_dead_letters(&batch, FUZZ_MAX) as u64, dead);
+        // truck-1 speeds: a twin with a raised alert to acknowledge.
+        each_ends_as_one_outcome(Door::Acks, 200.0, &acks)?;
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Any desired write ends as exactly one of: a twin update (accepted), a counted no-op
+    /// (repeated), a REJECTED answer (version conflict, unknown asset), or a dead letter
+    /// that fits and says why.
+    #[test]
+    fn any_desired_write_ends_as_one_outcome(
+        writes in prop::collection::vec((
+            prop_oneof![
+                Just(None),
+                prop::collection::vec(any::<u8>(), 0..20).prop_map(Some),
+                Just(Some(b"truck-1".to_vec())),
+                Just(Some(b"truck-unknown".to_vec())),
+            ],
+            prop_oneof![
+                Just(None),
+                prop::collection::vec(any::<u8>(), 0..100).prop_map(Some),
+                (
+                    prop::sample::select(vec!["temperature_c", "speed_kmh", "nope", ""]),
+                    prop_oneof![
+                        Just(serde_json::json!(null)),
+                        Just(serde_json::json!("cold")),
+                        Just(serde_json::json!(true)),
+                        (-100.0f64..100.0).prop_map(|v| serde_json::json!(v)),
+                        any::<i64>().prop_map(|v| serde_json::json!(v)),
+                    ],
+                    prop::option::of(any::<i64>()),
+                    prop::option::of("[a-z0-9]{0,8}|.{0,200}"),
+                )
+                    .prop_map(|(name, value, if_match, command_id)| {
+                        let write = serde_json::json!({
+                            "desired": { name: value },
+                            "if_match": if_match,
+                            "command_id": command_id,
+                            "by": "fuzz",
+                        });
+                        Some(serde_json::to_vec(&write).unwrap())
+                    }),
+                Just(Some(vec![b'{'; 5000])),
+            ],
+            headers(),
+            times(),
+        ), 1..16),
+    ) {
+        each_ends_as_one_outcome(Door::Desired, 20.0, &writes)?;
+    }
+}
+
+/// A record of a fuzz test: key, value, headers, processing time.
+type Fuzzed = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<Header>, i64);
+
+/// Runs `records` through `door` of a processor whose truck-1 has had a reading at
+/// `speed`: each must end as exactly one outcome, and every dead letter fit and say why.
+fn each_ends_as_one_outcome(
+    door: Door,
+    speed: f64,
+    records: &[Fuzzed],
+) -> Result<(), TestCaseError> {
+    let topology = topology(Format::Avro);
+    let dir = tempfile::tempdir().unwrap();
+    let store = twinflow::store::Store::open(dir.path()).unwrap();
+    let mut p =
+        Processor::new(topology.clone(), store.partition(0), 1000).with_max_record_bytes(FUZZ_MAX);
+    let mut batch = p.batch(true);
+    let first = reading_bytes(&topology, "truck-1", NOW, speed, None, None);
+    run(
+        &mut p,
+        &mut batch,
+        Door::Telemetry,
+        Some(b"truck-1"),
+        Some(&first),
+        &[],
+        0,
+        NOW,
+    );
+    for (i, (key, value, headers, now)) in records.iter().enumerate() {
+        let got = run(
+            &mut p,
+            &mut batch,
+            door,
+            key.as_deref(),
+            value.as_deref(),
+            headers,
+            i as i64,
+            *now,
+        );
+        prop_assert_eq!(got.len(), 1, "{:?}", got);
+    }
+    let dead: u64 = DeadLetterReason::ALL
+        .iter()
+        .map(|r| batch.counts.dead_lettered(*r))
+        .sum();
+    prop_assert_eq!(check_dead_letters(&batch, FUZZ_MAX) as u64, dead);
+    Ok(())
 }
 
 /// Headers with any bytes in their names. The rdkafka crate only takes `&str` names, so
@@ -511,7 +613,6 @@ async fn hostile_records_on_the_broker_are_accounted_and_the_partition_goes_on()
         }
     };
     let telemetry = topology.topics.telemetry.name.clone();
-    let acks = topology.topics.acks.name.clone();
     let sentinel = |i: usize| {
         let asset = format!("sentinel-{i}");
         let value = reading_bytes(&topology, &asset, NOW - 1000, 5.0, None, None);
@@ -522,12 +623,9 @@ async fn hostile_records_on_the_broker_are_accounted_and_the_partition_goes_on()
     for (i, e) in entries.iter().enumerate() {
         let (key, value) = sentinel(i);
         send(&telemetry, Some(key), Some(value), &[]).await;
-        let topic = match e.door {
-            Door::Telemetry => &telemetry,
-            Door::Acks => &acks,
-        };
-        let offset = send(topic, e.key.clone(), e.value.clone(), &e.headers).await;
-        sent.push((topic.clone(), offset));
+        let topic = e.door.topic(&topology).to_owned();
+        let offset = send(&topic, e.key.clone(), e.value.clone(), &e.headers).await;
+        sent.push((topic, offset));
     }
     let (key, value) = sentinel(entries.len());
     send(&telemetry, Some(key), Some(value), &[]).await;

@@ -1,5 +1,6 @@
 //! The fleet page at `/`, loaded in headless Chromium while a simulated fleet keeps
-//! reporting: it must show the assets, the active alerts and live events from the stream.
+//! reporting: it must show the assets, the active alerts and live events from the stream,
+//! and let a user with the write credential set a desired value on a twin.
 //! The screenshot is kept as a test artefact (its path is printed).
 
 mod common;
@@ -10,9 +11,12 @@ use common::{on_embedded, root, vehicle_topology, venv, wait_fleet};
 use tokio_util::sync::CancellationToken;
 use twinflow::demo::sim::{Fleet, FleetConfig};
 
+const WRITE: &str = "page-write-token-0123456789";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_fleet_page_shows_assets_alerts_and_live_events() {
     let (_kafka, mut p) = on_embedded(vehicle_topology());
+    p.writers = [("page".to_owned(), twinflow::config::Secret(WRITE.into()))].into();
     p.start();
     // A fleet of 200 vehicles keeps reporting, about 1000 readings/s, until the check ends.
     let config = FleetConfig {
@@ -23,6 +27,7 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
         interval_ms: 200,
     };
     let mut fleet = Fleet::new(config, &p.topology).unwrap();
+
     let feeding = CancellationToken::new();
     let p = std::sync::Arc::new(p);
     let feeder = {
@@ -46,6 +51,21 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
     })
     .await;
     let base = format!("http://{}", p.http.unwrap());
+    // A reefer the view holds, so the page plots it.
+    let twins: serde_json::Value = reqwest::get(format!("{base}/twins?limit=1000"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let reefer = twins["twins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["asset_id"].as_str())
+        .find(|id| id.starts_with("reefer"))
+        .unwrap()
+        .to_owned();
 
     let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fleet-page.png");
     let out = tokio::task::spawn_blocking(move || {
@@ -54,6 +74,8 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
             .arg(format!("{base}/"))
             .arg("--screenshot")
             .arg(&screenshot)
+            .args(["--select", &reefer, "--desired", "temperature_c=4.5"])
+            .args(["--write-token", WRITE])
             .output()
             .expect("python runs")
     })
@@ -81,6 +103,14 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
         figures["events_received"].as_u64().unwrap() > 0,
         "{figures}"
     );
+    // The twin panel set a desired value with the write credential: the owner issued the
+    // command (or found it reached at once), and the panel shows the value.
+    let result = figures["desired_result"].as_str().unwrap();
+    assert!(
+        result.starts_with("200 ISSUED") || result.starts_with("200 CONVERGED"),
+        "{figures}"
+    );
+    assert!(figures["desired_rows"].as_u64().unwrap() >= 1, "{figures}");
     let Ok(mut p) = std::sync::Arc::try_unwrap(p) else {
         panic!("the feeder is done")
     };

@@ -1,23 +1,31 @@
 //! The HTTP endpoint: operations (`/metrics`, `/healthz`, `/readyz`) and the twin API
 //! (`/twins`, `/twins/{id}`, `/alerts`, `/fleet`, the live `/twins/stream`), the fleet page
-//! at `/` and the API's OpenAPI document at `/openapi.json`. It never changes state.
+//! at `/` and the API's OpenAPI document at `/openapi.json`. Its one write,
+//! `PATCH /twins/{id}/desired` ([`desired`]), needs a write credential and changes no state
+//! itself: it sends the write to the desired-state topic, where the twin's owner decides.
 //!
 //! Twins are read from the fleet view ([`crate::view`]): every instance answers for every
 //! twin, as of the changelog it has read (see `ARCHITECTURE.md` for how stale that is).
 
 use std::sync::Arc;
 
+mod desired;
+
+pub use desired::RateLimit;
+
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, patch};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
+use crate::kafka::RecordWriter;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::twin::{Severity, Status, Twin};
@@ -60,6 +68,14 @@ pub struct ApiState {
     pub(crate) store: Store,
     pub(crate) view: Arc<FleetView>,
     pub(crate) token: Option<String>,
+    /// Write credentials: token and name.
+    pub(crate) writers: Arc<Vec<(String, String)>>,
+    /// Desired writes per asset.
+    pub(crate) writes: Arc<RateLimit>,
+    /// Where desired writes go.
+    pub(crate) writer: Arc<RecordWriter>,
+    /// Processing time, for the rate limit.
+    pub(crate) clock: Arc<dyn Clock>,
     /// Cancelled when the instance stops: open streams end.
     pub(crate) stop: CancellationToken,
 }
@@ -89,6 +105,11 @@ fn router(state: ApiState) -> Router {
         .route("/twins", get(list_twins))
         .route("/twins/stream", get(stream))
         .route("/twins/{id}", get(get_twin))
+        .route(
+            "/twins/{id}/desired",
+            patch(desired::patch_desired)
+                .layer(axum::extract::DefaultBodyLimit::max(desired::MAX_BODY)),
+        )
         .route("/alerts", get(list_alerts))
         .route("/fleet", get(fleet))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
@@ -102,8 +123,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// Limits and authentication, before any handler: the query string's length, and the
-/// bearer token (header or `access_token` parameter) on everything but `/healthz`.
-async fn guard(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+/// bearer token (header or `access_token` parameter) on everything but `/healthz`. A write
+/// needs a write credential in the header (never in the URL, where logs keep it); the read
+/// token gets 403 on every write. A write credential also reads.
+async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> Response {
     let query = request.uri().query().unwrap_or("");
     if query.len() > MAX_QUERY {
         return error(
@@ -111,30 +134,66 @@ async fn guard(State(s): State<ApiState>, request: Request, next: Next) -> Respo
             format!("query string longer than {MAX_QUERY} bytes"),
         );
     }
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let param = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("access_token="));
+    let writer_of = |t: Option<&str>| {
+        let t = t?;
+        s.writers
+            .iter()
+            .find(|(token, _)| token == t)
+            .map(|(_, name)| name.clone())
+    };
+    let path = request.uri().path();
+    let write = request.method() == Method::PATCH
+        && path.starts_with("/twins/")
+        && path.ends_with("/desired");
+    if write {
+        if s.writers.is_empty() {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this instance takes no writes: configure a write credential in [http.writers]",
+            );
+        }
+        let Some(name) = writer_of(bearer) else {
+            if bearer.is_some() && bearer == s.token.as_deref() {
+                return error(
+                    StatusCode::FORBIDDEN,
+                    "the read token cannot write: use a write credential ([http.writers])",
+                );
+            }
+            return unauthorized(
+                "a write credential is required: Authorization: Bearer <write token>",
+            );
+        };
+        request.extensions_mut().insert(desired::Writer(name));
+        return next.run(request).await;
+    }
     if let Some(token) = &s.token
         && request.uri().path() != "/healthz"
     {
-        let bearer = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let param = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("access_token="));
-        if bearer != Some(token.as_str()) && param != Some(token.as_str()) {
-            let mut r = error(
-                StatusCode::UNAUTHORIZED,
+        let reads = |t: Option<&str>| t == Some(token.as_str()) || writer_of(t).is_some();
+        if !reads(bearer) && !reads(param) {
+            return unauthorized(
                 "a bearer token is required: Authorization: Bearer <token>, or ?access_token=<token>",
             );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("valid header"),
-            );
-            return r;
         }
     }
     next.run(request).await
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut r = error(StatusCode::UNAUTHORIZED, message);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Bearer".parse().expect("valid header"),
+    );
+    r
 }
 
 async fn page() -> Html<&'static str> {
@@ -428,7 +487,8 @@ struct StreamQuery {
     access_token: Option<String>,
 }
 
-/// Server-sent events: `twin` (the twin after a change) and `alert` (an alert event),
+/// Server-sent events: `twin` (the twin after a change), `alert` (an alert event) and
+/// `command` (a command event),
 /// optionally only for one asset or one alert code. A client behind gets the latest event of
 /// each asset (and alert) it has not read, in the order of their last change; one so far
 /// behind that more than [`crate::view::STREAM_BUFFER`] assets changed since gets a `close`
@@ -472,6 +532,7 @@ fn events(
                         let name = match e.kind {
                             EventKind::Twin => "twin",
                             EventKind::Alert => "alert",
+                            EventKind::Command => "command",
                         };
                         let event = SseEvent::default().event(name).data(e.json.clone());
                         return Some((Ok(event), Some((rx, q, stop, open))));

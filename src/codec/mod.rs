@@ -11,6 +11,7 @@
 
 pub mod avro;
 pub mod confluent;
+mod desired;
 mod schema;
 
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 use confluent::WriterSchemas;
+pub use desired::{DESIRED_FIELDS, encode_command, encode_command_event};
 pub use schema::SchemaProperty;
 use schema::{Plans, PropType, ReadingField, TimeUnit, TwinField};
 
@@ -47,6 +49,15 @@ pub enum Format {
 
 /// The schema of alert events; fixed for every model.
 pub const ALERT_SCHEMA: &str = include_str!("../../schemas/alert_event.avsc");
+
+/// The schema of commands for devices; fixed for every model.
+pub const COMMAND_SCHEMA: &str = include_str!("../../schemas/command.avsc");
+
+/// The schema of command events; fixed for every model.
+pub const COMMAND_EVENT_SCHEMA: &str = include_str!("../../schemas/command_event.avsc");
+
+/// The schema of desired-state writes in Avro; fixed for every model.
+pub const DESIRED_WRITE_SCHEMA: &str = include_str!("../../schemas/desired_write.avsc");
 
 /// Encoders and decoders for one model.
 #[derive(Clone, Debug)]
@@ -367,8 +378,17 @@ impl Codec {
                     }
                     put_long(buf, 0);
                 }
+                TwinField::Desired(f) => desired::put(buf, *f, twin, &|i| self.name(i)),
             }
         }
+    }
+
+    /// Whether the twin schema has the desired-state fields (see [`DESIRED_FIELDS`]).
+    pub fn has_desired(&self) -> bool {
+        self.plans
+            .twin
+            .iter()
+            .any(|f| matches!(f, TwinField::Desired(_)))
     }
 
     /// Decodes a twin written by [`Codec::encode_twin`] (from the store or the changelog).
@@ -462,6 +482,10 @@ impl Codec {
                         });
                     }
                 },
+                TwinField::Desired(f) => {
+                    let index = |name: &str| self.by_name.get(name).copied();
+                    desired::read(&mut c, *f, &mut twin, &index).map_err(ctx("desired state"))?;
+                }
             }
         }
         if c.remaining() != 0 {
@@ -514,7 +538,7 @@ impl Codec {
             (Some(lat), Some(lng)) => serde_json::json!({ "lat": lat, "lng": lng }),
             _ => serde_json::Value::Null,
         };
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "asset_id": twin.asset_id,
             "version": twin.version,
             "location": location,
@@ -529,7 +553,47 @@ impl Codec {
             "pending_alerts": twin.pending.iter().map(|p| serde_json::json!({
                 "code": p.code, "since": rfc3339(p.since),
             })).collect::<Vec<_>>(),
-        })
+        });
+        if self.has_desired() {
+            self.desired_json(twin, &mut json);
+        }
+        json
+    }
+
+    /// Adds the twin's desired state to its JSON view.
+    fn desired_json(&self, twin: &Twin, json: &mut serde_json::Value) {
+        let desired: serde_json::Map<_, _> = twin
+            .desired
+            .iter()
+            .map(|d| {
+                let value = serde_json::json!({
+                    "value": value_json(&d.value), "set_at": rfc3339(d.set_at),
+                    "set_by": d.set_by, "command_id": d.command_id,
+                });
+                (self.name(d.property).to_owned(), value)
+            })
+            .collect();
+        let delta: Vec<&str> = (0..self.plans.properties.len())
+            .filter(|i| twin.delta & (1u128 << i) != 0)
+            .map(|i| self.name(i))
+            .collect();
+        let commands: Vec<_> = twin
+            .commands
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "command_id": c.command_id, "desired_version": c.desired_version,
+                    "state": c.state, "issued_at": rfc3339(c.issued_at),
+                    "expires_at": c.expires_at.map(rfc3339), "attempt": c.attempt,
+                    "set_by": c.set_by,
+                })
+            })
+            .collect();
+        let object = json.as_object_mut().expect("a twin is a JSON object");
+        object.insert("desired_version".into(), twin.desired_version.into());
+        object.insert("desired".into(), desired.into());
+        object.insert("delta".into(), delta.into());
+        object.insert("commands".into(), commands.into());
     }
 }
 
@@ -553,7 +617,24 @@ impl Codec {
     }
 }
 
-/// An Avro value (of the alert schema) as JSON: enums as symbols, times as RFC 3339.
+/// A command event (an Avro datum of [`COMMAND_EVENT_SCHEMA`]) as JSON, enums as symbols
+/// and times as RFC 3339.
+///
+/// # Errors
+/// `Error::Decode` when the bytes are not a command event.
+pub fn command_event_json(value: &[u8]) -> Result<serde_json::Value> {
+    static SCHEMA: std::sync::LazyLock<apache_avro::Schema> = std::sync::LazyLock::new(|| {
+        apache_avro::Schema::parse_str(COMMAND_EVENT_SCHEMA).expect("command_event.avsc parses")
+    });
+    let v = apache_avro::reader::datum::GenericDatumReader::builder(&SCHEMA)
+        .build()
+        .and_then(|r| r.read_value(&mut &value[..]))
+        .map_err(|e| Error::Decode(format!("command event: {e}")))?;
+    Ok(avro_json(&v))
+}
+
+/// An Avro value (of the alert or command event schema) as JSON: enums as symbols, times
+/// as RFC 3339.
 fn avro_json(v: &apache_avro::types::Value) -> serde_json::Value {
     use apache_avro::types::Value as AV;
     use serde_json::json;

@@ -57,6 +57,8 @@ pub enum TwinField {
     PropertyTimes,
     /// Symbol index of INFO, WARNING, CRITICAL in the alert's severity enum.
     ActiveAlerts([i64; 3]),
+    /// One of the optional desired-state fields.
+    Desired(super::desired::Field),
 }
 
 /// The names and types of the model's properties, as the telemetry schema declares them.
@@ -289,6 +291,9 @@ impl Plans {
                     TwinField::PropertyTimes
                 }
                 "active_alerts" => TwinField::ActiveAlerts(active_alerts_plan(field)?),
+                name if super::desired::DESIRED_FIELDS.contains(&name) => {
+                    TwinField::Desired(super::desired::field(name, s).map_err(Error::Config)?)
+                }
                 name => {
                     let Some(index) = properties.iter().position(|p| p.name == name) else {
                         return Err(Error::Config(format!(
@@ -321,7 +326,7 @@ impl Plans {
                     twin.name,
                     p.name,
                     p.name,
-                    avro_name(p.kind)
+                    p.kind.avro_name()
                 )));
             }
         }
@@ -350,17 +355,6 @@ impl Plans {
             twin: twin_fields,
             twin_tail: optional_tail(&twin.fields),
         })
-    }
-}
-
-fn avro_name(kind: PropKind) -> &'static str {
-    match kind {
-        PropKind::Double => "double",
-        PropKind::Float => "float",
-        PropKind::Int => "int",
-        PropKind::Long => "long",
-        PropKind::Bool => "boolean",
-        PropKind::Str => "string",
     }
 }
 

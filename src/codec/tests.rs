@@ -1,5 +1,6 @@
 use super::*;
 use crate::rules::{AlertState, Op, Rule};
+use crate::twin::{Command, CommandState, DesiredValue};
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value as AV;
@@ -102,6 +103,7 @@ proptest! {
         running in prop::option::of(any::<bool>()),
         firmware in prop::option::of("[a-z0-9.]{0,8}"),
         alerts in 0usize..3,
+        desired in 0usize..4,
     ) {
         let codec = Codec::new(PUMP, PUMP_TWIN).unwrap();
         let mut props = vec![None; 5];
@@ -129,6 +131,24 @@ proptest! {
                 acknowledged_by: (i % 2 == 1).then(|| format!("ops-{i}")),
             }).collect(),
             pending: (0..alerts).map(|i| PendingAlert { code: format!("P{i}"), since: t - 3 }).collect(),
+            desired_version: if desired > 0 { version } else { 0 },
+            desired: (0..desired).map(|i| DesiredValue {
+                property: [0, 3, 4][i],
+                value: [Value::Double(1.5), Value::Bool(true), Value::Str("v2".into())][i].clone(),
+                set_at: t - i as i64,
+                set_by: format!("ops-{i}"),
+                command_id: format!("c{i}"),
+            }).collect(),
+            delta: (0..desired).filter(|i| i % 2 == 0).map(|i| 1u128 << [0, 3, 4][i]).sum(),
+            commands: (0..desired).map(|i| Command {
+                command_id: format!("c{i}"),
+                desired_version: version - i as i64,
+                state: CommandState::ALL[i],
+                issued_at: t - i as i64,
+                expires_at: (i % 2 == 0).then_some(t + 1000),
+                attempt: 1 + i as i64,
+                set_by: format!("ops-{i}"),
+            }).collect(),
         };
         let mut bytes = Vec::new();
         codec.encode_twin(&twin, &mut bytes);
@@ -146,6 +166,20 @@ proptest! {
         prop_assert_eq!(items.len(), alerts);
         let AV::Map(times) = field(&v, "property_times") else { panic!() };
         prop_assert_eq!(times.get("pressure_bar").cloned(), pressure.map(|_| AV::TimestampMillis(t)));
+        match field(&v, "desired") {
+            AV::Union(1, items) => {
+                let AV::Array(items) = &**items else { panic!() };
+                prop_assert_eq!(items.len(), desired);
+            }
+            other => prop_assert_eq!((desired, other), (0, &AV::Union(0, Box::new(AV::Null)))),
+        }
+        match field(&v, "delta") {
+            AV::Union(1, items) => {
+                let AV::Array(items) = &**items else { panic!() };
+                prop_assert_eq!(&items[0], &AV::String("pressure_bar".into()));
+            }
+            other => prop_assert_eq!((desired, other), (0, &AV::Union(0, Box::new(AV::Null)))),
+        }
     }
 }
 
@@ -400,6 +434,7 @@ fn a_model_with_appended_optional_properties_reads_older_data() {
         props: vec![None; 5],
         alerts: Vec::new(),
         pending: Vec::new(),
+        ..Twin::blank(String::new(), 0)
     };
     twin.props[2] = Some(Prop {
         value: Value::Double(12.0),
@@ -418,8 +453,10 @@ fn a_model_with_appended_optional_properties_reads_older_data() {
     new.encode_twin(&read, &mut newer);
     let av = avro_read(&Schema::parse_str(VEHICLE_TWIN).unwrap(), &newer);
     assert_eq!(field(&av, "version"), &AV::Long(3));
-    // A datum cut short anywhere else is still an error.
-    assert!(new.decode_twin(&stored[..stored.len() - 1]).is_err());
+    // A datum cut short before its optional tail is still an error (the last four bytes
+    // are the null desired-state fields, an optional tail themselves).
+    assert_eq!(&stored[stored.len() - 4..], &[0, 0, 0, 0]);
+    assert!(new.decode_twin(&stored[..stored.len() - 5]).is_err());
 }
 
 #[test]
@@ -439,6 +476,7 @@ fn confluent_changelog_values_are_stored_plain() {
         props: vec![None; 5],
         alerts: Vec::new(),
         pending: Vec::new(),
+        ..Twin::blank(String::new(), 0)
     };
     let mut plain = Vec::new();
     codec.encode_twin(&twin, &mut plain);

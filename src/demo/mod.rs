@@ -20,14 +20,18 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{
-    Config, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
+    Config, HttpConfig, KafkaConfig, ProcessingConfig, Secret, StoreConfig, TopologyConfig,
 };
 pub mod embedded;
 pub mod sim;
 
 use crate::topology::Topology;
 use embedded::EmbeddedKafka;
-use sim::{Fleet, FleetConfig, Publish};
+use rand::SeedableRng;
+use sim::{Fleet, FleetConfig, Obey, Publish};
+
+/// The demo's write credential unless `--write-token` sets one.
+pub const DEMO_WRITE_TOKEN: &str = "demo-write-token";
 
 /// What the demo runs (the options of `twinflow demo`).
 #[derive(Clone, Debug, clap::Args)]
@@ -56,6 +60,10 @@ pub struct DemoOptions {
     /// Keep the store here instead of a temporary directory.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The write credential (named `demo`) for desired-state writes through the API. The
+    /// endpoint listens on loopback unless `--http` says otherwise: set your own then.
+    #[arg(long, env = "TWINFLOW_DEMO_WRITE_TOKEN", default_value = DEMO_WRITE_TOKEN)]
+    pub write_token: String,
     /// Topology files.
     #[command(flatten)]
     pub topology: TopologyConfig,
@@ -92,7 +100,8 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         processing: ProcessingConfig::default(),
         http: HttpConfig {
             listen: opts.http,
-            token: None,
+            writers: [("demo".to_owned(), Secret(opts.write_token.clone()))].into(),
+            ..HttpConfig::default()
         },
         schema_registry: None,
     };
@@ -155,11 +164,23 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         burst: (backlog_ms as u64).saturating_mul(opts.rate) / 1000,
         count: None,
         duration: None,
+        obey: Some(Obey {
+            commands: topology.topics.commands.name.clone(),
+            acks: topology.topics.acks.name.clone(),
+        }),
     };
+    let targets = DesiredTargets::of(&topology, &fleet, opts.assets);
     let simulator = {
         let stop = stop_sim.clone();
-        std::thread::spawn(move || sim::publish(fleet, &publish, &stop))
+        let topology = topology.clone();
+        std::thread::spawn(move || sim::publish(fleet, &publish, &topology, &stop))
     };
+    let writer: rdkafka::producer::FutureProducer = config
+        .kafka
+        .admin_config()
+        .create()
+        .context("creating the demo's desired-state writer")?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
 
     let app_stop = CancellationToken::new();
     let pipeline = tokio::spawn(app.run(app_stop.clone()));
@@ -179,11 +200,23 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => break,
             _ = &mut deadline => break,
             _ = ticker.tick() => {
+                // Now and then an operator changes a setpoint.
+                if let Some((asset, write)) = targets.as_ref().and_then(|t| t.pick(&mut rng)) {
+                    let record = rdkafka::producer::FutureRecord::to(&topology.topics.desired.name)
+                        .key(asset.as_bytes())
+                        .payload(write.as_bytes());
+                    if let Err((error, _)) = writer.send(record, Duration::from_secs(5)).await {
+                        tracing::warn!(%error, "The demo's desired write was not sent.");
+                    }
+                }
                 let consumed = metrics.total("twinflow_records_consumed_total");
                 let rate = (consumed - last.1) as f64 / last.0.elapsed().as_secs_f64();
                 last = (Instant::now(), consumed);
+                let commands = |state: &str| {
+                    metrics.counter("twinflow_command_events_total", &[("state", state)])
+                };
                 println!(
-                    "[{:>4}s] twins {:>6} | {:>7.0} events/s | alerts raised {:>5} cleared {:>5} | dead-lettered {:>5} | skipped {:>4}",
+                    "[{:>4}s] twins {:>6} | {:>7.0} events/s | alerts raised {:>5} cleared {:>5} | dead-lettered {:>5} | skipped {:>4} | commands issued {:>4} converged {:>4} rejected {:>3} timed out {:>3}",
                     started.elapsed().as_secs(),
                     metrics.total("twinflow_twins_created_total"),
                     rate,
@@ -191,6 +224,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
                     metrics.counter("twinflow_alerts_emitted_total", &[("state", "CLEARED")]),
                     metrics.total("twinflow_records_dead_lettered_total"),
                     metrics.total("twinflow_records_skipped_total"),
+                    commands("ISSUED"),
+                    commands("CONVERGED"),
+                    commands("REJECTED"),
+                    commands("TIMED_OUT"),
                 );
             }
         }
@@ -213,6 +250,86 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         started.elapsed().as_secs_f64(),
         consumed as f64 / started.elapsed().as_secs_f64()
     );
+    drop(writer);
+    if let Some((p50, p99, n)) = convergence(&metrics) {
+        println!(
+            "twinflow demo: {n} commands converged, issue to convergence p50 {p50:.1}s, p99 {p99:.1}s (histogram buckets)"
+        );
+    }
     drop(kafka);
     Ok(())
+}
+
+/// p50 and p99 (upper bucket bounds) of `twinflow_command_convergence_seconds`, with the
+/// number of observations, if any.
+fn convergence(metrics: &crate::metrics::Metrics) -> Option<(f64, f64, u64)> {
+    let families = metrics.registry().gather();
+    let h = families
+        .iter()
+        .find(|f| f.name() == "twinflow_command_convergence_seconds")?
+        .get_metric()
+        .first()?
+        .get_histogram()
+        .clone();
+    let n = h.get_sample_count();
+    let quantile = |q: f64| {
+        let want = (q * n as f64).ceil() as u64;
+        h.get_bucket()
+            .iter()
+            .find(|b| b.cumulative_count() >= want)
+            .map_or(f64::INFINITY, |b| b.upper_bound())
+    };
+    (n > 0).then(|| (quantile(0.5), quantile(0.99), n))
+}
+
+/// Which assets the demo's operator sets desired values on, and to what: the model's first
+/// writable property, within its range (for the vehicle model, a reefer's cargo
+/// temperature between 2 and 6 °C).
+struct DesiredTargets {
+    assets: Vec<String>,
+    property: String,
+    kind: crate::twin::PropKind,
+    range: (f64, f64),
+}
+
+impl DesiredTargets {
+    fn of(topology: &Topology, fleet: &Fleet, assets: usize) -> Option<DesiredTargets> {
+        let def = topology.model.properties.iter().find(|p| p.writable)?;
+        let ids: Vec<String> = (0..assets).map(|i| fleet.asset_id(i).to_owned()).collect();
+        let reefers: Vec<String> = ids
+            .iter()
+            .filter(|id| id.starts_with("reefer"))
+            .cloned()
+            .collect();
+        let (assets, range) = if def.name == "temperature_c" && !reefers.is_empty() {
+            (reefers, (2.0, 6.0))
+        } else {
+            let (low, high) = (def.min.unwrap_or(0.0), def.max.unwrap_or(100.0));
+            (ids, (low + 0.3 * (high - low), low + 0.7 * (high - low)))
+        };
+        Some(DesiredTargets {
+            assets,
+            property: def.name.clone(),
+            kind: def.kind,
+            range,
+        })
+    }
+
+    /// A random asset and a write of a random value, as JSON.
+    fn pick(&self, rng: &mut impl rand::Rng) -> Option<(String, String)> {
+        use crate::twin::PropKind;
+        let asset = self
+            .assets
+            .get(rng.gen_range(0..self.assets.len()))?
+            .clone();
+        let v = rng.gen_range(self.range.0..=self.range.1);
+        let value = match self.kind {
+            PropKind::Bool => serde_json::json!(rng.gen_bool(0.5)),
+            PropKind::Int | PropKind::Long => serde_json::json!(v.round() as i64),
+            PropKind::Str => return None,
+            _ => serde_json::json!((v * 10.0).round() / 10.0),
+        };
+        let write = serde_json::json!({ "desired": { &self.property: value }, "by": "demo" });
+        Some((asset, write.to_string()))
+    }
 }

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::{ClientConfig, ClientContext, Message as _};
 
 use crate::codec::Codec;
 use crate::rules::{Op, RuleKind};
@@ -110,6 +111,8 @@ struct Vehicle {
     ticks: u64,
     /// How far the device clock is off, ms.
     skew_ms: i64,
+    /// The cargo temperature the reefer unit holds (a command sets it).
+    setpoint: f64,
 }
 
 /// Indices of the vehicle model's properties.
@@ -202,6 +205,52 @@ impl Fleet {
     /// The id of asset `index` (of `0..assets`).
     pub fn asset_id(&self, index: usize) -> &str {
         self.assets.id(index % self.assets.len())
+    }
+
+    /// Hands a command's values (property index, value) to the device of `asset_id`, which
+    /// moves toward them from its next reading on at its own pace: a reefer unit toward a
+    /// cargo temperature, a machine's signal toward a new resting value. About 2 % of the
+    /// devices ignore commands; a truck without a reefer unit refuses a temperature.
+    /// `None` for an asset the fleet does not have.
+    pub fn command(&mut self, asset_id: &str, values: &[(usize, Value)]) -> Option<Obeyed> {
+        let index: usize = asset_id.rsplit('-').next()?.parse().ok()?;
+        if index >= self.assets.len() || self.assets.id(index) != asset_id {
+            return None;
+        }
+        if index % 50 == 17 {
+            return Some(Obeyed::Ignored);
+        }
+        match &mut self.assets {
+            Assets::Vehicles(vehicles, props) => {
+                let v = &mut vehicles[index];
+                for (p, value) in values {
+                    match (*p == props.temp, v.temp, value.as_f64()) {
+                        (true, Some(_), Some(t)) => v.setpoint = t,
+                        (true, None, _) => return Some(Obeyed::Rejected("no reefer unit")),
+                        _ => return Some(Obeyed::Rejected("not settable on this device")),
+                    }
+                }
+            }
+            Assets::Machines(machines, signals) => {
+                let m = &mut machines[index];
+                for (p, value) in values {
+                    let Some(s) = signals.list.iter().position(|(q, _)| q == p) else {
+                        return Some(Obeyed::Rejected("not settable on this device"));
+                    };
+                    match (&signals.list[s].1, value) {
+                        (Shape::Number { valid, .. }, v) if v.as_f64().is_some() => {
+                            m.rest[s] = v.as_f64().unwrap_or_default().clamp(valid.0, valid.1);
+                        }
+                        (Shape::Flag, Value::Bool(on)) => {
+                            m.active = *on;
+                            m.phase_left = 400;
+                        }
+                        _ => return Some(Obeyed::Rejected("not settable on this device")),
+                    }
+                }
+            }
+        }
+        Some(Obeyed::Accepted)
     }
 
     /// The next `n` records as owned `(key, value)` pairs, for tests and benchmarks.
@@ -380,6 +429,7 @@ fn vehicles(config: &FleetConfig, rng: &mut ChaCha8Rng) -> Vec<Vehicle> {
                 silent_left: 0,
                 ticks: 0,
                 skew_ms: clock_skew(rng),
+                setpoint: 3.5,
             }
         })
         .collect()
@@ -782,10 +832,25 @@ fn step(v: &mut Vehicle, rng: &mut ChaCha8Rng, dt_h: f64) -> bool {
         } else if rng.gen_bool(0.003) {
             v.excursion_left = rng.gen_range(10..40);
         }
-        let target = if v.excursion_left > 0 { 11.5 } else { 3.5 };
+        let target = if v.excursion_left > 0 {
+            11.5
+        } else {
+            v.setpoint
+        };
         *t += (target - *t) * 0.15 + rng.gen_range(-0.2..0.2);
     }
     true
+}
+
+/// What a simulated device did with a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Obeyed {
+    /// It takes the values on.
+    Accepted,
+    /// It cannot, and says why.
+    Rejected(&'static str),
+    /// It does not answer (and does nothing).
+    Ignored,
 }
 
 /// Counts of a simulator run.
@@ -829,6 +894,117 @@ pub struct Publish {
     pub count: Option<u64>,
     /// Stop after this long.
     pub duration: Option<Duration>,
+    /// The devices obey the commands on this topic, acknowledging on the other.
+    pub obey: Option<Obey>,
+}
+
+/// Where simulated devices read their commands and send their acknowledgements.
+#[derive(Clone, Debug)]
+pub struct Obey {
+    /// The command topic (schemas/command.avsc), read from its end.
+    pub commands: String,
+    /// The acknowledgement topic.
+    pub acks: String,
+}
+
+/// The devices' side of the command topic: decodes commands, hands them to the fleet and
+/// sends the devices' acknowledgements.
+struct Devices {
+    consumer: BaseConsumer,
+    acks: String,
+    schema: apache_avro::Schema,
+    properties: Vec<String>,
+}
+
+impl Devices {
+    fn new(client: &ClientConfig, obey: &Obey, topology: &Topology) -> Result<Devices> {
+        let consumer: BaseConsumer = client
+            .clone()
+            .set("group.id", "twinflow-simulated-devices")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            .create()
+            .context("creating the simulated devices' consumer")?;
+        consumer
+            .subscribe(&[&obey.commands])
+            .context("subscribing to the command topic")?;
+        Ok(Devices {
+            consumer,
+            acks: obey.acks.clone(),
+            schema: apache_avro::Schema::parse_str(crate::codec::COMMAND_SCHEMA)
+                .context("parsing the command schema")?,
+            properties: topology
+                .model
+                .properties
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+        })
+    }
+
+    /// Hands every command waiting to its device and sends the answers through `producer`.
+    fn serve(&self, fleet: &mut Fleet, producer: &ThreadedProducer<Counting>) {
+        while let Some(Ok(m)) = self.consumer.poll(Duration::ZERO) {
+            let Some((command_id, asset, values)) = m.payload().and_then(|p| self.decode(p)) else {
+                continue;
+            };
+            let result = match fleet.command(&asset, &values) {
+                Some(Obeyed::Accepted) => ("accepted", None),
+                Some(Obeyed::Rejected(why)) => ("rejected", Some(why)),
+                Some(Obeyed::Ignored) | None => continue,
+            };
+            let ack = serde_json::json!({
+                "command_id": command_id, "result": result.0, "detail": result.1,
+            })
+            .to_string();
+            let record = BaseRecord::to(&self.acks)
+                .key(asset.as_bytes())
+                .payload(ack.as_bytes());
+            if let Err((error, _)) = producer.send(record) {
+                tracing::warn!(%error, "Simulated device acknowledgement not sent.");
+            }
+        }
+    }
+
+    /// The command id, asset and values of a command record.
+    fn decode(&self, payload: &[u8]) -> Option<(String, String, Vec<(usize, Value)>)> {
+        use apache_avro::types::Value as AV;
+        let v = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
+            .build()
+            .and_then(|r| r.read_value(&mut &payload[..]))
+            .ok()?;
+        let AV::Record(fields) = v else { return None };
+        let (mut id, mut asset, mut values) = (String::new(), String::new(), Vec::new());
+        for (name, value) in fields {
+            match (name.as_str(), value) {
+                ("command_id", AV::String(s)) => id = s,
+                ("asset_id", AV::String(s)) => asset = s,
+                ("values", AV::Map(map)) => {
+                    for (property, v) in map {
+                        let Some(p) = self.properties.iter().position(|n| *n == property) else {
+                            continue;
+                        };
+                        let v = match v {
+                            AV::Union(_, inner) => *inner,
+                            other => other,
+                        };
+                        values.push((
+                            p,
+                            match v {
+                                AV::Double(d) => Value::Double(d),
+                                AV::Long(l) => Value::Long(l),
+                                AV::Boolean(b) => Value::Bool(b),
+                                AV::String(s) => Value::Str(s.as_str().into()),
+                                _ => continue,
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some((id, asset, values))
+    }
 }
 
 /// Publishes the fleet's records until the count or duration is reached or `stop` is set.
@@ -836,7 +1012,17 @@ pub struct Publish {
 ///
 /// # Errors
 /// When the producer cannot be created or does not flush within 30 s at the end.
-pub fn publish(mut fleet: Fleet, publish: &Publish, stop: &AtomicBool) -> Result<SimStats> {
+pub fn publish(
+    mut fleet: Fleet,
+    publish: &Publish,
+    topology: &Topology,
+    stop: &AtomicBool,
+) -> Result<SimStats> {
+    let devices = publish
+        .obey
+        .as_ref()
+        .map(|obey| Devices::new(&publish.client, obey, topology))
+        .transpose()?;
     let failed = Arc::new(AtomicU64::new(0));
     let producer: ThreadedProducer<Counting> = publish
         .client
@@ -859,9 +1045,17 @@ pub fn publish(mut fleet: Fleet, publish: &Publish, stop: &AtomicBool) -> Result
             let paced = *paced_since.get_or_insert_with(Instant::now);
             let due = publish.burst + (paced.elapsed().as_secs_f64() * publish.rate as f64) as u64;
             if stats.sent >= due {
+                if let Some(devices) = &devices {
+                    devices.serve(&mut fleet, &producer);
+                }
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
+        }
+        if stats.sent % 1024 == 0
+            && let Some(devices) = &devices
+        {
+            devices.serve(&mut fleet, &producer);
         }
         if fleet.next_record(&mut key, &mut value).is_malformed() {
             stats.malformed += 1;

@@ -1,5 +1,5 @@
 //! Every Kafka client of an instance is configured here: the group consumer, the output
-//! producer, and the changelog readers (restore, fleet view). Each starts from the
+//! producer, the API's writer, and the changelog readers (restore, fleet view). Each starts from the
 //! `[kafka]` section (connection, security, passthrough properties for its role), then
 //! twinflow's settings go on top; what the clients must agree on, the isolation level
 //! above all, follows from the guarantee, decided once.
@@ -105,6 +105,12 @@ impl Clients {
                 .set("transaction.timeout.ms", "10000");
         }
         c
+    }
+
+    /// The producer of the HTTP API's desired-state writes: idempotent, never
+    /// transactional (a write is one record, acknowledged before the API answers).
+    pub fn writer(&self) -> ClientConfig {
+        self.base(Role::Producer, &PRODUCER_DEFAULTS)
     }
 
     /// A reader of output topics that assigns its partitions itself and commits nothing

@@ -1,6 +1,6 @@
 //! Kafka plumbing: every client's settings ([`Clients`]), the consumer whose rebalances
 //! become calls into the pipeline, async per-partition message streams, the output producer
-//! that tracks deliveries and runs the transactions, the reader of output topics (restore,
+//! that tracks deliveries and runs the transactions, the API's writer of input records, the reader of output topics (restore,
 //! fleet view), and topic admin.
 //!
 //! No business logic lives here: what to do on assign or revoke is the pipeline's
@@ -12,6 +12,7 @@ mod consumer;
 mod headers;
 mod producer;
 mod reader;
+mod writer;
 
 pub use admin::{TopicReport, apply_topology};
 pub use clients::Clients;
@@ -22,3 +23,4 @@ pub use consumer::{
 pub use headers::MessageHeaders;
 pub use producer::{DEFAULT_MAX_RECORD_BYTES, Deliveries, OutputProducer};
 pub use reader::{OutputReader, OutputRecord, Polled};
+pub use writer::RecordWriter;

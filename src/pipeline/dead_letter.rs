@@ -34,6 +34,8 @@ pub enum Stage {
     Time,
     /// Reading an acknowledgement.
     Ack,
+    /// Reading a desired-state write.
+    Desired,
     /// A panic while processing it (a bug).
     Internal,
 }
@@ -46,6 +48,7 @@ impl Stage {
             Stage::Validate => "validate",
             Stage::Time => "time",
             Stage::Ack => "ack",
+            Stage::Desired => "desired",
             Stage::Internal => "internal",
         }
     }

@@ -43,21 +43,26 @@ pub enum InputKind {
     /// Telemetry readings: the topic the group subscribes to. A partition nobody processed
     /// starts where the consumer's `auto.offset.reset` says.
     Readings,
-    /// Alert acknowledgements: a companion, assigned with the telemetry partition of its
-    /// number. A partition nobody processed starts at its beginning: applying an
-    /// acknowledgement again changes nothing.
+    /// Alert and command acknowledgements: a companion, assigned with the telemetry
+    /// partition of its number. A partition nobody processed starts at its beginning:
+    /// applying an acknowledgement again changes nothing.
     Acks,
+    /// Desired-state writes: a companion like the acknowledgements. A partition nobody
+    /// processed starts at its beginning: a write applied again is a repeat (its command
+    /// id is an open command's) or supersedes nothing new.
+    Desired,
 }
 
 impl InputKind {
     /// Every input, the group's first.
-    pub const ALL: [InputKind; 2] = [InputKind::Readings, InputKind::Acks];
+    pub const ALL: [InputKind; 3] = [InputKind::Readings, InputKind::Acks, InputKind::Desired];
 
     /// The input's topic.
     pub fn topic(self, topics: &Topics) -> &str {
         match self {
             InputKind::Readings => &topics.telemetry.name,
             InputKind::Acks => &topics.acks.name,
+            InputKind::Desired => &topics.desired.name,
         }
     }
 
@@ -71,6 +76,7 @@ impl InputKind {
         match self {
             InputKind::Readings => "reading",
             InputKind::Acks => "ack",
+            InputKind::Desired => "desired",
         }
     }
 

@@ -31,6 +31,7 @@ use crate::registry::Registry;
 use crate::store::Store;
 use crate::topology::Topology;
 
+pub use commands::{WriteRecord, desired_write, encode_write};
 pub use committer::Committer;
 pub use coordinator::{Coordinator, Handler};
 pub use dead_letter::Stage;

@@ -5,6 +5,8 @@
 //!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from.
 //! - An alert event goes to the alert topic, keyed by asset id (the producer's partitioner
 //!   picks the partition), with no headers.
+//! - A command and a command event go to their topics, keyed by asset id (the producer's
+//!   partitioner picks the partition), with no headers.
 //! - A dead letter goes to the dead-letter topic with the original key, value and headers
 //!   and twinflow's own (see [`super::dead_letter`]).
 
@@ -23,6 +25,10 @@ pub enum Target {
     Alerts,
     /// The dead-letter topic.
     DeadLetter,
+    /// The command topic.
+    Commands,
+    /// The command event topic.
+    CommandEvents,
 }
 
 /// A header of an output record: a name and a value, which may be null.
@@ -139,6 +145,8 @@ impl Outputs {
                 (&topics.changelog.name, Some(partition), headers)
             }
             Target::Alerts => (&topics.alerts.name, None, Vec::new()),
+            Target::Commands => (&topics.commands.name, None, Vec::new()),
+            Target::CommandEvents => (&topics.command_events.name, None, Vec::new()),
             Target::DeadLetter => {
                 let headers = o
                     .headers

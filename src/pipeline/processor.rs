@@ -8,17 +8,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::commands::{Ack, decode_ack};
+use super::commands::{AckRecord, decode_ack, decode_desired};
 use super::dead_letter::{MAX_MESSAGE_BYTES, Stage, Why, dead_letter};
 use super::input::{Input, InputKind, PerInput};
 use super::output::{Outputs, Target};
-use crate::codec::{encode_alert, rfc3339};
+use crate::codec::{encode_alert, encode_command, encode_command_event, rfc3339};
 use crate::error::{Error, Result};
 use crate::metrics::{BatchCounts, DeadLetterReason};
 use crate::rules::{AckOutcome, AlertEvent};
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
-use crate::twin::{Reading, Twin, TwinChange, Untimely};
+use crate::twin::{DesiredWrite, Effects, Reading, Status, Twin, TwinChange, Untimely};
 
 /// With the test-only `fault-injection` feature, a valid reading of this asset panics in the
 /// record path, so that tests can show a panic is isolated to its record.
@@ -69,6 +69,8 @@ pub struct Processor {
     cache_limit: usize,
     reading: Reading,
     alerts: Vec<AlertEvent>,
+    /// Command transitions and sends of the twin being processed.
+    effects: Effects,
     scratch: Vec<u8>,
     /// The last timer looked at: every one before it has fired or moved (in the store or
     /// the staged batch), so the next look starts after it.
@@ -96,6 +98,7 @@ impl Processor {
             cache_limit,
             reading: Reading::default(),
             alerts: Vec::new(),
+            effects: Effects::default(),
             scratch: Vec::new(),
             due_after: None,
             max_record_bytes: crate::kafka::DEFAULT_MAX_RECORD_BYTES,
@@ -280,13 +283,26 @@ impl Processor {
             return Ok(());
         }
         let deadline = model.deadline(twin);
+        let was_offline = twin.status == Status::Offline;
+        self.effects.clear();
+        let expired = twin.expire(now, &mut self.effects);
         let change = match twin.apply(model, reading, now) {
             Ok(change) => change,
             Err(unchanged) => {
                 batch.counts.skip(unchanged);
+                if expired {
+                    // The reading changed nothing, the commands that timed out did.
+                    twin.touch(now);
+                    let change = TwinChange::default();
+                    self.emit(id, &change, deadline, input.offset, batch, None);
+                }
                 return Ok(());
             }
         };
+        twin.converge(model, &mut self.effects);
+        if was_offline && twin.status != Status::Offline {
+            twin.resend(&mut self.effects);
+        }
         batch.counts.twins_created += u64::from(change.created);
         batch.counts.event_times.push(reading.event_time);
         self.emit(id, &change, deadline, input.offset, batch, None);
@@ -310,7 +326,89 @@ impl Processor {
         match kind {
             InputKind::Readings => self.process(input, batch, now),
             InputKind::Acks => self.process_ack(input, batch, now, source),
+            InputKind::Desired => self.process_desired(input, batch, now, source),
         }
+    }
+
+    /// Processes one desired-state write (see [`super::commands`]) at processing time `now`:
+    /// an accepted write changes the twin and issues its command, a rejected one answers
+    /// with a REJECTED event only, a repeated one is a counted no-op, a malformed or
+    /// invalid one is dead-lettered. Outputs carry `source`, as acknowledgements' do.
+    ///
+    /// # Errors
+    /// As [`Processor::process`].
+    pub fn process_desired(
+        &mut self,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
+        batch.next.set(InputKind::Desired, Some(input.offset + 1));
+        let work = Work::Record(InputKind::Desired, input.offset);
+        let topology = self.topology.clone();
+        let format = topology.topics.desired_format();
+        self.pinned(work, input, batch, |p, batch| {
+            match decode_desired(input, format, &topology.model, p.partition) {
+                Ok((id, write)) => p.write_desired(id, &write, batch, now, source),
+                Err((reason, why)) => {
+                    p.dead_letter(input, batch, reason, Stage::Desired, &why);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Applies `write` to the twin of `id`.
+    fn write_desired(
+        &mut self,
+        id: &str,
+        write: &DesiredWrite,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
+        self.command(id, batch, now, source, |twin, topology, fx, counts| {
+            if let Err(unapplied) = twin.set_desired(&topology.model, write, now, fx) {
+                counts.command_noop(unapplied);
+            }
+            None
+        })
+    }
+
+    /// Applies `act`, a command input's record, to the twin of `id` at processing time
+    /// `now`, after the twin caught up on its timed-out commands. A changed twin is emitted
+    /// with its events (and the alert event `act` returns), with `source`; an unchanged one
+    /// only with the command events `act` produced (a rejected write's answer), and a twin
+    /// that did not exist before is not kept.
+    fn command(
+        &mut self,
+        id: &str,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+        act: impl FnOnce(&mut Twin, &Topology, &mut Effects, &mut BatchCounts) -> Option<AlertEvent>,
+    ) -> Result<()> {
+        let existed = self.load(id)?;
+        let topology = self.topology.clone();
+        let twin = self.cache.get_mut(id).expect("loaded above");
+        let deadline = topology.model.deadline(twin);
+        let version = twin.version;
+        self.effects.clear();
+        let expired = twin.expire(now, &mut self.effects);
+        let event = act(twin, &topology, &mut self.effects, &mut batch.counts);
+        if expired && twin.version == version {
+            twin.touch(now);
+        }
+        if twin.version != version {
+            self.emit(id, &TwinChange::default(), deadline, source, batch, event);
+        } else {
+            if !existed {
+                self.cache.remove(id);
+            }
+            self.emit_commands(id, version, source, batch);
+        }
+        Ok(())
     }
 
     /// Processes one acknowledgement record (key: asset id; value: JSON
@@ -339,35 +437,44 @@ impl Processor {
         })
     }
 
-    /// Applies `ack` to the twin of `id`.
+    /// Applies `ack` (of an alert, or a device's of a command) to the twin of `id`.
     fn acknowledge(
         &mut self,
         id: &str,
-        ack: &Ack,
+        ack: &AckRecord,
         batch: &mut Batch,
         now: i64,
         source: i64,
     ) -> Result<()> {
-        if !self.load(id)? {
-            self.cache.remove(id);
-            batch.counts.acks[AckOutcome::Unknown as usize] += 1;
-            return Ok(());
-        }
-        let topology = self.topology.clone();
-        let twin = self.cache.get_mut(id).expect("loaded above");
-        let deadline = topology.model.deadline(twin);
-        match topology
-            .rules
-            .acknowledge(twin, &ack.alert_id, ack.by.as_deref(), now)
-        {
-            Ok(event) => {
-                batch.counts.acks[AckOutcome::Applied as usize] += 1;
-                let change = TwinChange::default();
-                self.emit(id, &change, deadline, source, batch, Some(event));
-            }
-            Err(outcome) => batch.counts.acks[outcome as usize] += 1,
-        }
-        Ok(())
+        self.command(
+            id,
+            batch,
+            now,
+            source,
+            |twin, topology, fx, counts| match ack {
+                AckRecord::Alert(ack) => {
+                    let by = ack.by.as_deref();
+                    match topology.rules.acknowledge(twin, &ack.alert_id, by, now) {
+                        Ok(event) => {
+                            counts.acks[AckOutcome::Applied as usize] += 1;
+                            Some(event)
+                        }
+                        Err(outcome) => {
+                            counts.acks[outcome as usize] += 1;
+                            None
+                        }
+                    }
+                }
+                AckRecord::Command(ack) => {
+                    let (id, detail) = (&ack.command_id, ack.detail.as_deref());
+                    let done = twin.device_ack(&topology.model, id, ack.result, detail, now, fx);
+                    if let Err(unapplied) = done {
+                        counts.command_noop(unapplied);
+                    }
+                    None
+                }
+            },
+        )
     }
 
     /// Fires the timers due at `now` (at most `limit`): twins whose status changes by
@@ -412,7 +519,15 @@ impl Processor {
                 let Some(actual) = model.deadline(twin) else {
                     continue;
                 };
-                if actual > now || !twin.tick(model, now) {
+                if actual > now {
+                    batch.store.put_deadline(actual, &id);
+                    continue;
+                }
+                self.effects.clear();
+                let ticked = twin.tick(model, now);
+                if twin.expire(now, &mut self.effects) && !ticked {
+                    twin.touch(now);
+                } else if !ticked {
                     batch.store.put_deadline(actual, &id);
                     continue;
                 }
@@ -461,6 +576,10 @@ impl Processor {
         let twin = self.cache.get_mut(id).expect("emit after load");
         self.alerts.clear();
         topology.rules.evaluate(twin, change, &mut self.alerts);
+        let now = twin.updated_at;
+        topology
+            .rules
+            .act(twin, &topology.model, &self.alerts, now, &mut self.effects);
         self.alerts.extend(event);
         // The index keeps an entry at or before each twin's deadline. Most readings move the
         // deadline later; the old entry then stays, and when it comes due the twin files it
@@ -493,6 +612,50 @@ impl Processor {
                 &self.scratch,
             );
             batch.counts.alerts.push((event.rule, event.state));
+        }
+        let version = twin.version;
+        self.emit_commands(id, version, source, batch);
+    }
+
+    /// Stages the command events and commands in `self.effects` for the twin of `id` (in the
+    /// cache unless a rejected write left none) at twin version `version`.
+    fn emit_commands(&mut self, id: &str, version: i64, source: i64, batch: &mut Batch) {
+        if self.effects.is_empty() {
+            return;
+        }
+        let counts = &mut batch.counts;
+        counts
+            .converged_after
+            .extend_from_slice(&self.effects.converged_after);
+        let topology = &self.topology;
+        for event in &self.effects.events {
+            self.scratch.clear();
+            encode_command_event(event, id, version, &mut self.scratch);
+            batch.outputs.push_value(
+                Target::CommandEvents,
+                source,
+                id.as_bytes(),
+                None,
+                &self.scratch,
+            );
+            batch.counts.command_events[event.state as usize] += 1;
+        }
+        let Some(twin) = self.cache.get(id) else {
+            return;
+        };
+        let names = |i: usize| topology.model.properties[i].name.as_str();
+        for command in &self.effects.sends {
+            self.scratch.clear();
+            if encode_command(twin, command, &names, &mut self.scratch) {
+                batch.outputs.push_value(
+                    Target::Commands,
+                    source,
+                    id.as_bytes(),
+                    None,
+                    &self.scratch,
+                );
+                batch.counts.commands_sent += 1;
+            }
         }
     }
 

@@ -8,7 +8,10 @@
 //! hidden state and a replay from the same twin yields the same events, with the same
 //! deterministic alert ids.
 
-use crate::twin::{ActiveAlert, PendingAlert, Severity, Status, Twin, TwinChange};
+use crate::twin::{
+    ActiveAlert, CommandState, DesiredWrite, Effects, Model, PendingAlert, Severity, Status, Twin,
+    TwinChange, Value,
+};
 use serde::Deserialize;
 
 /// A comparison operator.
@@ -58,10 +61,17 @@ pub enum RuleKind {
     /// The asset's status is OFFLINE (`ASSET_OFFLINE`, from `offline_after`). Its property
     /// is the silence in seconds, its threshold `offline_after` in seconds.
     Offline,
+    /// A command timed out and has not converged since (`DESIRED_NOT_REACHED`, from
+    /// `[desired] converge_within`). Its value is the number of such commands, its threshold
+    /// `converge_within` in seconds.
+    Desired,
 }
 
 /// The code of the built-in offline rule.
 pub const OFFLINE_CODE: &str = "ASSET_OFFLINE";
+
+/// The code of the built-in rule on commands that timed out.
+pub const DESIRED_CODE: &str = "DESIRED_NOT_REACHED";
 
 /// One alert rule.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,6 +96,8 @@ pub struct Rule {
     /// Minimum duration, in event-time milliseconds, the comparison must hold before the
     /// alert is raised.
     pub min_duration: Option<i64>,
+    /// Desired values set when the rule raises (property index, value): its action.
+    pub on_raise: Vec<(usize, Value)>,
 }
 
 impl Rule {
@@ -107,6 +119,7 @@ impl Rule {
             threshold,
             clear_threshold: None,
             min_duration: None,
+            on_raise: Vec::new(),
         }
     }
 
@@ -122,6 +135,23 @@ impl Rule {
             threshold: offline_after as f64 / 1000.0,
             clear_threshold: None,
             min_duration: None,
+            on_raise: Vec::new(),
+        }
+    }
+
+    /// The built-in rule on commands not converged within `converge_within` milliseconds.
+    pub fn desired_not_reached(severity: Severity, converge_within: i64) -> Rule {
+        Rule {
+            kind: RuleKind::Desired,
+            code: DESIRED_CODE.to_owned(),
+            severity,
+            property: usize::MAX,
+            property_name: "command_age_seconds".to_owned(),
+            op: Op::Ge,
+            threshold: converge_within as f64 / 1000.0,
+            clear_threshold: None,
+            min_duration: None,
+            on_raise: Vec::new(),
         }
     }
 }
@@ -219,6 +249,42 @@ pub fn alert_id(asset_id: &str, code: &str, raised_at: i64) -> String {
 }
 
 impl RuleSet {
+    /// Applies the actions of the rules that `alerts` raised: each sets its desired values
+    /// as part of the twin's current change, as a command `rule-<alert id>` set by
+    /// `rule:<code>` (so a replay issues the same command), at processing time `now`.
+    pub fn act(
+        &self,
+        twin: &mut Twin,
+        model: &Model,
+        alerts: &[AlertEvent],
+        now: i64,
+        out: &mut Effects,
+    ) {
+        for event in alerts {
+            let rule = &self.rules[event.rule];
+            if event.state != AlertState::Raised || rule.on_raise.is_empty() {
+                continue;
+            }
+            let write = DesiredWrite {
+                command_id: format!("rule-{}", event.alert_id),
+                values: rule
+                    .on_raise
+                    .iter()
+                    .map(|(i, v)| (*i, Some(v.clone())))
+                    .collect(),
+                if_match: None,
+                by: format!("rule:{}", rule.code),
+            };
+            if twin
+                .commands
+                .iter()
+                .all(|c| c.command_id != write.command_id)
+            {
+                twin.write_desired(model, &write, now, out);
+            }
+        }
+    }
+
     /// Checks the rules whose property `change` touched, and the offline rule against the
     /// twin's status; updates the twin's raised and pending alerts and appends the
     /// transitions to `out`.
@@ -227,6 +293,7 @@ impl RuleSet {
             match rule.kind {
                 RuleKind::Threshold => self.evaluate_threshold(index, twin, change, out),
                 RuleKind::Offline => self.evaluate_offline(index, twin, out),
+                RuleKind::Desired => self.evaluate_desired(index, twin, out),
             }
         }
     }
@@ -306,21 +373,42 @@ impl RuleSet {
                 let silent = (twin.updated_at - twin.last_seen) as f64 / 1000.0;
                 self.raise(index, twin, silent, at, out);
             }
-            (false, Some(at)) => {
-                let alert = twin.alerts.remove(at);
-                out.push(AlertEvent {
-                    rule: index,
-                    state: AlertState::Cleared,
-                    alert_id: alert.alert_id,
-                    value: 0.0,
-                    event_time: twin.event_time,
-                    raised_at: alert.raised_at,
-                    twin_version: twin.version,
-                    acknowledged_by: None,
-                });
-            }
+            (false, Some(at)) => Self::clear_condition(index, twin, at, out),
             _ => {}
         }
+    }
+
+    fn evaluate_desired(&self, index: usize, twin: &mut Twin, out: &mut Vec<AlertEvent>) {
+        let rule = &self.rules[index];
+        let raised = twin.alerts.iter().position(|a| a.code == rule.code);
+        let timed_out = twin
+            .commands
+            .iter()
+            .filter(|c| c.state == CommandState::TimedOut);
+        // Raised at the first deadline missed (a deterministic id), the command then as
+        // old as the threshold.
+        let first = timed_out.filter_map(|c| c.expires_at).min();
+        match (first, raised) {
+            (Some(at), None) => self.raise(index, twin, rule.threshold, at, out),
+            (None, Some(at)) => Self::clear_condition(index, twin, at, out),
+            _ => {}
+        }
+    }
+
+    /// Clears the raised alert at `at` of a rule on a condition of the twin (not on a
+    /// property value): value 0, at the twin's event time.
+    fn clear_condition(index: usize, twin: &mut Twin, at: usize, out: &mut Vec<AlertEvent>) {
+        let alert = twin.alerts.remove(at);
+        out.push(AlertEvent {
+            rule: index,
+            state: AlertState::Cleared,
+            alert_id: alert.alert_id,
+            value: 0.0,
+            event_time: twin.event_time,
+            raised_at: alert.raised_at,
+            twin_version: twin.version,
+            acknowledged_by: None,
+        });
     }
 
     fn raise(

@@ -2,16 +2,12 @@ use super::*;
 use crate::twin::{Model, PropKind, PropertyDef, Reading, Value};
 
 fn setup() -> (Model, RuleSet) {
-    let prop = |name: &str| PropertyDef {
-        name: name.into(),
-        kind: PropKind::Double,
-        min: None,
-        max: None,
-    };
+    let prop = |name: &str| PropertyDef::new(name, PropKind::Double);
     let model = Model {
         properties: vec![prop("temperature_c"), prop("battery_pct")],
         active_when: None,
         time: Default::default(),
+        desired: Default::default(),
     };
     let rule = |code: &str, property: usize, op, threshold| {
         Rule::threshold(

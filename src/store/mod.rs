@@ -15,8 +15,10 @@
 //! | 0x06 | `06 · asset_id utf-8`                 | fleet view: the newest changelog    |
 //! |      |                                       | twin of every asset, any partition  |
 //! | 0x07 | `07 · partition u32`                  | fleet view: next changelog offset   |
+//! | 0x08 | `08 · asset_id utf-8`                 | fleet view: the changelog partition |
+//! |      |                                       | of the asset's twin, i32 BE         |
 //!
-//! The fleet view (kinds 0x06, 0x07) is a read replica of the whole changelog for the HTTP
+//! The fleet view (kinds 0x06 to 0x08) is a read replica of the whole changelog for the HTTP
 //! API (see `crate::view`), apart from the owned state: nothing in the pipeline reads it.
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
@@ -45,6 +47,7 @@ const KIND_PREPARED: u8 = 0x04;
 const KIND_DEADLINE: u8 = 0x05;
 const KIND_VIEW_TWIN: u8 = 0x06;
 const KIND_VIEW_POSITION: u8 = 0x07;
+const KIND_VIEW_PARTITION: u8 = 0x08;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -370,12 +373,16 @@ pub struct ViewStore {
     db: Arc<DB>,
 }
 
-fn view_key(asset_id: &str) -> Vec<u8> {
+fn view_key(kind: u8, asset_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + asset_id.len());
-    k.push(KIND_VIEW_TWIN);
+    k.push(kind);
     k.extend_from_slice(asset_id.as_bytes());
     k
 }
+
+/// A viewed twin to write: the asset, its changelog partition, and the twin (`None`: a
+/// tombstone).
+pub type ViewedTwin = (String, i32, Option<Vec<u8>>);
 
 impl ViewStore {
     /// The viewed twin of `asset_id` (a plain twin datum).
@@ -383,7 +390,18 @@ impl ViewStore {
     /// # Errors
     /// `Error::Store` when RocksDB fails.
     pub fn twin(&self, asset_id: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(view_key(asset_id))?)
+        Ok(self.db.get(view_key(KIND_VIEW_TWIN, asset_id))?)
+    }
+
+    /// The changelog partition of the viewed twin of `asset_id`: the partition of the
+    /// telemetry, acknowledgements and desired writes of the asset. `None` for a twin the
+    /// view has not seen change since it began to record partitions.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn partition(&self, asset_id: &str) -> Result<Option<i32>> {
+        let value = self.db.get(view_key(KIND_VIEW_PARTITION, asset_id))?;
+        Ok(value.and_then(|v| Some(i32::from_be_bytes(v.as_slice().try_into().ok()?))))
     }
 
     /// Up to `limit` viewed twins whose asset id sorts after `after`, in asset id order.
@@ -406,16 +424,22 @@ impl ViewStore {
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails.
-    pub fn write(
-        &self,
-        twins: &[(String, Option<Vec<u8>>)],
-        positions: &[(i32, i64)],
-    ) -> Result<()> {
+    pub fn write(&self, twins: &[ViewedTwin], positions: &[(i32, i64)]) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for (id, twin) in twins {
+        for (id, partition, twin) in twins {
+            let (twin_key, partition_key) = (
+                view_key(KIND_VIEW_TWIN, id),
+                view_key(KIND_VIEW_PARTITION, id),
+            );
             match twin {
-                Some(t) => batch.put(view_key(id), t),
-                None => batch.delete(view_key(id)),
+                Some(t) => {
+                    batch.put(twin_key, t);
+                    batch.put(partition_key, partition.to_be_bytes());
+                }
+                None => {
+                    batch.delete(twin_key);
+                    batch.delete(partition_key);
+                }
             }
         }
         for (p, next) in positions {

@@ -9,11 +9,16 @@
 //!   older than the stored value never overwrites it;
 //! - `version` grows by exactly one per applied change, so `(asset_id, version)` names a state.
 
+mod desired;
 mod model;
 
+pub use desired::{
+    Command, CommandEvent, CommandState, DesiredValue, DesiredWrite, DeviceResult, Effects,
+    MAX_COMMAND_ID_BYTES, MAX_NOTE_BYTES, Unapplied, command_id,
+};
 pub use model::{
-    ActiveWhen, MAX_ASSET_ID_BYTES, MAX_PROPERTIES, MAX_STRING_BYTES, Model, PropKind, PropertyDef,
-    TimePolicy, Untimely,
+    ActiveWhen, DesiredPolicy, MAX_ASSET_ID_BYTES, MAX_PROPERTIES, MAX_STRING_BYTES, Model,
+    PropKind, PropertyDef, TimePolicy, Untimely,
 };
 
 use std::fmt;
@@ -185,6 +190,15 @@ pub struct Twin {
     pub alerts: Vec<ActiveAlert>,
     /// Rules whose condition holds, waiting out their minimum duration, in rule order.
     pub pending: Vec<PendingAlert>,
+    /// Grows by one with every accepted desired write; 0 before the first.
+    pub desired_version: i64,
+    /// Desired values, in property order.
+    pub desired: Vec<DesiredValue>,
+    /// The desired properties not reached: a bit per property index (see
+    /// [`Twin::update_delta`]).
+    pub delta: u128,
+    /// Open commands, in the order they were issued.
+    pub commands: Vec<Command>,
 }
 
 /// Which properties an applied reading changed. A bit per model property index.
@@ -244,6 +258,10 @@ impl Twin {
             props: vec![None; properties],
             alerts: Vec::new(),
             pending: Vec::new(),
+            desired_version: 0,
+            desired: Vec::new(),
+            delta: 0,
+            commands: Vec::new(),
         }
     }
 

@@ -27,6 +27,18 @@ impl PropKind {
     pub fn is_numeric(self) -> bool {
         !matches!(self, PropKind::Str)
     }
+
+    /// The Avro type name.
+    pub fn avro_name(self) -> &'static str {
+        match self {
+            PropKind::Double => "double",
+            PropKind::Float => "float",
+            PropKind::Int => "int",
+            PropKind::Long => "long",
+            PropKind::Bool => "boolean",
+            PropKind::Str => "string",
+        }
+    }
 }
 
 /// One property of the model.
@@ -40,6 +52,24 @@ pub struct PropertyDef {
     pub min: Option<f64>,
     /// Largest valid value; larger readings are dead-lettered.
     pub max: Option<f64>,
+    /// Whether a desired value may be set (`[desired.properties]`).
+    pub writable: bool,
+    /// How far a reported number may be from the desired one and count as reached.
+    pub tolerance: f64,
+}
+
+impl PropertyDef {
+    /// A property with no range, not writable.
+    pub fn new(name: &str, kind: PropKind) -> PropertyDef {
+        PropertyDef {
+            name: name.to_owned(),
+            kind,
+            min: None,
+            max: None,
+            writable: false,
+            tolerance: 0.0,
+        }
+    }
 }
 
 /// When an asset counts as ACTIVE rather than IDLE.
@@ -92,6 +122,27 @@ pub struct Model {
     pub active_when: Option<ActiveWhen>,
     /// Lateness bounds and status timers.
     pub time: TimePolicy,
+    /// How desired values converge.
+    pub desired: DesiredPolicy,
+}
+
+/// How desired values converge (`[desired]`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DesiredPolicy {
+    /// A command not converged this long (ms) after it was issued times out; `None` never.
+    pub converge_within: Option<i64>,
+    /// Whether a reached desired value is removed (the default) or stays as the standing
+    /// target.
+    pub clear_reached: bool,
+}
+
+impl Default for DesiredPolicy {
+    fn default() -> Self {
+        DesiredPolicy {
+            converge_within: None,
+            clear_reached: true,
+        }
+    }
 }
 
 impl Model {
@@ -136,9 +187,18 @@ impl Model {
         }
     }
 
-    /// The processing time at which the twin's status next changes by itself (a timer), if
-    /// ever.
+    /// The processing time at which the twin next changes by itself (a timer: its status,
+    /// or a command timing out), if ever.
     pub fn deadline(&self, twin: &Twin) -> Option<i64> {
+        let status = self.status_deadline(twin);
+        match (status, twin.command_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The processing time at which the twin's status next changes by itself, if ever.
+    fn status_deadline(&self, twin: &Twin) -> Option<i64> {
         if twin.version == 0 || twin.status == Status::Offline {
             return None;
         }
@@ -201,28 +261,46 @@ impl Model {
             ));
         }
         for (index, value) in &reading.values {
-            let def = &self.properties[*index];
-            if let super::Value::Str(text) = value
-                && text.len() > MAX_STRING_BYTES
-            {
-                return Err(format!(
-                    "{} is {} bytes long; at most {MAX_STRING_BYTES} are allowed",
-                    def.name,
-                    text.len()
-                ));
-            }
-            let Some(v) = value.as_f64() else { continue };
-            if !v.is_finite() {
-                return Err(format!("{} is {v}", def.name));
-            }
-            if def.min.is_some_and(|min| v < min) || def.max.is_some_and(|max| v > max) {
-                return Err(format!(
-                    "{} = {v} is outside [{}, {}]",
-                    def.name,
-                    def.min.map_or("-inf".into(), |m| m.to_string()),
-                    def.max.map_or("inf".into(), |m| m.to_string()),
-                ));
-            }
+            self.check_value(*index, value)?;
+        }
+        Ok(())
+    }
+
+    /// Checks one value of property `index`: a bounded string, a finite number inside the
+    /// configured range (an `int` property: one that fits 32 bits).
+    ///
+    /// # Errors
+    /// A message naming the property.
+    pub fn check_value(&self, index: usize, value: &super::Value) -> Result<(), String> {
+        let def = &self.properties[index];
+        if let super::Value::Str(text) = value
+            && text.len() > MAX_STRING_BYTES
+        {
+            return Err(format!(
+                "{} is {} bytes long; at most {MAX_STRING_BYTES} are allowed",
+                def.name,
+                text.len()
+            ));
+        }
+        if let super::Value::Long(v) = value
+            && def.kind == PropKind::Int
+            && i32::try_from(*v).is_err()
+        {
+            return Err(format!("{} = {v} does not fit an int", def.name));
+        }
+        let Some(v) = value.as_f64() else {
+            return Ok(());
+        };
+        if !v.is_finite() {
+            return Err(format!("{} is {v}", def.name));
+        }
+        if def.min.is_some_and(|min| v < min) || def.max.is_some_and(|max| v > max) {
+            return Err(format!(
+                "{} = {v} is outside [{}, {}]",
+                def.name,
+                def.min.map_or("-inf".into(), |m| m.to_string()),
+                def.max.map_or("inf".into(), |m| m.to_string()),
+            ));
         }
         Ok(())
     }

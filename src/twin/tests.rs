@@ -2,12 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn model() -> Model {
-    let prop = |name: &str| PropertyDef {
-        name: name.into(),
-        kind: PropKind::Double,
-        min: None,
-        max: None,
-    };
+    let prop = |name: &str| PropertyDef::new(name, PropKind::Double);
     Model {
         properties: vec![
             prop("speed_kmh"),
@@ -19,6 +14,7 @@ fn model() -> Model {
             above: 1.0,
         }),
         time: TimePolicy::default(),
+        desired: Default::default(),
     }
 }
 

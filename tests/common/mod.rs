@@ -118,6 +118,9 @@ pub struct TestPipeline {
     pub http: Option<std::net::SocketAddr>,
     pub registry: Option<RegistryConfig>,
     pub token: Option<twinflow::config::Secret>,
+    /// Write credentials, name to token.
+    pub writers: BTreeMap<String, twinflow::config::Secret>,
+    pub desired_writes_per_minute: u32,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -149,6 +152,8 @@ impl TestPipeline {
             http: None,
             registry: None,
             token: None,
+            writers: BTreeMap::new(),
+            desired_writes_per_minute: HttpConfig::default().desired_writes_per_minute,
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -180,6 +185,8 @@ impl TestPipeline {
             http: HttpConfig {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 token: self.token.clone(),
+                writers: self.writers.clone(),
+                desired_writes_per_minute: self.desired_writes_per_minute,
             },
             schema_registry: self.registry.clone(),
         }
@@ -548,6 +555,10 @@ pub struct ProcessedOnce {
     pub alerts: BTreeMap<(String, String), usize>,
     /// Number of alert events.
     pub alert_events: usize,
+    /// Command events by `(command_id, state)`, with how often each occurs.
+    pub command_events: BTreeMap<(String, String), usize>,
+    /// Commands sent to devices.
+    pub commands: usize,
     /// Number of twin updates (changelog records).
     pub updates: usize,
     /// Number of dead letters.
@@ -571,6 +582,8 @@ pub fn processed_once(
         twins: BTreeMap::new(),
         alerts: BTreeMap::new(),
         alert_events: 0,
+        command_events: BTreeMap::new(),
+        commands: 0,
         updates: 0,
         dead_letters: 0,
         skips: 0,
@@ -601,6 +614,11 @@ pub fn processed_once(
                 o.alert_events += 1;
             }
             Target::DeadLetter => o.dead_letters += 1,
+            Target::Commands => o.commands += 1,
+            Target::CommandEvents => {
+                let json = twinflow::codec::command_event_json(payload.unwrap()).unwrap();
+                *o.command_events.entry(command_key(&json)).or_default() += 1;
+            }
         }
     }
     o.skips = input.len() - o.updates - o.dead_letters;
@@ -631,6 +649,38 @@ fn without_processing_times(twin: &mut Twin) {
     twin.last_seen = 0;
     twin.updated_at = 0;
     twin.still_since = twin.still_since.map(|_| 0);
+    for d in &mut twin.desired {
+        d.set_at = 0;
+    }
+    for c in &mut twin.commands {
+        c.issued_at = 0;
+        c.expires_at = c.expires_at.map(|_| 0);
+    }
+}
+
+/// `(command_id, state)` of a command event as JSON.
+pub fn command_key(event: &serde_json::Value) -> (String, String) {
+    let get = |k: &str| event[k].as_str().unwrap().to_owned();
+    (get("command_id"), get("state"))
+}
+
+/// Command events by `(command_id, state)`, with how often each occurs; checked to be
+/// every transition of the input processed once, and no other.
+pub fn assert_command_events(
+    expected: &ProcessedOnce,
+    events: &[OwnedMessage],
+) -> BTreeMap<(String, String), usize> {
+    let mut seen = BTreeMap::new();
+    for m in events {
+        let json = twinflow::codec::command_event_json(m.payload().unwrap()).unwrap();
+        *seen.entry(command_key(&json)).or_default() += 1;
+    }
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        expected.command_events.keys().collect::<Vec<_>>(),
+        "every command transition, and no other"
+    );
+    seen
 }
 
 /// Wall-clock now, epoch ms.

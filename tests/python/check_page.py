@@ -7,10 +7,13 @@ screenshot. The page keeps a stream (EventSource) open, so a plain `--dump-dom` 
 read it before anything arrived; the protocol lets the check read it after a real wait.
 
     check_page.py URL --screenshot OUT.png [--wait-ms 5000] [--chromium chromium]
+        [--select ASSET --desired PROPERTY=VALUE --write-token TOKEN]
 
 Prints one JSON line: {"assets", "alert_rows", "events_received", "events_per_second",
-"fleet_twins", "connection"}. Checks: at least one asset plotted (`data-asset` in #map),
-`#events-received` > 0 (live events arrived over the stream), `#connection` says live.
+"fleet_twins", "connection"}, and with --select also "twin_rows" (properties shown for the
+selected twin) and "desired_result" (what the page says of its desired write). Checks: at
+least one asset plotted (`data-asset` in #map), `#events-received` > 0 (live events arrived
+over the stream), `#connection` says live; with --select, that the twin's properties show.
 
 Exit codes: 0 all checks hold; 1 a check failed (the message says which); 2 Chromium
 could not be started or driven.
@@ -91,12 +94,62 @@ def stop(proc):
     proc.wait()
 
 
+def evaluate(tools, expression):
+    result = tools.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                        awaitPromise=True)
+    if "exceptionDetails" in result:
+        fail(1, f"the page failed: {result['exceptionDetails']}")
+    return result["result"].get("value")
+
+
+def use_twin_panel(tools, args):
+    """Clicks the asset on the map, reads its panel, and sets a desired value through the
+    form as a user would; returns what the panel then shows."""
+    clicked = evaluate(tools, f"""(() => {{
+      const c = document.querySelector('#map [data-asset={json.dumps(args.select)}]');
+      if (!c) return false;
+      c.dispatchEvent(new MouseEvent('click', {{bubbles: true}}));
+      return true;
+    }})()""")
+    if not clicked:
+        fail(1, f"{args.select} is not on the map")
+    time.sleep(0.5)
+    out = {"twin_rows": evaluate(tools, "document.querySelectorAll('#twin-props tr[data-property]').length")}
+    if args.desired:
+        prop, value = args.desired.split("=", 1)
+        evaluate(tools, f"""(() => {{
+          document.getElementById('desired-property').value = {json.dumps(prop)};
+          document.getElementById('desired-value').value = {json.dumps(value)};
+          document.getElementById('write-token').value = {json.dumps(args.write_token)};
+          document.getElementById('desired-set').click();
+        }})()""")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = evaluate(tools, "document.getElementById('desired-result').textContent")
+            if text and text != "sending…":
+                break
+            time.sleep(0.2)
+        out["desired_result"] = text
+        # The twin with its new desired value comes over the stream.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out["desired_rows"] = evaluate(tools, """[...document.querySelectorAll('#twin-props tr[data-property]')]
+              .filter((r) => r.cells[2].textContent !== '').length""")
+            if out["desired_rows"]:
+                break
+            time.sleep(0.2)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("url")
     p.add_argument("--screenshot", required=True, metavar="OUT.png")
     p.add_argument("--wait-ms", type=int, default=5000, help="how long the page runs first")
     p.add_argument("--chromium", default="chromium")
+    p.add_argument("--select", help="click this asset on the map")
+    p.add_argument("--desired", help="PROPERTY=VALUE to set through the page's form")
+    p.add_argument("--write-token", default="")
     args = p.parse_args()
     binary = shutil.which(args.chromium)
     if not binary:
@@ -116,6 +169,8 @@ def main():
             if "exceptionDetails" in result:
                 fail(1, f"the page lacks an element the check reads: {result['exceptionDetails']}")
             figures = json.loads(result["result"]["value"])
+            if args.select:
+                figures.update(use_twin_panel(tools, args))
             shot = tools.call("Page.captureScreenshot", format="png")
             with open(args.screenshot, "wb") as f:
                 f.write(base64.b64decode(shot["data"]))
@@ -129,6 +184,8 @@ def main():
         fail(1, "no live event received over the stream")
     if figures["connection"] != "live":
         fail(1, f"connection says {figures['connection']!r}, not live")
+    if args.select and figures["twin_rows"] < 1:
+        fail(1, f"the panel shows no property of {args.select}")
 
 
 if __name__ == "__main__":

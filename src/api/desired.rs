@@ -1,0 +1,236 @@
+//! `PATCH /twins/{id}/desired`: a desired-state write, as a JSON Merge Patch of the twin's
+//! desired values, with a write credential.
+//!
+//! The API decides nothing about the twin: it checks the values against the model (400
+//! naming the property), the asset's rate (429), and writes the record to the desired-state
+//! topic, on the partition of the asset's twin. The partition's owner applies it in the
+//! twin's commit and decides (ISSUED, or REJECTED on a version conflict), as for a write an
+//! enterprise system sends to the topic itself. With `?wait=` the API waits for that
+//! decision on the command event topic and answers 200 or 409; else, or when the decision
+//! takes longer, 202 with the command id.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use super::{Answer, ApiState, Params, error, params};
+use crate::pipeline::{WriteRecord, desired_write, encode_write};
+
+/// Longest wait for a decision a request may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Largest desired-write body.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// Buckets kept before full ones are dropped: a bound on the limiter's memory.
+const MAX_BUCKETS: usize = 100_000;
+
+/// Who writes: the name of the write credential presented.
+#[derive(Clone, Debug)]
+pub struct Writer(pub String);
+
+/// Desired writes per asset: a token bucket of `per_minute` tokens, refilled evenly.
+pub struct RateLimit {
+    per_minute: u32,
+    /// Per asset: tokens left and when they were counted (epoch ms).
+    buckets: Mutex<HashMap<String, (f64, i64)>>,
+}
+
+impl RateLimit {
+    /// `per_minute` writes per asset, in a burst or spread out.
+    pub fn new(per_minute: u32) -> RateLimit {
+        RateLimit {
+            per_minute,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes a write of `asset` at `now` (epoch ms), or says in how many seconds one is
+    /// allowed again.
+    fn take(&self, asset: &str, now: i64) -> Result<(), u64> {
+        let capacity = f64::from(self.per_minute);
+        let per_ms = capacity / 60_000.0;
+        let mut buckets = self.buckets.lock().expect("rate limit lock");
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(asset) {
+            buckets.retain(|_, (tokens, at)| *tokens + (now - *at) as f64 * per_ms < capacity);
+        }
+        let (tokens, at) = buckets.entry(asset.to_owned()).or_insert((capacity, now));
+        *tokens = (*tokens + (now - *at).max(0) as f64 * per_ms).min(capacity);
+        *at = now.max(*at);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / per_ms / 1000.0).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WriteQuery {
+    /// How long to wait for the decision, e.g. `5s`.
+    wait: Option<String>,
+}
+
+/// The `If-Match` header: a `desired_version`, bare or as an entity tag (`"3"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<i64>, Response> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .map(|v| v.trim().trim_matches('"'))
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|v| *v >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "If-Match: expected the twin's desired_version, e.g. If-Match: \"3\"",
+            )
+        })
+}
+
+fn wait(q: &WriteQuery) -> Result<Option<Duration>, Response> {
+    let Some(text) = &q.wait else {
+        return Ok(None);
+    };
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| *d <= MAX_WAIT)
+        .map(Some)
+        .ok_or_else(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "wait: expected a duration up to {}s, e.g. wait=5s",
+                    MAX_WAIT.as_secs()
+                ),
+            )
+        })
+}
+
+/// A fresh command id: 128 random bits.
+fn new_command_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+pub(super) async fn patch_desired(
+    State(s): State<ApiState>,
+    Extension(writer): Extension<Writer>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    q: Params<WriteQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let id = id
+        .map(|Path(id)| id)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let q = params(q)?;
+    let wait = wait(&q)?;
+    let if_match = if_match(&headers)?;
+    let patch: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be a JSON Merge Patch of desired values, {{\"<property>\": <value or null>}}: {e}"),
+            )
+        })?;
+    let topology = s.view.topology();
+    let command_id = new_command_id();
+    let record = WriteRecord {
+        desired: patch,
+        if_match,
+        command_id: Some(command_id.clone()),
+        by: Some(format!("http:{}", writer.0)),
+    };
+    desired_write(&topology.model, record.clone(), command_id.clone())
+        .map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    let internal = |e: crate::error::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if s.view.twin(&id).map_err(internal)?.is_none() {
+        return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
+    }
+    if let Err(seconds) = s.writes.take(&id, s.clock.now_ms()) {
+        s.metrics.desired_writes_limited.inc();
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than {} desired writes a minute for '{id}'",
+                s.writes.per_minute
+            ),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+        return Err(r);
+    }
+    // The owner of the twin's partition applies the write: send it there. A twin the view
+    // has not seen change lately has no partition recorded; the key decides then.
+    let partition = s.view.partition(&id).map_err(internal)?;
+    let decision = wait.map(|w| (s.view.decision(&command_id), w));
+    let topic = &topology.topics.desired.name;
+    let value = encode_write(&record, topology.topics.desired_format());
+    s.writer
+        .write(topic, partition, id.as_bytes(), &value)
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("writing to {topic}: {e}"),
+            )
+        })?;
+    s.metrics.desired_writes.inc();
+    let pending = serde_json::json!({
+        "command_id": command_id,
+        "asset_id": id,
+        "state": "PENDING",
+    });
+    let Some((decision, within)) = decision else {
+        return Ok((StatusCode::ACCEPTED, Json(pending)).into_response());
+    };
+    Ok(match decision.wait(within).await {
+        Some(event) if event["state"] == "REJECTED" => (StatusCode::CONFLICT, Json(event)),
+        Some(event) => (StatusCode::OK, Json(event)),
+        None => (StatusCode::ACCEPTED, Json(pending)),
+    }
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_allows_a_burst_then_one_write_per_refill() {
+        let limit = RateLimit::new(2);
+        assert_eq!(limit.take("a", 0), Ok(()));
+        assert_eq!(limit.take("a", 0), Ok(()));
+        // Two a minute: the next token is 30 s away.
+        assert_eq!(limit.take("a", 0), Err(30));
+        assert_eq!(limit.take("b", 0), Ok(()), "per asset");
+        assert_eq!(limit.take("a", 29_000), Err(1));
+        assert_eq!(limit.take("a", 30_000), Ok(()));
+        assert_eq!(limit.take("a", 30_000), Err(30));
+    }
+
+    #[test]
+    fn if_match_takes_a_version_bare_or_quoted() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::IF_MATCH, v.parse().unwrap());
+            if_match(&h).ok()
+        };
+        assert_eq!(if_match(&HeaderMap::new()).ok(), Some(None));
+        assert_eq!(with("3"), Some(Some(3)));
+        assert_eq!(with("\"3\""), Some(Some(3)));
+        assert_eq!(with("*"), None);
+        assert_eq!(with("-1"), None);
+    }
+}

@@ -1,0 +1,50 @@
+//! The API's writer: one record at a time, answered when the broker has it. The pipeline's
+//! outputs go through [`super::OutputProducer`] instead; this one only feeds an input topic.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use super::Clients;
+use crate::error::{Error, Result};
+
+/// How long a write may wait for the broker's acknowledgement.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Writes single records to input topics.
+pub struct RecordWriter {
+    producer: FutureProducer,
+}
+
+impl RecordWriter {
+    /// A writer with the instance's client settings.
+    ///
+    /// # Errors
+    /// `Error::Kafka` when librdkafka refuses the settings.
+    pub fn new(clients: &Clients) -> Result<RecordWriter> {
+        Ok(RecordWriter {
+            producer: clients.writer().create()?,
+        })
+    }
+
+    /// Writes one record to `partition` of `topic` (`None`: the partitioner's choice by key)
+    /// and waits until the broker acknowledges it.
+    ///
+    /// # Errors
+    /// `Error::Kafka` when the broker does not take it in time.
+    pub async fn write(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<()> {
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        record.partition = partition;
+        self.producer
+            .send(record, WRITE_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| Error::Kafka(e))
+    }
+}
