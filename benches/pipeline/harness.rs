@@ -252,7 +252,7 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
         },
         http: HttpConfig {
             listen: ([127, 0, 0, 1], 0).into(),
-            token: None,
+            ..HttpConfig::default()
         },
         schema_registry: None,
     }
