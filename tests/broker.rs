@@ -5,6 +5,7 @@
 mod common;
 
 use common::{NOIDA_CLIENT, Noida, TestPipeline, root, text, vehicle_topology, venv};
+use rdkafka::Message;
 use twinflow::config::Guarantee;
 use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::kafka::{TopicReport, apply_topology};
@@ -210,5 +211,76 @@ async fn timer_and_ack_output_commit_in_the_transaction_under_exactly_once() {
         p.changelog(3)[2].alerts[0].acknowledged_by.as_deref(),
         Some("ops")
     );
+
+    // A desired write: the twin, its command and the command event commit in the
+    // transaction with the desired input's offset, so a restart does not apply it again.
+    let write = r#"{"desired": {"temperature_c": 4.0}, "command_id": "eos-1", "by": "erp"}"#;
+    let desired = p.topology.topics.desired.name.clone();
+    p.send_to(&desired, Some(b"truck-x"), Some(write.as_bytes()))
+        .await;
+    let twin = &p.changelog(4)[3];
+    assert_eq!((twin.desired_version, twin.commands.len()), (1, 1));
+    let events = |n| {
+        let topic = &p.topology.topics.command_events.name;
+        p.read(topic, n, std::time::Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let json = twinflow::codec::command_event_json(m.payload().unwrap()).unwrap();
+                common::command_key(&json)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(events(1), [("eos-1".to_owned(), "ISSUED".to_owned())]);
+    let commands = p.read(
+        &p.topology.topics.commands.name,
+        1,
+        std::time::Duration::from_secs(30),
+    );
+    assert_eq!(commands[0].key(), Some(&b"truck-x"[..]));
+    // The group's position in the desired input moved on with the transaction.
+    let committed: i64 = {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &p.bootstrap)
+            .set("group.id", &p.group);
+        for (k, v) in NOIDA_CLIENT {
+            c.set(k, v);
+        }
+        let consumer: BaseConsumer = c.create().unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for partition in 0..p.topology.topics.desired.partitions {
+            tpl.add_partition(&desired, partition);
+        }
+        let offsets = consumer
+            .committed_offsets(tpl, std::time::Duration::from_secs(10))
+            .unwrap();
+        offsets
+            .elements()
+            .iter()
+            .filter_map(|e| e.offset().to_raw())
+            .filter(|o| *o > 0)
+            .sum()
+    };
+    assert_eq!(
+        committed, 1,
+        "the desired input's offset commits with the transaction"
+    );
+    p.stop().await;
+
+    // Restarted, the same write again is a counted no-op (its command is open) that changes
+    // nothing.
+    p.start();
+    p.send_to(&desired, Some(b"truck-x"), Some(write.as_bytes()))
+        .await;
+    let m = p.metrics().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while m.counter("twinflow_command_noops_total", &[("reason", "repeated")]) < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the repeat was not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.total("twinflow_twin_updates_total"), 0, "no twin change");
     p.stop().await;
 }
