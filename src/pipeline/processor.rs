@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::commands::{AckRecord, decode_ack, decode_desired};
+use super::commands::{AckRecord, Refusal, decode_ack, decode_desired};
 use super::dead_letter::{MAX_MESSAGE_BYTES, Stage, Why, dead_letter};
 use super::input::{Input, InputKind, PerInput};
 use super::output::{Outputs, Target};
@@ -344,17 +344,36 @@ impl Processor {
         now: i64,
         source: i64,
     ) -> Result<()> {
-        batch.next.set(InputKind::Desired, Some(input.offset + 1));
-        let work = Work::Record(InputKind::Desired, input.offset);
-        let topology = self.topology.clone();
-        let format = topology.topics.desired_format();
-        self.pinned(work, input, batch, |p, batch| {
-            match decode_desired(input, format, &topology.model, p.partition) {
-                Ok((id, write)) => p.write_desired(id, &write, batch, now, source),
-                Err((reason, why)) => {
-                    p.dead_letter(input, batch, reason, Stage::Desired, &why);
-                    Ok(())
-                }
+        let (kind, stage) = (InputKind::Desired, Stage::Desired);
+        self.command_record(kind, stage, input, batch, |p| {
+            let format = p.topology.topics.desired_format();
+            let (id, write) = decode_desired(input, format, &p.topology.model, p.partition)?;
+            Ok(move |p: &mut Self, batch: &mut Batch| {
+                p.write_desired(id, &write, batch, now, source)
+            })
+        })
+    }
+
+    /// Takes one record of a command input (`kind`): `decode` says what to apply, or why the
+    /// record is dead-lettered (at `stage`).
+    fn command_record<F>(
+        &mut self,
+        kind: InputKind,
+        stage: Stage,
+        input: &Input<'_>,
+        batch: &mut Batch,
+        decode: impl FnOnce(&Self) -> std::result::Result<F, Refusal>,
+    ) -> Result<()>
+    where
+        F: FnOnce(&mut Self, &mut Batch) -> Result<()>,
+    {
+        batch.next.set(kind, Some(input.offset + 1));
+        let work = Work::Record(kind, input.offset);
+        self.pinned(work, input, batch, |p, batch| match decode(p) {
+            Ok(apply) => apply(p, batch),
+            Err((reason, why)) => {
+                p.dead_letter(input, batch, reason, stage, &why);
+                Ok(())
             }
         })
     }
@@ -426,14 +445,9 @@ impl Processor {
         now: i64,
         source: i64,
     ) -> Result<()> {
-        batch.next.set(InputKind::Acks, Some(input.offset + 1));
-        let work = Work::Record(InputKind::Acks, input.offset);
-        self.pinned(work, input, batch, |p, batch| match decode_ack(input) {
-            Ok((id, ack)) => p.acknowledge(id, &ack, batch, now, source),
-            Err((reason, why)) => {
-                p.dead_letter(input, batch, reason, Stage::Ack, &why);
-                Ok(())
-            }
+        self.command_record(InputKind::Acks, Stage::Ack, input, batch, |_| {
+            let (id, ack) = decode_ack(input)?;
+            Ok(move |p: &mut Self, batch: &mut Batch| p.acknowledge(id, &ack, batch, now, source))
         })
     }
 
