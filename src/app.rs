@@ -181,6 +181,8 @@ impl App {
             writes: Arc::new(api::RateLimit::new(http.desired_writes_per_minute)),
             writer,
             clock: shared.clock.clone(),
+            ingest_max_readings: http.ingest_max_readings,
+            ingest_max_bytes: http.ingest_max_bytes,
             stop: http_stop.clone(),
         };
         let http = tokio::spawn(api::serve(listener, state, http_stop.clone()));

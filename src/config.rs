@@ -267,6 +267,10 @@ pub struct HttpConfig {
     /// Desired writes one asset takes through the API per minute (a burst of as many, or
     /// spread out); more are answered 429 with `Retry-After`.
     pub desired_writes_per_minute: u32,
+    /// Readings one `POST /ingest` request may carry; more are answered 413.
+    pub ingest_max_readings: usize,
+    /// Bytes one `POST /ingest` body may have; more are answered 413.
+    pub ingest_max_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -276,6 +280,8 @@ impl Default for HttpConfig {
             token: None,
             writers: BTreeMap::new(),
             desired_writes_per_minute: 30,
+            ingest_max_readings: 1000,
+            ingest_max_bytes: 1024 * 1024,
         }
     }
 }
@@ -385,6 +391,12 @@ impl Config {
                     "key `http.writers.{name}`: must differ from http.token (the read token never writes)"
                 ));
             }
+        }
+        if self.http.ingest_max_readings == 0 || self.http.ingest_max_bytes == 0 {
+            return Err(
+                "keys `http.ingest_max_readings` and `http.ingest_max_bytes`: must be at least 1"
+                    .into(),
+            );
         }
         if self.http.desired_writes_per_minute == 0 {
             return Err("key `http.desired_writes_per_minute`: must be at least 1".into());

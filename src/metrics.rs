@@ -110,6 +110,7 @@ pub struct Metrics {
     pub desired_writes: IntCounter,
     /// Desired writes the HTTP API refused over the per-asset rate limit.
     pub desired_writes_limited: IntCounter,
+    ingest: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -397,6 +398,12 @@ impl Metrics {
                 &[],
             )
             .with_label_values::<&str>(&[]),
+            ingest: counter(
+                r,
+                "twinflow_ingest_records_total",
+                "Readings taken from devices outside Kafka, by source (http) and result: accepted (Kafka has it), invalid (refused, none of its request written), failed (Kafka did not take it).",
+                &["source", "result"],
+            ),
             desired_writes_limited: counter(
                 r,
                 "twinflow_http_desired_writes_limited_total",
@@ -405,6 +412,13 @@ impl Metrics {
             )
             .with_label_values::<&str>(&[]),
             registry,
+        }
+    }
+
+    /// Counts readings of the HTTP ingestion by result.
+    pub fn ingest(&self, results: &[(&str, u64)]) {
+        for (result, n) in results {
+            self.ingest.with_label_values(&["http", result]).inc_by(*n);
         }
     }
 

@@ -1,8 +1,9 @@
 //! The HTTP endpoint: operations (`/metrics`, `/healthz`, `/readyz`) and the twin API
 //! (`/twins`, `/twins/{id}`, `/alerts`, `/fleet`, the live `/twins/stream`), the fleet page
-//! at `/` and the API's OpenAPI document at `/openapi.json`. Its one write,
-//! `PATCH /twins/{id}/desired` ([`desired`]), needs a write credential and changes no state
-//! itself: it sends the write to the desired-state topic, where the twin's owner decides.
+//! at `/` and the API's OpenAPI document at `/openapi.json`. Its writes need a write
+//! credential and change no state themselves: `PATCH /twins/{id}/desired` ([`desired`])
+//! sends the write to the desired-state topic, where the twin's owner decides;
+//! `POST /ingest` ([`ingest`]) sends devices' readings to the telemetry topic.
 //!
 //! Twins are read from the fleet view ([`crate::view`]): every instance answers for every
 //! twin, as of the changelog it has read (see `ARCHITECTURE.md` for how stale that is).
@@ -10,6 +11,7 @@
 use std::sync::Arc;
 
 mod desired;
+mod ingest;
 
 pub use desired::RateLimit;
 
@@ -18,7 +20,7 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, patch};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use futures::Stream;
 use serde::Deserialize;
@@ -76,6 +78,9 @@ pub struct ApiState {
     pub(crate) writer: Arc<RecordWriter>,
     /// Processing time, for the rate limit.
     pub(crate) clock: Arc<dyn Clock>,
+    /// Readings one ingestion request may carry, and its largest body.
+    pub(crate) ingest_max_readings: usize,
+    pub(crate) ingest_max_bytes: usize,
     /// Cancelled when the instance stops: open streams end.
     pub(crate) stop: CancellationToken,
 }
@@ -96,6 +101,7 @@ pub async fn serve(
 }
 
 fn router(state: ApiState) -> Router {
+    let ingest_limit = axum::extract::DefaultBodyLimit::max(state.ingest_max_bytes);
     Router::new()
         .route("/", get(page))
         .route("/openapi.json", get(openapi))
@@ -109,6 +115,11 @@ fn router(state: ApiState) -> Router {
             "/twins/{id}/desired",
             patch(desired::patch_desired)
                 .layer(axum::extract::DefaultBodyLimit::max(desired::MAX_BODY)),
+        )
+        .route("/ingest", post(ingest::ingest).layer(ingest_limit))
+        .route(
+            "/ingest/{id}",
+            post(ingest::ingest_asset).layer(ingest_limit),
         )
         .route("/alerts", get(list_alerts))
         .route("/fleet", get(fleet))
@@ -150,9 +161,11 @@ async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> R
             .map(|(_, name)| name.clone())
     };
     let path = request.uri().path();
-    let write = request.method() == Method::PATCH
+    let write = (request.method() == Method::PATCH
         && path.starts_with("/twins/")
-        && path.ends_with("/desired");
+        && path.ends_with("/desired"))
+        || (request.method() == Method::POST
+            && (path == "/ingest" || path.starts_with("/ingest/")));
     if write {
         if s.writers.is_empty() {
             return error(

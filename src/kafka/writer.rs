@@ -1,5 +1,6 @@
-//! The API's writer: one record at a time, answered when the broker has it. The pipeline's
-//! outputs go through [`super::OutputProducer`] instead; this one only feeds an input topic.
+//! The API's writer: records answered one by one when the broker has them (desired writes,
+//! HTTP ingestion). The pipeline's outputs go through [`super::OutputProducer`] instead; this
+//! one only feeds input topics.
 
 use std::time::Duration;
 
@@ -25,6 +26,12 @@ impl RecordWriter {
         Ok(RecordWriter {
             producer: clients.writer().create()?,
         })
+    }
+
+    /// Records handed to librdkafka and not yet acknowledged (or failed).
+    pub fn in_flight(&self) -> i32 {
+        use rdkafka::producer::Producer as _;
+        self.producer.in_flight_count()
     }
 
     /// Writes one record to `partition` of `topic` (`None`: the partitioner's choice by key)

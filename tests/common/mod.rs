@@ -187,6 +187,7 @@ impl TestPipeline {
                 token: self.token.clone(),
                 writers: self.writers.clone(),
                 desired_writes_per_minute: self.desired_writes_per_minute,
+                ..HttpConfig::default()
             },
             schema_registry: self.registry.clone(),
         }

@@ -1,0 +1,209 @@
+//! `POST /ingest` and `POST /ingest/{asset_id}`: readings from devices that speak HTTP, with
+//! a write credential.
+//!
+//! The body is a JSON array of readings or NDJSON (one per line), each an object with the
+//! telemetry schema's field names (`asset_id` may be left out under `/ingest/{asset_id}`).
+//! Every reading is checked against the model first: if any is invalid the answer is 400
+//! with the problem of each, and nothing is written. Otherwise each is written to the
+//! telemetry topic, keyed by asset id, in the topic's format, on the partition of the
+//! asset's twin when the view knows it; the answer is 202 only once Kafka has acknowledged
+//! every one (a retry after a failure may write a reading twice: the pipeline skips the
+//! duplicate).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+
+use super::desired::Writer;
+use super::{Answer, ApiState, error};
+use crate::codec::Format;
+use crate::twin::Reading;
+
+/// How full the writer's queue may be before a request is turned away with 429.
+const QUEUE_HIGH_WATER: i32 = 50_000;
+
+pub(super) async fn ingest(
+    State(s): State<ApiState>,
+    Extension(writer): Extension<Writer>,
+    body: Bytes,
+) -> Answer {
+    write(s, writer, None, body).await
+}
+
+pub(super) async fn ingest_asset(
+    State(s): State<ApiState>,
+    Extension(writer): Extension<Writer>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    body: Bytes,
+) -> Answer {
+    let Path(id) = id.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    write(s, writer, Some(id), body).await
+}
+
+/// The readings of a body: a JSON array of objects, or one object per line.
+fn objects(body: &[u8]) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("the body is not UTF-8: {e}"))?;
+    if text.trim_start().starts_with('[') {
+        return serde_json::from_str(text)
+            .map_err(|e| format!("not a JSON array of readings: {e}"));
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            serde_json::from_str(l).map_err(|e| format!("line {}: not a JSON object: {e}", n + 1))
+        })
+        .collect()
+}
+
+async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes) -> Answer {
+    let objects = objects(&body).map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    let limit = s.ingest_max_readings;
+    if objects.len() > limit {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} readings; at most {limit} a request (http.ingest_max_readings)",
+                objects.len()
+            ),
+        ));
+    }
+    if objects.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "no reading in the body"));
+    }
+    let topology = s.view.topology();
+    let format = topology.topics.telemetry_format();
+    if format == Format::ConfluentAvro {
+        return Err(error(
+            StatusCode::NOT_IMPLEMENTED,
+            "the telemetry topic is confluent_avro: HTTP ingestion writes avro or json topics only",
+        ));
+    }
+    // Check every reading first: all are written, or none.
+    let mut records = Vec::with_capacity(objects.len());
+    let mut problems = Vec::new();
+    let mut reading = Reading::default();
+    for (index, mut object) in objects.into_iter().enumerate() {
+        if let Some(id) = &path_id {
+            match object.get("asset_id") {
+                None => {
+                    object.insert("asset_id".into(), id.clone().into());
+                }
+                Some(given) if given.as_str() != Some(id) => {
+                    problems.push(serde_json::json!({
+                        "index": index,
+                        "error": format!("asset_id {given} is not the path's '{id}'"),
+                    }));
+                    continue;
+                }
+                Some(_) => {}
+            }
+        }
+        // The pipeline's JSON input ignores fields it does not know (devices may send more
+        // than the model has); a request here is answered, so a misspelt one is named.
+        let known =
+            |k: &str| k == "asset_id" || k == "event_time" || topology.model.property(k).is_some();
+        if let Some(unknown) = object.keys().find(|k| !known(k)) {
+            problems.push(serde_json::json!({
+                "index": index,
+                "error": format!("'{unknown}' is not a property of the model"),
+            }));
+            continue;
+        }
+        let json = serde_json::to_vec(&object).expect("JSON values serialize");
+        let checked = topology
+            .codec
+            .decode_reading(Format::Json, &json, &mut reading)
+            .map_err(|e| e.to_string())
+            .and_then(|()| topology.model.validate(&reading));
+        match checked {
+            Ok(()) => {
+                let value = match format {
+                    Format::Json => json,
+                    _ => {
+                        let mut avro = Vec::new();
+                        topology.codec.encode_reading(&reading, &mut avro);
+                        avro
+                    }
+                };
+                records.push((reading.asset_id.clone(), value));
+            }
+            Err(why) => problems.push(serde_json::json!({ "index": index, "error": why })),
+        }
+    }
+    let metrics = &s.metrics;
+    if !problems.is_empty() {
+        metrics.ingest(&[("invalid", problems.len() as u64)]);
+        return Err((
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({
+                "error": "invalid readings; none was written",
+                "invalid": problems,
+            })),
+        )
+            .into_response());
+    }
+    if s.writer.in_flight() > QUEUE_HIGH_WATER {
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the Kafka producer's queue is nearly full",
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, 1.into());
+        return Err(r);
+    }
+    let topic = &topology.topics.telemetry.name;
+    let sends = records.iter().map(|(id, value)| async {
+        let partition = s.view.partition(id).ok().flatten();
+        s.writer.write(topic, partition, id.as_bytes(), value).await
+    });
+    let results = futures::future::join_all(sends).await;
+    let failed: Vec<serde_json::Value> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(index, r)| {
+            let e = r.as_ref().err()?;
+            Some(serde_json::json!({ "index": index, "error": e.to_string() }))
+        })
+        .collect();
+    let written = (records.len() - failed.len()) as u64;
+    metrics.ingest(&[("accepted", written), ("failed", failed.len() as u64)]);
+    tracing::debug!(writer = %writer.0, written, "HTTP readings ingested.");
+    if !failed.is_empty() {
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": "Kafka did not take every reading; send the failed ones again",
+                "written": written,
+                "failed": failed,
+            })),
+        )
+            .into_response());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "written": written })),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_a_json_array_or_one_object_per_line() {
+        let array = objects(br#"[{"a": 1}, {"a": 2}]"#).unwrap();
+        assert_eq!(array.len(), 2);
+        let lines = objects(b"{\"a\": 1}\n\n{\"a\": 2}\n").unwrap();
+        assert_eq!(lines, array);
+        assert!(
+            objects(b"{\"a\": 1}\nnot json")
+                .unwrap_err()
+                .starts_with("line 2")
+        );
+        assert!(objects(b"[1, 2]").is_err(), "readings are objects");
+        assert!(objects(&[0xff]).is_err());
+    }
+}
