@@ -179,6 +179,7 @@ impl App {
                     .collect(),
             ),
             writes: Arc::new(api::RateLimit::new(http.desired_writes_per_minute)),
+            readings: Arc::new(api::RateLimit::new(http.ingest_readings_per_minute)),
             writer,
             clock: shared.clock.clone(),
             ingest_max_readings: http.ingest_max_readings,

@@ -267,6 +267,9 @@ pub struct HttpConfig {
     /// Desired writes one asset takes through the API per minute (a burst of as many, or
     /// spread out); more are answered 429 with `Retry-After`.
     pub desired_writes_per_minute: u32,
+    /// Readings one asset may send through `POST /ingest` per minute (a burst of as many, or
+    /// spread out); a request with more is answered 429 with `Retry-After`.
+    pub ingest_readings_per_minute: u32,
     /// Readings one `POST /ingest` request may carry; more are answered 413.
     pub ingest_max_readings: usize,
     /// Bytes one `POST /ingest` body may have; more are answered 413.
@@ -280,6 +283,7 @@ impl Default for HttpConfig {
             token: None,
             writers: BTreeMap::new(),
             desired_writes_per_minute: 30,
+            ingest_readings_per_minute: 6000,
             ingest_max_readings: 1000,
             ingest_max_bytes: 1024 * 1024,
         }
@@ -397,6 +401,9 @@ impl Config {
                 "keys `http.ingest_max_readings` and `http.ingest_max_bytes`: must be at least 1"
                     .into(),
             );
+        }
+        if self.http.ingest_readings_per_minute == 0 {
+            return Err("key `http.ingest_readings_per_minute`: must be at least 1".into());
         }
         if self.http.desired_writes_per_minute == 0 {
             return Err("key `http.desired_writes_per_minute`: must be at least 1".into());

@@ -35,6 +35,7 @@ async fn readings_over_http_become_twins_and_bad_ones_are_refused_whole() {
     let (_kafka, mut p) = on_embedded(vehicle_topology());
     p.token = Some(Secret(READ.into()));
     p.writers = BTreeMap::from([("gateway".into(), Secret(WRITE.into()))]);
+    p.ingest_readings_per_minute = 5;
     p.start();
     let t = p.now() - 1000;
 
@@ -43,9 +44,18 @@ async fn readings_over_http_become_twins_and_bad_ones_are_refused_whole() {
         "{{\"asset_id\": \"van-1\", \"event_time\": {t}, \"speed_kmh\": 42.0}}\n\
          {{\"asset_id\": \"van-2\", \"event_time\": {t}, \"temperature_c\": 4.5}}\n"
     );
+    let (status, body) = post(&p, "/ingest", WRITE, lines).await;
     assert_eq!(
-        post(&p, "/ingest", WRITE, lines).await,
-        (202, serde_json::json!({"written": 2}))
+        (status, &body["written"]),
+        (202, &serde_json::json!(2)),
+        "{body}"
+    );
+    // Each reading's record: on the partition of the telemetry topic it was given.
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results[0]["asset_id"], "van-1");
+    assert!(
+        results.iter().all(|r| r["offset"].as_i64().is_some()),
+        "{body}"
     );
     let array = format!("[{{\"event_time\": {}, \"battery_pct\": 77.0}}]", t + 1);
     assert_eq!(post(&p, "/ingest/van-1", WRITE, array).await.0, 202);
@@ -89,13 +99,51 @@ async fn readings_over_http_become_twins_and_bad_ones_are_refused_whole() {
     assert_eq!(post(&p, "/ingest", WRITE, many).await.0, 413);
     assert_eq!(post(&p, "/ingest", WRITE, "x".repeat(2 << 20)).await.0, 413);
 
+    // A device flooding: five readings a minute per asset, here.
+    let of = |asset: &str, n: usize| {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "{{\"asset_id\": \"{asset}\", \"event_time\": {}}}",
+                    t + i as i64
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let retry = |asset: &str, n: usize| {
+        let body = of(asset, n);
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("http://{}/ingest", p.http.unwrap()))
+                .bearer_auth(WRITE)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), after)
+        }
+    };
+    assert_eq!(
+        retry("van-7", 6).await,
+        (429, Some("60".into())),
+        "more than a minute's worth"
+    );
+    assert_eq!(retry("van-8", 5).await.0, 202);
+    assert_eq!(retry("van-8", 1).await, (429, Some("12".into())));
+    p.clock.advance(12_000);
+    assert_eq!(retry("van-8", 1).await.0, 202);
+
     // None of the refused readings reached the pipeline.
     let m = p.metrics();
-    assert_eq!(m.total("twinflow_records_consumed_total"), consumed);
-    assert_eq!(
-        m.counter("twinflow_ingest_records_total", &[("result", "accepted")]),
-        3
-    );
+    let accepted = m.counter("twinflow_ingest_records_total", &[("result", "accepted")]);
+    assert_eq!(accepted, 3 + 5 + 1);
+    p.wait_consumed(consumed + 6).await;
+    assert_eq!(m.total("twinflow_records_consumed_total"), consumed + 6);
     assert_eq!(
         m.counter("twinflow_ingest_records_total", &[("result", "invalid")]),
         3

@@ -9,8 +9,6 @@
 //! decision on the command event topic and answers 200 or 409; else, or when the decision
 //! takes longer, 202 with the command id.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -29,49 +27,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// Largest desired-write body.
 pub const MAX_BODY: usize = 16 * 1024;
 
-/// Buckets kept before full ones are dropped: a bound on the limiter's memory.
-const MAX_BUCKETS: usize = 100_000;
-
 /// Who writes: the name of the write credential presented.
 #[derive(Clone, Debug)]
 pub struct Writer(pub String);
-
-/// Desired writes per asset: a token bucket of `per_minute` tokens, refilled evenly.
-pub struct RateLimit {
-    per_minute: u32,
-    /// Per asset: tokens left and when they were counted (epoch ms).
-    buckets: Mutex<HashMap<String, (f64, i64)>>,
-}
-
-impl RateLimit {
-    /// `per_minute` writes per asset, in a burst or spread out.
-    pub fn new(per_minute: u32) -> RateLimit {
-        RateLimit {
-            per_minute,
-            buckets: Mutex::default(),
-        }
-    }
-
-    /// Takes a write of `asset` at `now` (epoch ms), or says in how many seconds one is
-    /// allowed again.
-    fn take(&self, asset: &str, now: i64) -> Result<(), u64> {
-        let capacity = f64::from(self.per_minute);
-        let per_ms = capacity / 60_000.0;
-        let mut buckets = self.buckets.lock().expect("rate limit lock");
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(asset) {
-            buckets.retain(|_, (tokens, at)| *tokens + (now - *at) as f64 * per_ms < capacity);
-        }
-        let (tokens, at) = buckets.entry(asset.to_owned()).or_insert((capacity, now));
-        *tokens = (*tokens + (now - *at).max(0) as f64 * per_ms).min(capacity);
-        *at = now.max(*at);
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - *tokens) / per_ms / 1000.0).ceil().max(1.0) as u64)
-        }
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,13 +117,13 @@ pub(super) async fn patch_desired(
     if s.view.twin(&id).map_err(internal)?.is_none() {
         return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
     }
-    if let Err(seconds) = s.writes.take(&id, s.clock.now_ms()) {
+    if let Err(seconds) = s.writes.take(&[(&id, 1)], s.clock.now_ms()) {
         s.metrics.desired_writes_limited.inc();
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "more than {} desired writes a minute for '{id}'",
-                s.writes.per_minute
+                s.writes.per_minute()
             ),
         );
         r.headers_mut().insert(header::RETRY_AFTER, seconds.into());
@@ -180,6 +138,7 @@ pub(super) async fn patch_desired(
     s.writer
         .write(topic, partition, id.as_bytes(), &value)
         .await
+        .map(|_| ())
         .map_err(|e| {
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -206,19 +165,6 @@ pub(super) async fn patch_desired(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_rate_limit_allows_a_burst_then_one_write_per_refill() {
-        let limit = RateLimit::new(2);
-        assert_eq!(limit.take("a", 0), Ok(()));
-        assert_eq!(limit.take("a", 0), Ok(()));
-        // Two a minute: the next token is 30 s away.
-        assert_eq!(limit.take("a", 0), Err(30));
-        assert_eq!(limit.take("b", 0), Ok(()), "per asset");
-        assert_eq!(limit.take("a", 29_000), Err(1));
-        assert_eq!(limit.take("a", 30_000), Ok(()));
-        assert_eq!(limit.take("a", 30_000), Err(30));
-    }
 
     #[test]
     fn if_match_takes_a_version_bare_or_quoted() {

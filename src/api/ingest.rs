@@ -7,8 +7,8 @@
 //! with the problem of each, and nothing is written. Otherwise each is written to the
 //! telemetry topic, keyed by asset id, in the topic's format, on the partition of the
 //! asset's twin when the view knows it; the answer is 202 only once Kafka has acknowledged
-//! every one (a retry after a failure may write a reading twice: the pipeline skips the
-//! duplicate).
+//! every one, with where each went (a retry after a failure may write a reading twice: the
+//! pipeline skips the duplicate).
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -145,6 +145,23 @@ async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes
         )
             .into_response());
     }
+    let mut per_asset: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+    for (id, _) in &records {
+        *per_asset.entry(id.as_str()).or_default() += 1;
+    }
+    let wants: Vec<(&str, u32)> = per_asset.into_iter().collect();
+    if let Err(seconds) = s.readings.take(&wants, s.clock.now_ms()) {
+        metrics.ingest(&[("limited", records.len() as u64)]);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "an asset of this request is over {} readings a minute (http.ingest_readings_per_minute)",
+                s.readings.per_minute()
+            ),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+        return Err(r);
+    }
     if s.writer.in_flight() > QUEUE_HIGH_WATER {
         let mut r = error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -167,6 +184,17 @@ async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes
             Some(serde_json::json!({ "index": index, "error": e.to_string() }))
         })
         .collect();
+    // Where each reading went: its record on the telemetry topic.
+    let placed: Vec<serde_json::Value> = results
+        .iter()
+        .zip(&records)
+        .map(|(r, (id, _))| match r {
+            Ok((partition, offset)) => {
+                serde_json::json!({ "asset_id": id, "partition": partition, "offset": offset })
+            }
+            Err(_) => serde_json::json!({ "asset_id": id, "error": "not written" }),
+        })
+        .collect();
     let written = (records.len() - failed.len()) as u64;
     metrics.ingest(&[("accepted", written), ("failed", failed.len() as u64)]);
     tracing::debug!(writer = %writer.0, written, "HTTP readings ingested.");
@@ -177,15 +205,13 @@ async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes
                 "error": "Kafka did not take every reading; send the failed ones again",
                 "written": written,
                 "failed": failed,
+                "results": placed,
             })),
         )
             .into_response());
     }
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "written": written })),
-    )
-        .into_response())
+    let answer = serde_json::json!({ "written": written, "results": placed });
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 #[cfg(test)]

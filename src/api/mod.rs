@@ -12,8 +12,9 @@ use std::sync::Arc;
 
 mod desired;
 mod ingest;
+mod limit;
 
-pub use desired::RateLimit;
+pub use limit::RateLimit;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
@@ -74,6 +75,8 @@ pub struct ApiState {
     pub(crate) writers: Arc<Vec<(String, String)>>,
     /// Desired writes per asset.
     pub(crate) writes: Arc<RateLimit>,
+    /// Readings per asset through `POST /ingest`.
+    pub(crate) readings: Arc<RateLimit>,
     /// Where desired writes go.
     pub(crate) writer: Arc<RecordWriter>,
     /// Processing time, for the rate limit.

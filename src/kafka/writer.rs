@@ -35,7 +35,7 @@ impl RecordWriter {
     }
 
     /// Writes one record to `partition` of `topic` (`None`: the partitioner's choice by key)
-    /// and waits until the broker acknowledges it.
+    /// and waits until the broker acknowledges it; returns the partition and offset it got.
     ///
     /// # Errors
     /// `Error::Kafka` when the broker does not take it in time.
@@ -45,13 +45,13 @@ impl RecordWriter {
         partition: Option<i32>,
         key: &[u8],
         value: &[u8],
-    ) -> Result<()> {
+    ) -> Result<(i32, i64)> {
         let mut record = FutureRecord::to(topic).key(key).payload(value);
         record.partition = partition;
         self.producer
             .send(record, WRITE_TIMEOUT)
             .await
-            .map(|_| ())
+            .map(|d| (d.partition, d.offset))
             .map_err(|(e, _)| Error::Kafka(e))
     }
 }

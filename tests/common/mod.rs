@@ -121,6 +121,7 @@ pub struct TestPipeline {
     /// Write credentials, name to token.
     pub writers: BTreeMap<String, twinflow::config::Secret>,
     pub desired_writes_per_minute: u32,
+    pub ingest_readings_per_minute: u32,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -154,6 +155,7 @@ impl TestPipeline {
             token: None,
             writers: BTreeMap::new(),
             desired_writes_per_minute: HttpConfig::default().desired_writes_per_minute,
+            ingest_readings_per_minute: HttpConfig::default().ingest_readings_per_minute,
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -187,6 +189,7 @@ impl TestPipeline {
                 token: self.token.clone(),
                 writers: self.writers.clone(),
                 desired_writes_per_minute: self.desired_writes_per_minute,
+                ingest_readings_per_minute: self.ingest_readings_per_minute,
                 ..HttpConfig::default()
             },
             schema_registry: self.registry.clone(),
