@@ -101,6 +101,20 @@ pub struct Command {
     pub set_by: String,
 }
 
+impl Command {
+    /// Its transition to `state` at `at`, for `detail`.
+    fn event(&self, state: CommandState, at: i64, detail: Option<String>) -> CommandEvent {
+        CommandEvent {
+            command_id: self.command_id.clone(),
+            state,
+            desired_version: self.desired_version,
+            at,
+            set_by: self.set_by.clone(),
+            detail,
+        }
+    }
+}
+
 /// One command transition, ready to encode.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CommandEvent {
@@ -383,35 +397,25 @@ impl Twin {
             write.command_id
         );
         self.close_orphans(now, &detail, out);
+        let command = Command {
+            command_id: write.command_id.clone(),
+            desired_version: version,
+            state: CommandState::Issued,
+            issued_at: now,
+            expires_at: model.desired.converge_within.map(|w| now.saturating_add(w)),
+            attempt: 1,
+            set_by: note(&write.by),
+        };
         if sets {
-            self.commands.push(Command {
-                command_id: write.command_id.clone(),
-                desired_version: version,
-                state: CommandState::Issued,
-                issued_at: now,
-                expires_at: model.desired.converge_within.map(|w| now.saturating_add(w)),
-                attempt: 1,
-                set_by: note(&write.by),
-            });
-            out.events.push(CommandEvent {
-                command_id: write.command_id.clone(),
-                state: CommandState::Issued,
-                desired_version: version,
-                at: now,
-                set_by: note(&write.by),
-                detail: None,
-            });
+            out.events
+                .push(command.event(CommandState::Issued, now, None));
             out.sends.push(write.command_id.clone());
+            self.commands.push(command);
         } else {
             // Only removals: accepted, with nothing for the device to reach.
-            out.events.push(CommandEvent {
-                command_id: write.command_id.clone(),
-                state: CommandState::Converged,
-                desired_version: version,
-                at: now,
-                set_by: note(&write.by),
-                detail: Some("nothing to reach: the write only removes desired values".into()),
-            });
+            let detail = "nothing to reach: the write only removes desired values";
+            out.events
+                .push(command.event(CommandState::Converged, now, Some(detail.into())));
         }
         // A reading stamped at or after the write may have been applied before it: the
         // inputs are separate topics. It counts as it would have after the write.
@@ -425,14 +429,9 @@ impl Twin {
         self.commands.retain(|c| {
             let owns = desired.iter().any(|d| d.command_id == c.command_id);
             if !owns {
-                out.events.push(CommandEvent {
-                    command_id: c.command_id.clone(),
-                    state: CommandState::Superseded,
-                    desired_version: c.desired_version,
-                    at: now,
-                    set_by: c.set_by.clone(),
-                    detail: Some(detail.to_owned()),
-                });
+                let detail = Some(detail.to_owned());
+                out.events
+                    .push(c.event(CommandState::Superseded, now, detail));
             }
             owns
         });
@@ -475,14 +474,8 @@ impl Twin {
             if model.desired.clear_reached {
                 self.desired.retain(|d| d.command_id != command.command_id);
             }
-            out.events.push(CommandEvent {
-                command_id: command.command_id,
-                state: CommandState::Converged,
-                desired_version: command.desired_version,
-                at: reached_at,
-                set_by: command.set_by,
-                detail: None,
-            });
+            out.events
+                .push(command.event(CommandState::Converged, reached_at, None));
         }
         self.update_delta(model);
     }
@@ -516,14 +509,8 @@ impl Twin {
             if due && c.state != CommandState::TimedOut {
                 c.state = CommandState::TimedOut;
                 expired = true;
-                out.events.push(CommandEvent {
-                    command_id: c.command_id.clone(),
-                    state: CommandState::TimedOut,
-                    desired_version: c.desired_version,
-                    at: c.expires_at.unwrap_or(now),
-                    set_by: c.set_by.clone(),
-                    detail: None,
-                });
+                let at = c.expires_at.unwrap_or(now);
+                out.events.push(c.event(CommandState::TimedOut, at, None));
             }
         }
         expired
@@ -573,28 +560,18 @@ impl Twin {
                     return Err(Unapplied::Stale);
                 }
                 command.state = CommandState::Delivered;
-                out.events.push(CommandEvent {
-                    command_id: command.command_id.clone(),
-                    state: CommandState::Delivered,
-                    desired_version: command.desired_version,
-                    at: now,
-                    set_by: command.set_by.clone(),
-                    detail: detail.or_else(|| {
-                        (result == DeviceResult::Done).then(|| "device reports done".to_owned())
-                    }),
+                let detail = detail.or_else(|| {
+                    (result == DeviceResult::Done).then(|| "device reports done".to_owned())
                 });
+                out.events
+                    .push(command.event(CommandState::Delivered, now, detail));
             }
             DeviceResult::Rejected => {
                 let command = self.commands.remove(at);
                 self.desired.retain(|d| d.command_id != command.command_id);
-                out.events.push(CommandEvent {
-                    command_id: command.command_id,
-                    state: CommandState::Rejected,
-                    desired_version: command.desired_version,
-                    at: now,
-                    set_by: command.set_by,
-                    detail: Some(detail.unwrap_or_else(|| "rejected by the device".to_owned())),
-                });
+                let detail = detail.unwrap_or_else(|| "rejected by the device".to_owned());
+                out.events
+                    .push(command.event(CommandState::Rejected, now, Some(detail)));
                 self.update_delta(model);
             }
         }
