@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `simulate` and `topology describe|apply`.
+//! The command line: `run`, `bridge`, `demo`, `simulate` and `topology describe|apply`.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -48,6 +48,13 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the pipeline against real brokers.
     Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Bridge devices on an MQTT broker to Kafka (`[ingest.mqtt]`): readings and command
+    /// acknowledgements in, commands out.
+    Bridge {
         /// Configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
@@ -176,6 +183,26 @@ impl Cli {
                 tracing::info!(http = %app.http_addr(), "twinflow running.");
                 app.run(shutdown_on_signals(config.processing.shutdown_timeout))
                     .await
+            }
+            Command::Bridge { config } => {
+                let config = Config::load(&config)?;
+                let metrics = crate::metrics::BridgeMetrics::new(prometheus::Registry::new());
+                let stop = shutdown_on_signals(config.processing.shutdown_timeout);
+                let listener = tokio::net::TcpListener::bind(config.http.listen)
+                    .await
+                    .with_context(|| format!("listening on {}", config.http.listen))?;
+                tracing::info!(http = %listener.local_addr()?, "twinflow bridge starting.");
+                let token = config.http.token.as_ref().map(|t| t.0.clone());
+                let http = tokio::spawn(crate::bridge::serve(
+                    listener,
+                    metrics.clone(),
+                    token,
+                    stop.clone(),
+                ));
+                let outcome = crate::bridge::run(&config, metrics, stop.clone()).await;
+                stop.cancel();
+                let _ = http.await;
+                Ok(outcome?)
             }
             Command::Demo(opts) => demo::run(opts, shutdown_on_signals(DEFAULT_SHUTDOWN)).await,
             Command::Simulate {

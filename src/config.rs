@@ -42,6 +42,132 @@ pub struct Config {
     pub http: HttpConfig,
     /// The Confluent-compatible schema registry, for topics with `format = "confluent_avro"`.
     pub schema_registry: Option<RegistryConfig>,
+    /// Devices that do not speak Kafka: the MQTT bridge (`twinflow bridge`).
+    #[serde(default)]
+    pub ingest: IngestConfig,
+}
+
+/// Ingestion from devices.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The MQTT bridge's broker and topics; `twinflow bridge` needs it.
+    pub mqtt: Option<MqttConfig>,
+}
+
+/// Which MQTT protocol version the bridge speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttVersion {
+    /// MQTT 5, falling back to 3.1.1 when the broker refuses 5.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// MQTT 5 only.
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1 only (no message expiry on commands, no receive maximum).
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+/// The MQTT bridge: devices publish readings and command acknowledgements to an MQTT
+/// broker, and take their commands from it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS; port 8883 by default).
+    pub url: String,
+    /// The bridge's client id: stable across restarts (its persistent session, with the
+    /// readings not yet acknowledged, is kept under it) and unique per bridge.
+    #[serde(default = "default_mqtt_client_id")]
+    pub client_id: String,
+    /// MQTT 5 (`"5"`), 3.1.1 (`"3.1.1"`), or 5 falling back to 3.1.1 (`"auto"`).
+    #[serde(default)]
+    pub version: MqttVersion,
+    /// User name, if the broker asks for one.
+    pub username: Option<String>,
+    /// Password; set it from the environment or a secret file
+    /// (`TWINFLOW_INGEST__MQTT__PASSWORD_FILE=/run/secrets/mqtt`).
+    pub password: Option<Secret>,
+    /// PEM file of the CA that signed the broker's certificate (default: the system's).
+    pub ca_location: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require mutual TLS.
+    pub certificate_location: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `certificate_location`.
+    pub key_location: Option<PathBuf>,
+    /// Where devices publish readings; `{asset_id}` is one topic level.
+    #[serde(default = "default_telemetry_template")]
+    pub telemetry_topic: String,
+    /// Where devices publish command acknowledgements.
+    #[serde(default = "default_ack_template")]
+    pub ack_topic: String,
+    /// Where the bridge publishes each device's commands.
+    #[serde(default = "default_command_template")]
+    pub command_topic: String,
+    /// Shared-subscription group: bridges with the same group split the devices' messages
+    /// (`$share/<group>/...`). Empty: every bridge gets every message.
+    #[serde(default = "default_share_group")]
+    pub share_group: String,
+    /// A regular expression an asset id from a topic must match in full; others are
+    /// dead-lettered (reason `identity`).
+    #[serde(default = "default_asset_id_pattern")]
+    pub asset_id_pattern: String,
+    /// Device field name to model property name, for devices that name them differently
+    /// (`{ tempC = "temperature_c" }`).
+    #[serde(default)]
+    pub field_map: BTreeMap<String, String>,
+    /// Readings received and not yet acknowledged to the broker (MQTT 5's receive maximum):
+    /// with the packet size, the bound on the bridge's memory while Kafka is away.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u16,
+    /// The largest MQTT packet the bridge takes; configure the broker to refuse larger ones
+    /// from devices (mosquitto: `max_packet_size`).
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: u32,
+    /// How long the broker keeps the bridge's session (its subscriptions and the messages
+    /// not yet acknowledged) while the bridge is away.
+    #[serde(default = "default_session_expiry", with = "humantime_serde")]
+    pub session_expiry: Duration,
+    /// MQTT keep-alive.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Consumer group of the bridges reading the command topic.
+    #[serde(default = "default_command_group")]
+    pub command_group: String,
+}
+
+fn default_mqtt_client_id() -> String {
+    "twinflow-bridge".into()
+}
+fn default_telemetry_template() -> String {
+    "assets/{asset_id}/telemetry".into()
+}
+fn default_ack_template() -> String {
+    "assets/{asset_id}/commands/ack".into()
+}
+fn default_command_template() -> String {
+    "assets/{asset_id}/commands".into()
+}
+fn default_share_group() -> String {
+    "twinflow".into()
+}
+fn default_asset_id_pattern() -> String {
+    "[A-Za-z0-9][A-Za-z0-9._:-]{0,127}".into()
+}
+fn default_max_in_flight() -> u16 {
+    1000
+}
+fn default_max_packet_bytes() -> u32 {
+    256 * 1024
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_command_group() -> String {
+    "twinflow-bridge".into()
 }
 
 /// A Confluent-compatible schema registry.
@@ -408,6 +534,9 @@ impl Config {
         if self.http.desired_writes_per_minute == 0 {
             return Err("key `http.desired_writes_per_minute`: must be at least 1".into());
         }
+        if let Some(m) = &self.ingest.mqtt {
+            m.validate()?;
+        }
         let passthrough = || {
             self.kafka
                 .librdkafka
@@ -426,6 +555,51 @@ impl Config {
                     "key `kafka.librdkafka.\"{key}\"`: twinflow sets this itself; use the typed setting instead"
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl MqttConfig {
+    fn validate(&self) -> Result<(), String> {
+        let key = |k: &str| format!("key `ingest.mqtt.{k}`");
+        if !(self.url.starts_with("mqtt://") || self.url.starts_with("mqtts://")) {
+            return Err(format!(
+                "{}: '{}' must start with mqtt:// or mqtts://",
+                key("url"),
+                self.url
+            ));
+        }
+        for (name, template) in [
+            ("telemetry_topic", &self.telemetry_topic),
+            ("ack_topic", &self.ack_topic),
+            ("command_topic", &self.command_topic),
+        ] {
+            crate::bridge::TopicTemplate::parse(template)
+                .map_err(|e| format!("{}: {e}", key(name)))?;
+        }
+        if self.share_group.contains(['/', '+', '#']) {
+            return Err(format!("{}: no '/', '+' or '#'", key("share_group")));
+        }
+        regex::Regex::new(&self.asset_id_pattern)
+            .map_err(|e| format!("{}: {e}", key("asset_id_pattern")))?;
+        if self.max_in_flight == 0 {
+            return Err(format!("{}: must be at least 1", key("max_in_flight")));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_packet_bytes) {
+            return Err(format!("{}: from 1 KiB to 16 MiB", key("max_packet_bytes")));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(format!("{}: set `username` too", key("password")));
+        }
+        if self.certificate_location.is_some() != self.key_location.is_some() {
+            return Err(format!(
+                "{} and `key_location`: set both or neither",
+                key("certificate_location")
+            ));
+        }
+        if self.client_id.is_empty() || self.client_id.len() > 128 {
+            return Err(format!("{}: 1 to 128 characters", key("client_id")));
         }
         Ok(())
     }

@@ -59,6 +59,9 @@ pub enum Error {
         /// The panic's message.
         message: String,
     },
+    /// The MQTT client stopped (the bridge is stopping).
+    #[error("mqtt: {0}")]
+    Mqtt(String),
     /// The instance cannot go on safely (for example, its transaction cannot be aborted).
     #[error("{0}")]
     Fatal(String),
@@ -70,7 +73,9 @@ impl Error {
         match self {
             Error::Decode(_) => Disposition::Skip,
             Error::SchemaNeeded(id) => Disposition::FetchSchema(*id),
-            Error::Store(_) | Error::Registry(_) | Error::Panicked { .. } => Disposition::Retry,
+            Error::Store(_) | Error::Registry(_) | Error::Panicked { .. } | Error::Mqtt(_) => {
+                Disposition::Retry
+            }
             // A transaction error says itself whether it is fatal (fenced, broken producer)
             // or can be aborted and replayed.
             Error::Kafka(rdkafka::error::KafkaError::Transaction(e)) => {

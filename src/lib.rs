@@ -18,6 +18,8 @@
 //!   live event stream.
 //! - [`api`]: the HTTP endpoint (metrics, health, the twin API, the fleet page).
 //! - [`app`]: config → build → run.
+//! - [`bridge`]: `twinflow bridge`, devices over MQTT: readings and acknowledgements into
+//!   Kafka, commands out to the devices.
 //! - [`clock`]: processing time, controllable in tests.
 //! - [`demo`]: `twinflow demo`, with the in-process Kafka-protocol cluster
 //!   ([`demo::embedded`]) and the fleet simulator ([`demo::sim`]) the demo, tests and
@@ -28,6 +30,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bridge;
 pub mod cli;
 pub mod clock;
 pub mod codec;

@@ -30,11 +30,14 @@ pub enum DeadLetterReason {
     Future,
     /// Processing the record panicked: a bug, isolated to this record.
     Internal,
+    /// A device's message whose topic names no acceptable asset id, or whose payload names
+    /// another asset than its topic (the MQTT bridge).
+    Identity,
 }
 
 impl DeadLetterReason {
     /// Every reason, in label order.
-    pub const ALL: [DeadLetterReason; 7] = [
+    pub const ALL: [DeadLetterReason; 8] = [
         DeadLetterReason::Decode,
         DeadLetterReason::Invalid,
         DeadLetterReason::KeyMismatch,
@@ -42,6 +45,7 @@ impl DeadLetterReason {
         DeadLetterReason::Late,
         DeadLetterReason::Future,
         DeadLetterReason::Internal,
+        DeadLetterReason::Identity,
     ];
 
     /// The label and header value.
@@ -54,6 +58,7 @@ impl DeadLetterReason {
             DeadLetterReason::Late => "late",
             DeadLetterReason::Future => "future",
             DeadLetterReason::Internal => "internal",
+            DeadLetterReason::Identity => "identity",
         }
     }
 }
@@ -499,35 +504,31 @@ impl Metrics {
 
     /// Sum of a counter family over all label values: for progress displays and tests.
     pub fn total(&self, name: &str) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| {
-                f.get_metric()
-                    .iter()
-                    .map(|m| m.get_counter().value() as u64)
-            })
-            .sum()
+        sum(&self.registry, name, &[]) as u64
     }
 
     /// The value of one labelled counter: for tests.
     pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        self.registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| {
-                labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                })
-            })
-            .map(|m| m.get_counter().value() as u64)
-            .sum()
+        sum(&self.registry, name, labels) as u64
     }
+}
+
+/// The sum of the counters or gauges of family `name` whose labels include `labels`.
+fn sum(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| m.get_counter().value() + m.get_gauge().value())
+        .sum()
 }
 
 /// Pre-resolved handles of one partition; the worker counts locally and adds once per batch.
@@ -657,5 +658,95 @@ impl PartitionMetrics {
         for (rule, state) in &c.alerts {
             self.alerts[*rule][*state as usize].inc();
         }
+    }
+}
+
+/// The metric families of an MQTT bridge (`twinflow bridge`), on its own registry.
+#[derive(Clone)]
+pub struct BridgeMetrics {
+    registry: Registry,
+    records: IntCounterVec,
+    commands: IntCounterVec,
+    /// From receiving a device's message to acknowledging it to the broker (after Kafka
+    /// has its record).
+    pub ack_seconds: Histogram,
+    /// Device messages received and not yet acknowledged.
+    pub in_flight: IntGauge,
+    /// 1 while connected to the MQTT broker.
+    pub connected: IntGauge,
+    /// Records Kafka did not take, sent again.
+    pub delivery_retries: IntCounter,
+}
+
+impl BridgeMetrics {
+    /// Registers every family on `registry`.
+    pub fn new(registry: Registry) -> BridgeMetrics {
+        let r = &registry;
+        let ack_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "twinflow_ingest_ack_latency_seconds",
+                "From receiving a device's MQTT message to acknowledging it (PUBACK), which the bridge does only after Kafka has its record.",
+            )
+            .buckets(
+                prometheus::exponential_buckets(0.0005, 2.0, 18).expect("static buckets are valid"),
+            ),
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(ack_seconds.clone()))
+            .expect("each family registers once");
+        let retries = IntCounter::new(
+            "twinflow_ingest_delivery_retries_total",
+            "Device records Kafka did not take in time, sent again (the device's message stays unacknowledged).",
+        )
+        .expect("metric names are static and valid");
+        r.register(Box::new(retries.clone()))
+            .expect("each family registers once");
+        BridgeMetrics {
+            records: counter(
+                r,
+                "twinflow_ingest_records_total",
+                "Device messages by source (mqtt: readings, mqtt_ack: command acknowledgements) and result: accepted (written to its topic), or the reason it was dead-lettered.",
+                &["source", "result"],
+            ),
+            commands: counter(
+                r,
+                "twinflow_bridge_commands_total",
+                "Command records by what the bridge did with them: published, superseded (a later command of the batch sets the same properties), expired, unroutable, undecodable.",
+                &["result"],
+            ),
+            ack_seconds,
+            in_flight: gauge(
+                r,
+                "twinflow_ingest_in_flight",
+                "Device messages received and not yet acknowledged to the MQTT broker.",
+            ),
+            connected: gauge(
+                r,
+                "twinflow_bridge_connected",
+                "1 while the bridge is connected to the MQTT broker.",
+            ),
+            delivery_retries: retries,
+            registry,
+        }
+    }
+
+    /// The registry, for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The sum of a counter or gauge's series whose labels include `labels`: for tests.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sum(&self.registry, name, labels)
+    }
+
+    /// Counts a device message of `source` with `result`.
+    pub fn record(&self, source: &str, result: &str) {
+        self.records.with_label_values(&[source, result]).inc();
+    }
+
+    /// Counts a command record with `result`.
+    pub fn command(&self, result: &str) {
+        self.commands.with_label_values(&[result]).inc();
     }
 }

@@ -255,6 +255,7 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
             ..HttpConfig::default()
         },
         schema_registry: None,
+        ingest: Default::default(),
     }
 }
 

@@ -275,6 +275,63 @@ pub fn encode_command<'a>(
     true
 }
 
+/// A command record (schemas/command.avsc) as read back: what the bridge publishes to a
+/// device, and what simulated devices obey.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRecord {
+    /// The command's id.
+    pub command_id: String,
+    /// The asset.
+    pub asset_id: String,
+    /// The desired version the command's write made.
+    pub desired_version: i64,
+    /// 1 when issued, one more with each re-send.
+    pub attempt: i64,
+    /// Property name to desired value, in record order.
+    pub values: Vec<(String, Value)>,
+    /// When it was accepted (ms).
+    pub issued_at: i64,
+    /// When it times out (ms), if ever.
+    pub expires_at: Option<i64>,
+}
+
+/// Reads a command record.
+///
+/// # Errors
+/// What is wrong with the bytes.
+pub fn decode_command(payload: &[u8]) -> ReadResult<CommandRecord> {
+    let c = &mut Cursor::new(payload);
+    let command_id = c.str()?.to_owned();
+    let asset_id = c.str()?.to_owned();
+    let desired_version = c.long()?;
+    let attempt = c.long()?;
+    let mut values = Vec::new();
+    loop {
+        let n = c.block_count()?;
+        if n == 0 {
+            break;
+        }
+        for _ in 0..n {
+            let name = c.str()?.to_owned();
+            values.push((name, read_value(c)?));
+        }
+    }
+    let issued_at = c.long()?;
+    let expires_at = opt_long(c)?;
+    if c.remaining() != 0 {
+        return Err(format!("{} bytes after the command", c.remaining()));
+    }
+    Ok(CommandRecord {
+        command_id,
+        asset_id,
+        desired_version,
+        attempt,
+        values,
+        issued_at,
+        expires_at,
+    })
+}
+
 /// Appends `event` of `asset_id` at twin version `twin_version` as a command event record
 /// (schemas/command_event.avsc).
 pub fn encode_command_event(

@@ -21,7 +21,9 @@ use apache_avro::Schema;
 use serde::Deserialize;
 
 use confluent::WriterSchemas;
-pub use desired::{DESIRED_FIELDS, encode_command, encode_command_event};
+pub use desired::{
+    CommandRecord, DESIRED_FIELDS, decode_command, encode_command, encode_command_event,
+};
 pub use schema::SchemaProperty;
 use schema::{Plans, PropType, ReadingField, TimeUnit, TwinField};
 

@@ -104,6 +104,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
             ..HttpConfig::default()
         },
         schema_registry: None,
+        ingest: Default::default(),
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let app = App::build(&config)?;

@@ -912,7 +912,6 @@ pub struct Obey {
 struct Devices {
     consumer: BaseConsumer,
     acks: String,
-    schema: apache_avro::Schema,
     properties: Vec<String>,
 }
 
@@ -931,8 +930,6 @@ impl Devices {
         Ok(Devices {
             consumer,
             acks: obey.acks.clone(),
-            schema: apache_avro::Schema::parse_str(crate::codec::COMMAND_SCHEMA)
-                .context("parsing the command schema")?,
             properties: topology
                 .model
                 .properties
@@ -968,42 +965,13 @@ impl Devices {
 
     /// The command id, asset and values of a command record.
     fn decode(&self, payload: &[u8]) -> Option<(String, String, Vec<(usize, Value)>)> {
-        use apache_avro::types::Value as AV;
-        let v = apache_avro::reader::datum::GenericDatumReader::builder(&self.schema)
-            .build()
-            .and_then(|r| r.read_value(&mut &payload[..]))
-            .ok()?;
-        let AV::Record(fields) = v else { return None };
-        let (mut id, mut asset, mut values) = (String::new(), String::new(), Vec::new());
-        for (name, value) in fields {
-            match (name.as_str(), value) {
-                ("command_id", AV::String(s)) => id = s,
-                ("asset_id", AV::String(s)) => asset = s,
-                ("values", AV::Map(map)) => {
-                    for (property, v) in map {
-                        let Some(p) = self.properties.iter().position(|n| *n == property) else {
-                            continue;
-                        };
-                        let v = match v {
-                            AV::Union(_, inner) => *inner,
-                            other => other,
-                        };
-                        values.push((
-                            p,
-                            match v {
-                                AV::Double(d) => Value::Double(d),
-                                AV::Long(l) => Value::Long(l),
-                                AV::Boolean(b) => Value::Bool(b),
-                                AV::String(s) => Value::Str(s.as_str().into()),
-                                _ => continue,
-                            },
-                        ));
-                    }
-                }
-                _ => {}
-            }
-        }
-        Some((id, asset, values))
+        let command = crate::codec::decode_command(payload).ok()?;
+        let values = command
+            .values
+            .into_iter()
+            .filter_map(|(name, v)| Some((self.properties.iter().position(|n| *n == name)?, v)))
+            .collect();
+        Some((command.command_id, command.asset_id, values))
     }
 }
 

@@ -113,6 +113,20 @@ impl Clients {
         self.base(Role::Producer, &PRODUCER_DEFAULTS)
     }
 
+    /// The MQTT bridges' consumer of the command topic, in their own `group`: offsets are
+    /// stored by the bridge once the MQTT broker has a command, and committed by
+    /// librdkafka; a group that never committed starts at the end (old commands are not
+    /// sent to devices).
+    pub fn bridge_consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.base(Role::Consumer, &[("auto.offset.reset", "latest")]);
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("isolation.level", self.isolation());
+        c
+    }
+
     /// A reader of output topics that assigns its partitions itself and commits nothing
     /// (`group` only names it to the broker), reading what the pipeline commits; with
     /// `ends`, it reports reaching the end of a partition (a reader that stops there).

@@ -38,6 +38,8 @@ pub enum Stage {
     Desired,
     /// A panic while processing it (a bug).
     Internal,
+    /// The MQTT bridge, turning a device's message into a record.
+    Bridge,
 }
 
 impl Stage {
@@ -50,6 +52,7 @@ impl Stage {
             Stage::Ack => "ack",
             Stage::Desired => "desired",
             Stage::Internal => "internal",
+            Stage::Bridge => "bridge",
         }
     }
 }

@@ -34,7 +34,7 @@ use crate::topology::Topology;
 pub use commands::{WriteRecord, desired_write, encode_write};
 pub use committer::Committer;
 pub use coordinator::{Coordinator, Handler};
-pub use dead_letter::Stage;
+pub use dead_letter::{Stage, Why, dead_letter};
 pub use input::{Input, RecordHeaders};
 pub use output::{Output, OutputHeader, Outputs, Routed, Target};
 #[cfg(feature = "fault-injection")]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod instance;
+pub mod mqtt;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -193,6 +194,7 @@ impl TestPipeline {
                 ..HttpConfig::default()
             },
             schema_registry: self.registry.clone(),
+            ingest: Default::default(),
         }
     }
 
