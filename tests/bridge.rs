@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::instance::read_all;
 use common::mqtt::{BROKER_MAX_PACKET, Mosquitto, Obeying, bridge_config, publish};
-use common::{TestPipeline, free_port, header, http_get, on_embedded, processed_once};
+use common::{TestPipeline, free_port, header, on_embedded, processed_once};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 use tokio_util::sync::CancellationToken;
@@ -223,5 +223,385 @@ async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_a
     assert_eq!(count("mqtt", "identity"), 3.0);
     assert_eq!(count("mqtt", "empty"), 1.0);
     assert_eq!(bridge.metric("twinflow_ingest_in_flight", &[]), 0.0);
+    bridge.stop().await;
+}
+
+/// Polls `check` every 20 ms until it holds, failing after 30 s with `what`.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_desired_value_set_over_http_reaches_an_mqtt_device_that_acts_and_the_command_converges()
+{
+    let (_kafka, mut p) = on_embedded(common::vehicle_topology());
+    p.writers = BTreeMap::from([("ops".into(), Secret(WRITE.into()))]);
+    p.start();
+    let mqtt = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = InProcess::start(&bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        free_port(),
+        "",
+    ));
+    let http = reqwest::Client::new();
+    let api = format!("http://{}", p.http.unwrap());
+    let twin = async |id: &str| -> serde_json::Value {
+        let r = http.get(format!("{api}/twins/{id}")).send().await.unwrap();
+        r.json().await.unwrap_or_default()
+    };
+
+    // The device reported once and holds a persistent session for its commands, but is
+    // offline when the value is set.
+    p.send("reefer-7", p.now(), &[("temperature_c", 6.0)]).await;
+    Obeying::start(mqtt.port, "reefer-7", 0, "reefer-7", 0).wait();
+    eventually("the twin exists", async || {
+        twin("reefer-7").await["version"] == 1
+    })
+    .await;
+    let r = http
+        .patch(format!("{api}/twins/reefer-7/desired?wait=20s"))
+        .bearer_auth(WRITE)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"temperature_c": 3.0}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let issued: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(issued["state"], "ISSUED", "{issued}");
+    let command_id = issued["command_id"].as_str().unwrap().to_owned();
+    // The bridge publishes it while the device is away; the broker keeps it for the
+    // device's session.
+    eventually("the bridge publishes the command", async || {
+        bridge.metric("twinflow_bridge_commands_total", &[("result", "published")]) == 1.0
+    })
+    .await;
+
+    // The device comes back, gets the command it missed, acts (its temperature reaches
+    // the setpoint) and acknowledges.
+    let mut device = Obeying::start(mqtt.port, "reefer-7", 1, "reefer-7", p.now() + 1000);
+    let got = device.next_command();
+    device.wait();
+    assert_eq!(got["topic"], "assets/reefer-7/commands");
+    let command = &got["command"];
+    assert_eq!(command["command_id"], command_id.as_str());
+    assert_eq!(
+        command["values"],
+        serde_json::json!({ "temperature_c": 3.0 })
+    );
+    // MQTT 5 message expiry: the broker drops the command once it expires.
+    let expires_at = humantime::parse_rfc3339(command["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires_at
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs_f64();
+    let expiry = got["expiry"].as_f64().expect("a message expiry");
+    assert!(
+        (expiry - left).abs() < 30.0,
+        "expiry {expiry} s, {left} s left"
+    );
+
+    // The acknowledgement and the reading come back through the bridge: the command is
+    // delivered, then converged, and the twin holds the setpoint.
+    eventually("the command converges", async || {
+        let t = twin("reefer-7").await;
+        t["desired"].as_object().is_some_and(|d| d.is_empty())
+            && t["delta"] == serde_json::json!([])
+    })
+    .await;
+    // Its events: issued, then (if the acknowledgement was applied before the reading)
+    // delivered, then converged.
+    let states: Vec<String> = read_all(&p.bootstrap, &p.topology.topics.command_events.name, &[])
+        .iter()
+        .map(|m| {
+            let e = twinflow::codec::command_event_json(m.payload().unwrap()).unwrap();
+            assert_eq!(e["command_id"], command_id.as_str());
+            e["state"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(
+        states == ["ISSUED", "CONVERGED"] || states == ["ISSUED", "DELIVERED", "CONVERGED"],
+        "{states:?}"
+    );
+    let acks = read_all(&p.bootstrap, &p.topology.topics.acks.name, &[]);
+    assert_eq!(acks.len(), 1, "the device's acknowledgement, once");
+    assert_eq!(acks[0].key(), Some(&b"reefer-7"[..]));
+    let ack: serde_json::Value = serde_json::from_slice(acks[0].payload().unwrap()).unwrap();
+    assert_eq!(ack["command_id"], command_id.as_str());
+    bridge.stop().await;
+    p.stop().await;
+}
+
+/// `devices` devices with `per_device` readings each, as JSON, interleaved device by device;
+/// and the same readings in Avro, for the oracle.
+fn fleet(
+    topology: &Topology,
+    devices: usize,
+    per_device: usize,
+) -> (Vec<(String, Vec<u8>)>, Vec<(Vec<u8>, Vec<u8>)>) {
+    let t = 1_800_000_000_000_i64;
+    let (mut json, mut avro) = (Vec::new(), Vec::new());
+    let mut r = twinflow::twin::Reading::default();
+    for i in 0..per_device {
+        for d in 0..devices {
+            let asset = format!("veh-{d:04}");
+            let x = (i * 7 + d * 13) % 100;
+            let payload = reading(
+                t + i as i64 * 1000,
+                &[
+                    ("speed_kmh", (x as f64 * 1.5).into()),
+                    ("temperature_c", (x as f64 / 10.0).into()),
+                    ("battery_pct", ((100 - x) as i64).into()),
+                ],
+            );
+            let mut p = payload.clone();
+            p.pop();
+            p.extend_from_slice(format!(",\"asset_id\":\"{asset}\"}}").as_bytes());
+            topology
+                .codec
+                .decode_reading(twinflow::codec::Format::Json, &p, &mut r)
+                .unwrap();
+            let mut bytes = Vec::new();
+            topology.codec.encode_reading(&r, &mut bytes);
+            avro.push((asset.clone().into_bytes(), bytes));
+            json.push((telemetry(&asset), payload));
+        }
+    }
+    (json, avro)
+}
+
+/// Every (key, value) of `topic`, with how often each is there.
+fn held(bootstrap: &str, topic: &str) -> HashMap<(Vec<u8>, Vec<u8>), usize> {
+    let mut held = HashMap::new();
+    for m in read_all(bootstrap, topic, &[]) {
+        let k = (m.key().unwrap().to_vec(), m.payload().unwrap().to_vec());
+        *held.entry(k).or_default() += 1;
+    }
+    held
+}
+
+/// Waits until the telemetry topic holds every reading of `sent` (120 s at most); returns
+/// how often each is there.
+async fn wait_held(
+    p: &TestPipeline,
+    sent: &[(Vec<u8>, Vec<u8>)],
+) -> HashMap<(Vec<u8>, Vec<u8>), usize> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (bootstrap, topic) = (
+            p.bootstrap.clone(),
+            p.topology.topics.telemetry.name.clone(),
+        );
+        let held = tokio::task::spawn_blocking(move || held(&bootstrap, &topic))
+            .await
+            .unwrap();
+        let missing = sent.iter().filter(|r| !held.contains_key(*r)).count();
+        if missing == 0 {
+            return held;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} readings never reached the telemetry topic",
+            sent.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs the pipeline over the telemetry topic and checks that every twin equals the one
+/// the readings sent, processed once in order, make.
+async fn assert_twins_equal_the_oracle(
+    p: &mut TestPipeline,
+    sent: &[(Vec<u8>, Vec<u8>)],
+    held: usize,
+) {
+    let topology = Arc::new(Topology::load(&p.topology_paths).unwrap());
+    let pairs: Vec<(&[u8], &[u8])> = sent.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let oracle = processed_once(&topology, &pairs, p.now());
+    p.start();
+    p.wait_consumed(held as u64).await;
+    let changelog = read_all(&p.bootstrap, &p.topology.topics.changelog.name, &[]);
+    let mut last = BTreeMap::new();
+    for m in &changelog {
+        let twin = topology.codec.decode_twin(m.payload().unwrap()).unwrap();
+        last.insert(twin.asset_id.clone(), twin);
+    }
+    assert_eq!(last.len(), oracle.twins.len(), "a twin per device");
+    for (id, want) in &oracle.twins {
+        let got = &last[id];
+        assert_eq!(
+            got.props, want.props,
+            "{id}: every property as the oracle has it"
+        );
+        assert_eq!(got.event_time, want.event_time, "{id}");
+        let codes =
+            |t: &twinflow::twin::Twin| t.alerts.iter().map(|a| a.code.clone()).collect::<Vec<_>>();
+        assert_eq!(codes(got), codes(want), "{id}: the raised alerts");
+    }
+    p.stop().await;
+}
+
+/// A `twinflow bridge` process.
+fn spawn_bridge(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_twinflow"))
+        .args(["bridge", "--config"])
+        .arg(config)
+        .current_dir(common::root())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("twinflow bridge starts")
+}
+
+/// The telemetry topic's records so far (the sum of its partitions' ends).
+fn telemetry_end(p: &TestPipeline) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &p.bootstrap)
+        .create()
+        .unwrap();
+    let topic = &p.topology.topics.telemetry;
+    (0..topic.partitions)
+        .map(|part| {
+            consumer
+                .fetch_watermarks(&topic.name, part, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_kills_of_the_bridge_during_fifty_thousand_publishes_lose_no_reading() {
+    const KILLS: usize = 5;
+    let (_kafka, mut p) = on_embedded(common::untimed_vehicle_topology());
+    let mqtt = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let config = bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        http,
+        "client_id = \"crash-bridge\"",
+    );
+    let log = dir.path().join("bridge.log");
+    let (messages, sent) = fleet(&p.topology, 250, 200);
+    assert_eq!(messages.len(), 50_000);
+
+    let mut bridge = spawn_bridge(&config, &log);
+    let port = mqtt.port;
+    let publisher = tokio::task::spawn_blocking(move || publish(port, &messages, 25, "crash"));
+    // Kill it each time another seventh of the readings has reached Kafka, and start it
+    // again at once, with the same client id (its session, with what it had not
+    // acknowledged, waits at the broker).
+    for k in 1..=KILLS {
+        let target = (k * sent.len() / (KILLS + 2)) as i64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while telemetry_end(&p) < target {
+            assert!(
+                Instant::now() < deadline,
+                "the bridge stalled before kill {k}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bridge.kill().unwrap();
+        bridge.wait().unwrap();
+        bridge = spawn_bridge(&config, &log);
+    }
+    let refused = publisher.await.unwrap();
+    assert!(refused.is_empty(), "the broker took every publish");
+    let held = wait_held(&p, &sent).await;
+    let total: usize = held.values().sum();
+    let duplicates = total - sent.len();
+    eprintln!(
+        "bridge crash test: {} readings sent, {KILLS} kills, {total} records on the telemetry topic ({duplicates} redelivered)",
+        sent.len()
+    );
+    assert_eq!(held.len(), sent.len(), "nothing but the readings sent");
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+    assert_twins_equal_the_oracle(&mut p, &sent, total).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_twenty_second_kafka_outage_stops_acknowledgements_and_loses_nothing() {
+    const IN_FLIGHT: f64 = 50.0;
+    let (kafka, p) = on_embedded(common::untimed_vehicle_topology());
+    let mqtt = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        free_port(),
+        &format!("max_in_flight = {IN_FLIGHT}"),
+    );
+    let bridge = InProcess::start(&config);
+    let (messages, sent) = fleet(&p.topology, 50, 64);
+    let (before, during) = messages.split_at(200);
+    let port = mqtt.port;
+    let first = before.to_vec();
+    assert!(
+        tokio::task::spawn_blocking(move || publish(port, &first, 4, "before"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    p.read(
+        &p.topology.topics.telemetry.name,
+        200,
+        Duration::from_secs(30),
+    );
+
+    kafka.broker_down(1).unwrap();
+    let rest = during.to_vec();
+    let publisher = tokio::task::spawn_blocking(move || publish(port, &rest, 4, "during"));
+    // Twenty seconds without Kafka: the bridge holds at most its in-flight limit
+    // unacknowledged, and the broker queues the rest.
+    let (mut most_in_flight, mut most_received) = (0.0_f64, 0.0_f64);
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(20) {
+        most_in_flight = most_in_flight.max(bridge.metric("twinflow_ingest_in_flight", &[]));
+        most_received = most_received.max(bridge.metric("twinflow_ingest_records_total", &[]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = publisher.await.unwrap();
+    assert!(
+        refused.is_empty(),
+        "the broker took every publish while Kafka was away"
+    );
+    assert!(
+        most_in_flight > 0.0,
+        "the bridge received during the outage"
+    );
+    assert!(
+        most_in_flight <= IN_FLIGHT,
+        "at most {IN_FLIGHT} unacknowledged, saw {most_in_flight}"
+    );
+    assert!(
+        most_received <= 200.0 + IN_FLIGHT,
+        "the broker sent no more than the bridge could hold: {most_received}"
+    );
+    eprintln!(
+        "bridge outage test: 20 s without Kafka, {} readings published meanwhile, at most {most_in_flight} in flight",
+        during.len()
+    );
+    kafka.broker_up(1).unwrap();
+    let held = wait_held(&p, &sent).await;
+    assert_eq!(held.len(), messages.len());
     bridge.stop().await;
 }
