@@ -149,26 +149,12 @@ async fn bridge(n: usize, devices: usize) -> (f64, f64, f64) {
         let task = tokio::spawn(async move { twinflow::bridge::run(&config, metrics, s).await });
         (stop, task)
     };
-    // Make the session and its subscription (seen working when a probe reading comes
-    // through), and leave.
+    // Make the session and its subscriptions, and leave.
     let metrics = BridgeMetrics::new(prometheus::Registry::new());
     let (stop, task) = run(metrics.clone());
     let port = broker.port;
-    while metrics.ack_seconds.get_sample_count() == 0 {
-        let probe = "{\"event_time\": 1800000000000, \"speed_kmh\": 1}";
-        tokio::task::spawn_blocking(move || {
-            Command::new("mosquitto_pub")
-                .args(["-p", &port.to_string(), "-q", "1", "-V", "mqttv5"])
-                .args(["-t", "assets/probe/telemetry", "-m", probe])
-                .status()
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while metrics.ack_seconds.get_sample_count() == 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    while metrics.connected.get() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.cancel();
     task.await.unwrap().unwrap();

@@ -61,11 +61,12 @@ pub enum Command {
     },
     /// Run everything in one process on an embedded Kafka-protocol cluster.
     Demo(DemoOptions),
-    /// Write simulated fleet telemetry to real brokers.
+    /// Write simulated fleet telemetry to real brokers (Kafka, or an instance's HTTP
+    /// ingestion, or an MQTT broker).
     Simulate {
         /// Bootstrap servers.
         #[arg(long)]
-        brokers: String,
+        brokers: Option<String>,
         /// Telemetry topic.
         #[arg(long, default_value = "telemetry")]
         topic: String,
@@ -96,6 +97,19 @@ pub enum Command {
         /// Extra librdkafka producer properties, `key=value`.
         #[arg(long = "property", short = 'X')]
         properties: Vec<String>,
+        /// How the devices send: to Kafka (`--brokers`), to an instance's `POST /ingest`
+        /// (`--http`, `--token`), or to an MQTT broker (`--mqtt`) that a bridge carries.
+        #[arg(long, value_enum, default_value = "kafka")]
+        via: crate::demo::Door,
+        /// The instance for `--via http`, e.g. `http://127.0.0.1:8080`.
+        #[arg(long)]
+        http: Option<String>,
+        /// A write credential for `--via http`.
+        #[arg(long, env = "TWINFLOW_SIMULATE_TOKEN")]
+        token: Option<String>,
+        /// The MQTT broker for `--via mqtt`, e.g. `mqtt://127.0.0.1:1883`.
+        #[arg(long)]
+        mqtt: Option<String>,
         /// Topology files.
         #[command(flatten)]
         topology: TopologyConfig,
@@ -217,11 +231,31 @@ impl Cli {
                 start,
                 interval,
                 properties,
+                via,
+                http,
+                token,
+                mqtt,
                 topology,
             } => {
                 let topology = Topology::load(&topology)?;
+                let via = match via {
+                    crate::demo::Door::Kafka if brokers.is_none() => {
+                        bail!("--via kafka (the default) needs --brokers")
+                    }
+                    crate::demo::Door::Kafka => crate::demo::sink::Via::Kafka,
+                    crate::demo::Door::Http => crate::demo::sink::Via::Http {
+                        url: http.context("--via http needs --http URL")?,
+                        token: token.context("--via http needs --token (a write credential)")?,
+                        runtime: tokio::runtime::Handle::current(),
+                    },
+                    crate::demo::Door::Mqtt => crate::demo::sink::Via::Mqtt {
+                        url: mqtt.context("--via mqtt needs --mqtt URL")?,
+                    },
+                };
                 let mut client = rdkafka::ClientConfig::new();
-                client.set("bootstrap.servers", &brokers);
+                if let Some(brokers) = &brokers {
+                    client.set("bootstrap.servers", brokers);
+                }
                 for p in &properties {
                     let (k, v) = p
                         .split_once('=')
@@ -251,6 +285,7 @@ impl Cli {
                     &topology,
                 )?;
                 let publish = Publish {
+                    via,
                     client,
                     topic,
                     rate,

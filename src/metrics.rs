@@ -672,7 +672,7 @@ pub struct BridgeMetrics {
     pub ack_seconds: Histogram,
     /// Device messages received and not yet acknowledged.
     pub in_flight: IntGauge,
-    /// 1 while connected to the MQTT broker.
+    /// 1 while connected to the MQTT broker and subscribed to the devices' topics.
     pub connected: IntGauge,
     /// Records Kafka did not take, sent again.
     pub delivery_retries: IntCounter,
@@ -723,7 +723,7 @@ impl BridgeMetrics {
             connected: gauge(
                 r,
                 "twinflow_bridge_connected",
-                "1 while the bridge is connected to the MQTT broker.",
+                "1 while the bridge is connected to the MQTT broker and subscribed to the devices' topics.",
             ),
             delivery_retries: retries,
             registry,

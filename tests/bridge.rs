@@ -29,17 +29,23 @@ struct InProcess {
 }
 
 impl InProcess {
-    fn start(config: &std::path::Path) -> InProcess {
+    /// Starts the bridge and waits until it is subscribed (devices may publish then).
+    async fn start(config: &std::path::Path) -> InProcess {
         let config = Config::load(config).unwrap();
         let metrics = BridgeMetrics::new(prometheus::Registry::new());
         let stop = CancellationToken::new();
         let (m, s) = (metrics.clone(), stop.clone());
         let task = tokio::spawn(async move { twinflow::bridge::run(&config, m, s).await });
-        InProcess {
+        let bridge = InProcess {
             stop,
             task,
             metrics,
-        }
+        };
+        eventually("the bridge subscribes", async || {
+            bridge.metric("twinflow_bridge_connected", &[]) == 1.0
+        })
+        .await;
+        bridge
     }
 
     /// A counter or gauge of the bridge, summed over the series with `labels`.
@@ -87,7 +93,7 @@ async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_a
         free_port(),
         "field_map = { tempC = \"temperature_c\" }",
     );
-    let bridge = InProcess::start(&config);
+    let bridge = InProcess::start(&config).await;
     let t = 1_800_000_000_000_i64;
 
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
@@ -249,7 +255,8 @@ async fn a_desired_value_set_over_http_reaches_an_mqtt_device_that_acts_and_the_
         mqtt.port,
         free_port(),
         "",
-    ));
+    ))
+    .await;
     let http = reqwest::Client::new();
     let api = format!("http://{}", p.http.unwrap());
     let twin = async |id: &str| -> serde_json::Value {
@@ -502,6 +509,12 @@ async fn five_kills_of_the_bridge_during_fifty_thousand_publishes_lose_no_readin
     assert_eq!(messages.len(), 50_000);
 
     let mut bridge = spawn_bridge(&config, &log);
+    // Devices publish once it is subscribed (its session then keeps what comes while it
+    // is down).
+    eventually("the bridge process subscribes", async || {
+        common::http_get(http, "/healthz").is_some_and(|(status, _)| status == 200)
+    })
+    .await;
     let port = mqtt.port;
     let publisher = tokio::task::spawn_blocking(move || publish(port, &messages, 25, "crash"));
     // Kill it each time another seventh of the readings has reached Kafka, and start it
@@ -550,7 +563,7 @@ async fn a_twenty_second_kafka_outage_stops_acknowledgements_and_loses_nothing()
         free_port(),
         &format!("max_in_flight = {IN_FLIGHT}"),
     );
-    let bridge = InProcess::start(&config);
+    let bridge = InProcess::start(&config).await;
     let (messages, sent) = fleet(&p.topology, 50, 64);
     let (before, during) = messages.split_at(200);
     let port = mqtt.port;

@@ -10,9 +10,7 @@
 
 use std::collections::HashSet;
 
-use crate::codec::{CommandRecord, rfc3339};
-use crate::twin::Value;
-
+use crate::codec::{CommandRecord, rfc3339, value_json};
 /// What became of a command record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -80,15 +78,7 @@ pub fn to_json(command: &CommandRecord) -> Vec<u8> {
     let values: serde_json::Map<String, serde_json::Value> = command
         .values
         .iter()
-        .map(|(name, v)| {
-            let v = match v {
-                Value::Double(d) => serde_json::json!(d),
-                Value::Long(l) => serde_json::json!(l),
-                Value::Bool(b) => serde_json::json!(b),
-                Value::Str(s) => serde_json::json!(s),
-            };
-            (name.clone(), v)
-        })
+        .map(|(name, v)| (name.clone(), value_json(v)))
         .collect();
     serde_json::to_vec(&serde_json::json!({
         "command_id": command.command_id,
@@ -105,6 +95,7 @@ pub fn to_json(command: &CommandRecord) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::twin::Value;
 
     fn command(id: &str, asset: &str, values: &[(&str, f64)]) -> Option<CommandRecord> {
         Some(CommandRecord {

@@ -292,9 +292,9 @@ async fn drive(
             p = connection.poll() => p,
         };
         match polled {
+            Ok(Some(mqtt::Event::Closed)) => return,
             Ok(Some(e)) => {
                 if matches!(e, mqtt::Event::Connected { .. }) {
-                    metrics.connected.set(1);
                     failures = 0;
                 }
                 if events.send(e).is_err() {
@@ -440,6 +440,8 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
     );
 
     let mut pending: FuturesOrdered<Delivery> = FuturesOrdered::new();
+    // Subscriptions granted since the last (re)connect: both, and the bridge is up.
+    let mut granted = 0;
     let outcome: Result<()> = loop {
         tokio::select! {
             () = stop.cancelled() => break Ok(()),
@@ -455,6 +457,8 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
                 None => break Err(Error::Mqtt("the MQTT connection stopped".into())),
                 Some(mqtt::Event::Connected { session_present }) => {
                     tracing::info!(session_present, "Connected to the MQTT broker.");
+                    metrics.connected.set(0);
+                    granted = 0;
                     let [telemetry, acks] = intake.devices.filters(&mqtt_config.share_group);
                     if let Err(e) = client.subscribe(&telemetry).await {
                         break Err(e);
@@ -471,7 +475,15 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
                     pending.push_back(Box::pin(delivery.map(move |r| (m, received, r))));
                     metrics.in_flight.set(pending.len() as i64);
                 }
+                Some(mqtt::Event::Subscribed) => {
+                    granted += 1;
+                    if granted == 2 {
+                        metrics.connected.set(1);
+                        tracing::info!("Subscribed to the devices' topics.");
+                    }
+                }
                 Some(mqtt::Event::Sent(pkid)) => commands.sent(pkid),
+                Some(mqtt::Event::Closed) => {}
                 Some(mqtt::Event::Acknowledged(pkid)) => commands.acknowledged(pkid),
             },
             batch = commands.next_batch(), if commands.room() => {
@@ -502,7 +514,8 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
 }
 
 /// The bridge's HTTP endpoint on `listener`: `/metrics` (behind `token` if set) and
-/// `/healthz` (200 while connected to the MQTT broker, else 503), until `stop`.
+/// `/healthz` (200 while connected to the MQTT broker and subscribed, else 503), until
+/// `stop`.
 ///
 /// # Errors
 /// When serving fails.
@@ -520,7 +533,10 @@ pub async fn serve(
             "/healthz",
             get(move || async move {
                 if health.get() == 1 {
-                    (StatusCode::OK, "connected to the MQTT broker\n")
+                    (
+                        StatusCode::OK,
+                        "connected to the MQTT broker and subscribed\n",
+                    )
                 } else {
                     (
                         StatusCode::SERVICE_UNAVAILABLE,

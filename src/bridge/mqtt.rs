@@ -38,6 +38,8 @@ pub enum Event {
         /// The broker had the bridge's session (subscriptions, unacknowledged messages).
         session_present: bool,
     },
+    /// The broker granted a subscription.
+    Subscribed,
     /// A message for the bridge.
     Message(Message),
     /// A publish of the bridge's left for the broker with this packet id (a retransmission
@@ -45,6 +47,8 @@ pub enum Event {
     Sent(u16),
     /// The broker acknowledged the bridge's publish with this packet id.
     Acknowledged(u16),
+    /// The bridge's own disconnect went out: the connection is done.
+    Closed,
 }
 
 /// The sending side: acknowledgements, subscriptions, publishes.
@@ -195,9 +199,11 @@ impl Connection {
                 Ok(v5::Event::Incoming(p5::Packet::PubAck(a))) => {
                     Ok(Some(Event::Acknowledged(a.pkid)))
                 }
+                Ok(v5::Event::Incoming(p5::Packet::SubAck(_))) => Ok(Some(Event::Subscribed)),
                 Ok(v5::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                     Ok(Some(Event::Sent(pkid)))
                 }
+                Ok(v5::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => Ok(Some(Event::Closed)),
                 Ok(_) => Ok(None),
                 Err(e) => Err(PollError {
                     not_v5: matches!(
@@ -225,8 +231,14 @@ impl Connection {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
                     Ok(Some(Event::Acknowledged(a.pkid)))
                 }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    Ok(Some(Event::Subscribed))
+                }
                 Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => {
                     Ok(Some(Event::Sent(pkid)))
+                }
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                    Ok(Some(Event::Closed))
                 }
                 Ok(_) => Ok(None),
                 Err(e) => Err(PollError {

@@ -504,6 +504,18 @@ impl Codec {
         Ok(twin)
     }
 
+    /// A reading as a device sends it in JSON: `asset_id`, `event_time` (epoch ms) and each
+    /// property it carries.
+    pub fn reading_json(&self, reading: &Reading) -> serde_json::Map<String, serde_json::Value> {
+        let mut o = serde_json::Map::new();
+        o.insert("asset_id".into(), reading.asset_id.as_str().into());
+        o.insert("event_time".into(), reading.event_time.into());
+        for (index, value) in &reading.values {
+            o.insert(self.name(*index).to_owned(), value_json(value));
+        }
+        o
+    }
+
     /// The twin as JSON, with the same field names as the twin schema and RFC 3339 times.
     pub fn twin_json(&self, twin: &Twin) -> serde_json::Value {
         let mut properties = serde_json::Map::new();
@@ -840,7 +852,8 @@ fn json_prop(v: &serde_json::Value, kind: PropKind) -> Result<Option<Value>, Str
     }))
 }
 
-fn value_json(v: &Value) -> serde_json::Value {
+/// A property value as JSON.
+pub(crate) fn value_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Double(x) => serde_json::json!(x),
         Value::Long(x) => serde_json::json!(x),

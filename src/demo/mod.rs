@@ -1,12 +1,15 @@
 //! `twinflow demo`: the whole system in one process, with no Kafka to install, and the parts
 //! only the demo, the simulator command, the tests and the benchmarks use: the embedded
-//! cluster ([`embedded`]) and the fleet simulator ([`sim`]).
+//! cluster ([`embedded`]), the fleet simulator ([`sim`]) and the doors its devices send
+//! through ([`sink`]: Kafka, HTTP, MQTT).
 //!
 //! `twinflow demo` runs, in one process, an embedded Kafka-protocol cluster, the topics of
 //! the topology, the fleet simulator (for any model) and the pipeline, with a progress line
 //! every two seconds. The fleet's recent past comes
 //! first, as a backlog sent as fast as it goes, so alerts that need a breach to last (a
-//! rule's `for`) show within seconds; then the fleet is live at `--rate`.
+//! rule's `for`) show within seconds; then the fleet is live at `--rate`. With `--mqtt` a
+//! bridge to that MQTT broker runs in the process too; `--via http|mqtt` sends the devices'
+//! readings through `POST /ingest` or that broker instead of straight to Kafka.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,11 +27,14 @@ use crate::config::{
 };
 pub mod embedded;
 pub mod sim;
+pub mod sink;
 
+use crate::metrics::BridgeMetrics;
 use crate::topology::Topology;
 use embedded::EmbeddedKafka;
 use rand::SeedableRng;
 use sim::{Fleet, FleetConfig, Obey, Publish};
+use sink::Via;
 
 /// The demo's write credential unless `--write-token` sets one.
 pub const DEMO_WRITE_TOKEN: &str = "demo-write-token";
@@ -64,9 +70,28 @@ pub struct DemoOptions {
     /// endpoint listens on loopback unless `--http` says otherwise: set your own then.
     #[arg(long, env = "TWINFLOW_DEMO_WRITE_TOKEN", default_value = DEMO_WRITE_TOKEN)]
     pub write_token: String,
+    /// How the simulated devices send their readings: to Kafka, to the HTTP ingestion
+    /// endpoint (`POST /ingest`), or to the MQTT broker of `--mqtt`.
+    #[arg(long, value_enum, default_value = "kafka")]
+    pub via: Door,
+    /// An MQTT broker (`mqtt://host:port`) to bridge: devices publishing there reach their
+    /// twins and get their commands there (a `twinflow bridge` inside the demo).
+    #[arg(long)]
+    pub mqtt: Option<String>,
     /// Topology files.
     #[command(flatten)]
     pub topology: TopologyConfig,
+}
+
+/// The door simulated devices send readings through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Door {
+    /// Straight to the telemetry topic.
+    Kafka,
+    /// `POST /ingest`.
+    Http,
+    /// An MQTT broker (`--mqtt`), through the bridge.
+    Mqtt,
 }
 
 /// Runs the demo until `shutdown` or the duration.
@@ -106,6 +131,17 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         schema_registry: None,
         ingest: Default::default(),
     };
+    if opts.via == Door::Mqtt && opts.mqtt.is_none() {
+        anyhow::bail!("--via mqtt needs the broker: --mqtt mqtt://host:port");
+    }
+    let mut config = config;
+    if let Some(url) = &opts.mqtt {
+        let section = format!(
+            "url = {}\nclient_id = \"twinflow-demo-bridge\"",
+            toml::Value::from(url.as_str())
+        );
+        config.ingest.mqtt = Some(toml::from_str(&section).context("--mqtt")?);
+    }
     config.validate().map_err(anyhow::Error::msg)?;
     let app = App::build(&config)?;
     let metrics = app.metrics();
@@ -158,7 +194,40 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         ))
     );
 
+    // The bridge, subscribed before any device publishes.
+    let bridge = match &opts.mqtt {
+        None => None,
+        Some(url) => {
+            let metrics = BridgeMetrics::new(prometheus::Registry::new());
+            let stop = CancellationToken::new();
+            let (c, m, s) = (config.clone(), metrics.clone(), stop.clone());
+            let task = tokio::spawn(async move { crate::bridge::run(&c, m, s).await });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metrics.connected.get() == 0 && !task.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if metrics.connected.get() == 0 {
+                tracing::warn!(%url, "The bridge is not subscribed to the MQTT broker yet.");
+            }
+            println!(
+                "  MQTT:       devices on {url} publish to assets/<id>/telemetry, get commands on assets/<id>/commands"
+            );
+            Some((stop, task))
+        }
+    };
+    let via = match opts.via {
+        Door::Kafka => Via::Kafka,
+        Door::Http => Via::Http {
+            url: format!("http://{addr}"),
+            token: opts.write_token.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        },
+        Door::Mqtt => Via::Mqtt {
+            url: opts.mqtt.clone().unwrap_or_default(),
+        },
+    };
     let publish = Publish {
+        via,
         client: config.kafka.admin_config(),
         topic: topology.topics.telemetry.name.clone(),
         rate: opts.rate,
@@ -240,6 +309,10 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
     let sent = tokio::task::spawn_blocking(move || simulator.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the simulator panicked"))??;
+    if let Some((stop, task)) = bridge {
+        stop.cancel();
+        task.await.context("joining the bridge")??;
+    }
     app_stop.cancel();
     pipeline.await.context("joining the pipeline")??;
     let consumed = metrics.total("twinflow_records_consumed_total");

@@ -25,9 +25,10 @@ use anyhow::{Context, Result, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 
+use super::sink::Sink;
 use crate::codec::Codec;
 use crate::rules::{Op, RuleKind};
 use crate::topology::Topology;
@@ -864,7 +865,8 @@ pub struct SimStats {
     pub failed: u64,
 }
 
-struct Counting(Arc<AtomicU64>);
+/// A producer context that counts records not delivered.
+pub(super) struct Counting(pub(super) Arc<AtomicU64>);
 
 impl ClientContext for Counting {}
 
@@ -896,6 +898,8 @@ pub struct Publish {
     pub duration: Option<Duration>,
     /// The devices obey the commands on this topic, acknowledging on the other.
     pub obey: Option<Obey>,
+    /// The door the devices send their readings through.
+    pub via: super::sink::Via,
 }
 
 /// Where simulated devices read their commands and send their acknowledgements.
@@ -991,16 +995,23 @@ pub fn publish(
         .as_ref()
         .map(|obey| Devices::new(&publish.client, obey, topology))
         .transpose()?;
-    let failed = Arc::new(AtomicU64::new(0));
-    let producer: ThreadedProducer<Counting> = publish
-        .client
-        .clone()
-        .set("linger.ms", "5")
-        // Keeps each vehicle's readings in order through retries.
-        .set("enable.idempotence", "true")
-        .set("compression.type", "lz4")
-        .create_with_context(Counting(failed.clone()))
-        .context("creating the simulator's producer")?;
+    let mut sink = Sink::open(&publish.via, &publish.client, &publish.topic)?;
+    // The devices answer commands on Kafka, whatever door their readings take.
+    let acks: Option<ThreadedProducer<Counting>> = match (&devices, sink.producer()) {
+        (Some(_), None) => Some(
+            publish
+                .client
+                .clone()
+                .create_with_context(Counting(Arc::new(AtomicU64::new(0))))
+                .context("creating the simulated devices' producer")?,
+        ),
+        _ => None,
+    };
+    let serve = |fleet: &mut Fleet, sink: &Sink| {
+        if let (Some(devices), Some(producer)) = (&devices, acks.as_ref().or(sink.producer())) {
+            devices.serve(fleet, producer);
+        }
+    };
     let started = Instant::now();
     let mut paced_since = None;
     let mut stats = SimStats::default();
@@ -1013,43 +1024,21 @@ pub fn publish(
             let paced = *paced_since.get_or_insert_with(Instant::now);
             let due = publish.burst + (paced.elapsed().as_secs_f64() * publish.rate as f64) as u64;
             if stats.sent >= due {
-                if let Some(devices) = &devices {
-                    devices.serve(&mut fleet, &producer);
-                }
+                serve(&mut fleet, &sink);
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
         }
-        if stats.sent % 1024 == 0
-            && let Some(devices) = &devices
-        {
-            devices.serve(&mut fleet, &producer);
+        if stats.sent % 1024 == 0 {
+            serve(&mut fleet, &sink);
         }
         if fleet.next_record(&mut key, &mut value).is_malformed() {
             stats.malformed += 1;
         }
-        let mut record = BaseRecord::to(&publish.topic)
-            .key(&key[..])
-            .payload(&value[..]);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err((e, _)) => return Err(e).context("producing a simulated record"),
-            }
-        }
+        sink.send(&key, &value, topology)?;
         stats.sent += 1;
     }
-    producer
-        .flush(Duration::from_secs(30))
-        .context("flushing the simulator's producer")?;
-    stats.failed = failed.load(Ordering::Relaxed);
+    stats.failed = sink.finish()?;
     Ok(stats)
 }
 
