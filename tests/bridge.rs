@@ -618,3 +618,62 @@ async fn a_twenty_second_kafka_outage_stops_acknowledgements_and_loses_nothing()
     assert_eq!(held.len(), messages.len());
     bridge.stop().await;
 }
+
+/// Runs `twinflow demo` with `args` for 10 s of 100 assets, and returns once its HTTP
+/// endpoint shows `twins` twins (failing when it ends first): the demo's own devices reach
+/// their twins through the door `args` names.
+fn demo_reaches_twins(args: &[&str], twins: usize) -> String {
+    let port = free_port();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_twinflow"))
+        .current_dir(common::root())
+        .args([
+            "demo",
+            "--duration",
+            "10s",
+            "--assets",
+            "100",
+            "--rate",
+            "500",
+        ])
+        .args(["--backlog", "5s", "--malformed", "0"])
+        .args(["--http", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = false;
+    while !seen && demo.try_wait().unwrap().is_none() {
+        seen = common::http_get(port, "/fleet").is_some_and(|(status, body)| {
+            status == 200
+                && serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|f| f["twins"].as_u64() == Some(twins as u64))
+        });
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = common::http_get(port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    let out = demo.wait_with_output().unwrap();
+    let banner = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{banner}");
+    assert!(
+        seen,
+        "the demo's {twins} twins never showed; output:\n{banner}"
+    );
+    metrics
+}
+
+#[test]
+fn the_demo_sends_its_devices_through_http_and_through_mqtt() {
+    let metrics = demo_reaches_twins(&["--via", "http"], 100);
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("twinflow_ingest_records_total{result=\"accepted\",source=\"http\"}")
+            && l.rsplit(' ').next() != Some("0")),
+        "readings came through POST /ingest"
+    );
+    let mqtt = Mosquitto::start();
+    let url = format!("mqtt://127.0.0.1:{}", mqtt.port);
+    demo_reaches_twins(&["--via", "mqtt", "--mqtt", &url], 100);
+}
