@@ -6,6 +6,7 @@ Usage: check_compose.py <docker dir>. Prints what is wrong and exits 1, or print
 
 import json
 import pathlib
+import re
 import sys
 
 import yaml
@@ -51,6 +52,16 @@ listen = [l for l in config.splitlines() if l.strip().startswith("listen")]
 port = listen[0].split(":")[-1].strip().strip('"') if listen else None
 if f"twinflow:{port}" not in targets:
     problems.append(f"prometheus.yml scrapes {targets}, twinflow listens on port {port}")
+
+# The MQTT bridge: the broker its [ingest.mqtt] names is a service, the bridge runs
+# `twinflow bridge`, and the simulator publishes to that broker.
+broker = re.search(r'^url = "mqtts?://([^:/"]+)', config, re.M)
+if not broker or broker.group(1) not in services:
+    problems.append(f"[ingest.mqtt] url names no compose service: {broker and broker.group(1)}")
+elif "bridge" not in (services.get("bridge") or {}).get("command", []):
+    problems.append("the bridge service does not run `twinflow bridge`")
+elif f"mqtt://{broker.group(1)}:1883" not in (services.get("simulator") or {}).get("command", []):
+    problems.append("the simulator does not publish to the bridge's broker")
 
 # Grafana: the provisioned dashboards directory is the one mounted, and holds valid JSON.
 provider = yaml.safe_load((docker / "grafana/provisioning/dashboards/twinflow.yaml").read_text())
