@@ -677,3 +677,125 @@ fn the_demo_sends_its_devices_through_http_and_through_mqtt() {
     let url = format!("mqtt://127.0.0.1:{}", mqtt.port);
     demo_reaches_twins(&["--via", "mqtt", "--mqtt", &url], 100);
 }
+
+/// A broker that speaks only MQTT 3.1.1, as older brokers do: a front on a free port that
+/// answers an MQTT 5 CONNECT with 3.1.1's "unacceptable protocol version" and passes any
+/// other connection through to `mqtt`.
+async fn mqtt_311_only(mqtt_port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut device, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // CONNECT: fixed header, remaining length (1 to 4 bytes), "MQTT", level.
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                let level_at = loop {
+                    device.read_exact(&mut byte).await.ok()?;
+                    head.push(byte[0]);
+                    let length_bytes = head[1..].iter().position(|b| b & 0x80 == 0);
+                    if let Some(n) = length_bytes {
+                        break 1 + n + 1 + 6;
+                    }
+                };
+                while head.len() <= level_at {
+                    device.read_exact(&mut byte).await.ok()?;
+                    head.push(byte[0]);
+                }
+                if head[level_at] == 5 {
+                    device.write_all(&[0x20, 0x02, 0x00, 0x01]).await.ok()?;
+                    return None;
+                }
+                let mut broker = tokio::net::TcpStream::connect(("127.0.0.1", mqtt_port))
+                    .await
+                    .ok()?;
+                broker.write_all(&head).await.ok()?;
+                tokio::io::copy_bidirectional(&mut device, &mut broker)
+                    .await
+                    .ok()
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() {
+    let (_kafka, p) = on_embedded(common::untimed_vehicle_topology());
+    let mqtt = Mosquitto::start();
+    let front = mqtt_311_only(mqtt.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        front,
+        free_port(),
+        "client_id = \"old-broker-bridge\"\n[kafka.consumer]\n\"auto.offset.reset\" = \"earliest\"",
+    );
+    let bridge = InProcess::start(&config).await;
+    assert!(
+        mqtt.log().contains("as old-broker-bridge (p2,"), // mosquitto names 3.1.1 "p2"
+        "the bridge fell back to MQTT 3.1.1: {}",
+        mqtt.log()
+    );
+
+    let t = 1_800_000_000_000_i64;
+    let port = mqtt.port;
+    let messages = vec![(telemetry("old-1"), reading(t, &[("speed_kmh", 12.into())]))];
+    assert!(
+        tokio::task::spawn_blocking(move || publish(port, &messages, 1, "old"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let records = p.read(
+        &p.topology.topics.telemetry.name,
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(records[0].key(), Some(&b"old-1"[..]));
+
+    // A command goes out without message expiry (3.1.1 has none); a device gets it.
+    let mut device = Obeying::start(mqtt.port, "old-1", 1, "old-1", t + 1000);
+    let schema = apache_avro::Schema::parse_str(twinflow::codec::COMMAND_SCHEMA).unwrap();
+    let mut command = apache_avro::types::Record::new(&schema).unwrap();
+    command.put("command_id", "c-old");
+    command.put("asset_id", "old-1");
+    command.put("desired_version", 1_i64);
+    command.put("attempt", 1_i64);
+    let values: std::collections::HashMap<String, apache_avro::types::Value> = [(
+        "temperature_c".to_owned(),
+        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Double(4.0))),
+    )]
+    .into();
+    command.put("values", values);
+    command.put("issued_at", apache_avro::types::Value::TimestampMillis(t));
+    command.put(
+        "expires_at",
+        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null)),
+    );
+    let mut bytes = Vec::new();
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value(&mut bytes, command)
+        .unwrap();
+    p.send_to(
+        &p.topology.topics.commands.name,
+        Some(b"old-1"),
+        Some(&bytes),
+    )
+    .await;
+    let got = tokio::task::spawn_blocking(move || {
+        let got = device.next_command();
+        device.wait();
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(got["command"]["command_id"], "c-old");
+    assert_eq!(got["command"]["values"]["temperature_c"], 4.0);
+    assert_eq!(got["expiry"], serde_json::Value::Null);
+    bridge.stop().await;
+}

@@ -32,16 +32,17 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size {BROKER_MAX_PACKET}\n\
-                 log_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\n",
-                dir.path().join("mosquitto.log").display()
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
             ),
         )
         .unwrap();
+        // stderr: written at once, unlike a log file.
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("mosquitto starts (bash .ci/setup installs it)");
         let deadline = Instant::now() + Duration::from_secs(20);
