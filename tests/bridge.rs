@@ -799,3 +799,53 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
     assert_eq!(got["expiry"], serde_json::Value::Null);
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bridge_connects_over_tls_with_a_client_certificate() {
+    let (_kafka, p) = on_embedded(common::untimed_vehicle_topology());
+    let certs = tempfile::tempdir().unwrap();
+    common::mqtt::certificates(certs.path());
+    let tls = free_port();
+    let c = certs.path().display();
+    // Devices on the plain listener; the bridge on one that requires a client certificate
+    // signed by the CA.
+    let mqtt = Mosquitto::start_with(&format!(
+        "per_listener_settings false\nlistener {tls} 127.0.0.1\ncafile {c}/ca.pem\n\
+         certfile {c}/server.pem\nkeyfile {c}/server.key\nrequire_certificate true"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        free_port(),
+        &format!(
+            "ca_location = \"{c}/ca.pem\"\ncertificate_location = \"{c}/client.pem\"\n\
+         key_location = \"{c}/client.key\""
+        ),
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("mqtt://127.0.0.1:{}", mqtt.port),
+        &format!("mqtts://127.0.0.1:{tls}"),
+    );
+    std::fs::write(&config, text).unwrap();
+    let bridge = InProcess::start(&config).await;
+    let messages = vec![(
+        telemetry("tls-1"),
+        reading(1_800_000_000_000, &[("speed_kmh", 3.into())]),
+    )];
+    let port = mqtt.port;
+    assert!(
+        tokio::task::spawn_blocking(move || publish(port, &messages, 1, "tls"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let records = p.read(
+        &p.topology.topics.telemetry.name,
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(records[0].key(), Some(&b"tls-1"[..]));
+    bridge.stop().await;
+}

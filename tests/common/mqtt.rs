@@ -22,17 +22,27 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     /// Starts a broker that queues without limit for offline sessions (the bridge's
-    /// back-pressure rests on it) and refuses packets over [`BROKER_MAX_PACKET`].
+    /// back-pressure rests on it) and refuses packets over [`BROKER_MAX_PACKET`]. It keeps
+    /// the test's user (started as root, mosquitto would switch to its own user, which
+    /// cannot read the test's files).
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts a broker as [`Mosquitto::start`] does, with more configuration lines (more
+    /// listeners, say; paths relative to `dir` may be named as `{dir}`).
+    pub fn start_with(extra: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 user root\n\
                  max_queued_messages 0\nmax_inflight_messages 0\nmax_packet_size {BROKER_MAX_PACKET}\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n{extra}\n"
             ),
         )
         .unwrap();
@@ -191,5 +201,84 @@ impl Drop for Obeying {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A CA, a certificate for a server on 127.0.0.1 and one for a client (`client.pem` with
+/// its PKCS#8 key `client.key`), made with the openssl command in `dir`.
+pub fn certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &key,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=twinflow test CA",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for (name, subject, ext) in [
+        ("server", "/CN=127.0.0.1", true),
+        ("client", "/CN=twinflow-bridge", false),
+    ] {
+        let (keyfile, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &key,
+                &["-keyout", &keyfile, "-out", &csr, "-subj", subject],
+            ]
+            .concat(),
+        );
+        let mut sign = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+        ];
+        if ext {
+            sign.extend(["-extfile", "server.ext"]);
+        }
+        openssl(&sign);
     }
 }
