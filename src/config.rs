@@ -794,4 +794,36 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn the_mqtt_section_takes_its_password_from_a_file_and_checks_its_templates() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("mqtt_password");
+        std::fs::write(&secret, "bridge-pass\n").unwrap();
+        let file = secret.display().to_string();
+        let text =
+            format!("{MINIMAL}\n[ingest.mqtt]\nurl = \"mqtts://broker\"\nusername = \"bridge\"\n");
+        let c = parse(&text, &[("TWINFLOW_INGEST__MQTT__PASSWORD_FILE", &file)]).unwrap();
+        let mqtt = c.ingest.mqtt.expect("the section");
+        assert_eq!(mqtt.password.map(|p| p.0).as_deref(), Some("bridge-pass"));
+        assert_eq!(mqtt.telemetry_topic, "assets/{asset_id}/telemetry");
+        for (line, key) in [
+            ("url = \"tcp://broker\"", "ingest.mqtt.url"),
+            (
+                "telemetry_topic = \"assets/+/telemetry\"",
+                "ingest.mqtt.telemetry_topic",
+            ),
+            ("asset_id_pattern = \"(\"", "ingest.mqtt.asset_id_pattern"),
+            ("max_in_flight = 0", "ingest.mqtt.max_in_flight"),
+            ("password = \"x\"", "ingest.mqtt.password"),
+        ] {
+            let url = if line.starts_with("url") {
+                ""
+            } else {
+                "url = \"mqtt://b\"\n"
+            };
+            let err = parse(&format!("{MINIMAL}\n[ingest.mqtt]\n{url}{line}\n"), &[]).unwrap_err();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
 }

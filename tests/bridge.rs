@@ -73,6 +73,34 @@ fn telemetry(asset: &str) -> String {
     format!("assets/{asset}/telemetry")
 }
 
+/// Publishes `messages` from `clients` device connections (on a blocking thread); the
+/// indexes of those the broker refused.
+async fn published(
+    port: u16,
+    messages: Vec<(String, Vec<u8>)>,
+    clients: usize,
+    tag: &'static str,
+) -> Vec<usize> {
+    tokio::task::spawn_blocking(move || publish(port, &messages, clients, tag))
+        .await
+        .unwrap()
+}
+
+/// A device `asset` publishes one reading, which reaches the telemetry topic.
+async fn a_reading_reaches_kafka(p: &TestPipeline, port: u16, asset: &str) {
+    let messages = vec![(
+        telemetry(asset),
+        reading(1_800_000_000_000, &[("speed_kmh", 3.into())]),
+    )];
+    assert!(published(port, messages, 1, "one").await.is_empty());
+    let records = p.read(
+        &p.topology.topics.telemetry.name,
+        1,
+        Duration::from_secs(30),
+    );
+    assert_eq!(records[0].key(), Some(asset.as_bytes()));
+}
+
 /// Reads `topic` until it holds `n` records (30 s at most), then checks it holds no more.
 fn exactly(p: &TestPipeline, topic: &str, n: usize) -> Vec<OwnedMessage> {
     let records = p.read(topic, n, Duration::from_secs(30));
@@ -81,19 +109,28 @@ fn exactly(p: &TestPipeline, topic: &str, n: usize) -> Vec<OwnedMessage> {
     records
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_are_dead_lettered() {
-    let (_kafka, p) = on_embedded(common::untimed_vehicle_topology());
+/// The embedded cluster with the topics, mosquitto, and a subscribed bridge between them
+/// with `[ingest.mqtt]` lines `extra`; the pipeline is not started.
+async fn rig(
+    extra: &str,
+) -> (
+    twinflow::demo::embedded::EmbeddedKafka,
+    TestPipeline,
+    Mosquitto,
+    tempfile::TempDir,
+    InProcess,
+) {
+    let (kafka, p) = on_embedded(common::untimed_vehicle_topology());
     let mqtt = Mosquitto::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        &p.bootstrap,
-        mqtt.port,
-        free_port(),
-        "field_map = { tempC = \"temperature_c\" }",
-    );
+    let config = bridge_config(dir.path(), &p.bootstrap, mqtt.port, free_port(), extra);
     let bridge = InProcess::start(&config).await;
+    (kafka, p, mqtt, dir, bridge)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_are_dead_lettered() {
+    let (_kafka, p, mqtt, _dir, bridge) = rig("field_map = { tempC = \"temperature_c\" }").await;
     let t = 1_800_000_000_000_i64;
 
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
@@ -146,9 +183,7 @@ async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_a
         messages.push((topic.clone(), payload.clone()));
     }
     let port = mqtt.port;
-    let refused = tokio::task::spawn_blocking(move || publish(port, &messages, 4, "in"))
-        .await
-        .unwrap();
+    let refused = published(port, messages, 4, "in").await;
     assert_eq!(
         refused,
         Vec::<usize>::new(),
@@ -157,9 +192,7 @@ async fn device_readings_and_acknowledgements_reach_kafka_and_hostile_messages_a
     // Over the broker's packet limit: refused at the door, and the device is told (its
     // connection is closed); nothing of it reaches the bridge.
     let oversized = vec![(telemetry("truck-4"), vec![b'{'; BROKER_MAX_PACKET + 1])];
-    let refused = tokio::task::spawn_blocking(move || publish(port, &oversized, 1, "big"))
-        .await
-        .unwrap();
+    let refused = published(port, oversized, 1, "big").await;
     assert_eq!(refused, vec![0], "the oversized message is refused");
 
     let topics = &p.topology.topics;
@@ -516,7 +549,7 @@ async fn five_kills_of_the_bridge_during_fifty_thousand_publishes_lose_no_readin
     })
     .await;
     let port = mqtt.port;
-    let publisher = tokio::task::spawn_blocking(move || publish(port, &messages, 25, "crash"));
+    let publisher = tokio::spawn(published(port, messages, 25, "crash"));
     // Kill it each time another seventh of the readings has reached Kafka, and start it
     // again at once, with the same client id (its session, with what it had not
     // acknowledged, waits at the broker).
@@ -553,25 +586,13 @@ async fn five_kills_of_the_bridge_during_fifty_thousand_publishes_lose_no_readin
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_twenty_second_kafka_outage_stops_acknowledgements_and_loses_nothing() {
     const IN_FLIGHT: f64 = 50.0;
-    let (kafka, p) = on_embedded(common::untimed_vehicle_topology());
-    let mqtt = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
-        &p.bootstrap,
-        mqtt.port,
-        free_port(),
-        &format!("max_in_flight = {IN_FLIGHT}"),
-    );
-    let bridge = InProcess::start(&config).await;
+    let (kafka, p, mqtt, _dir, bridge) = rig(&format!("max_in_flight = {IN_FLIGHT}")).await;
     let (messages, sent) = fleet(&p.topology, 50, 64);
     let (before, during) = messages.split_at(200);
     let port = mqtt.port;
-    let first = before.to_vec();
     assert!(
-        tokio::task::spawn_blocking(move || publish(port, &first, 4, "before"))
+        published(port, before.to_vec(), 4, "before")
             .await
-            .unwrap()
             .is_empty()
     );
     p.read(
@@ -581,8 +602,7 @@ async fn a_twenty_second_kafka_outage_stops_acknowledgements_and_loses_nothing()
     );
 
     kafka.broker_down(1).unwrap();
-    let rest = during.to_vec();
-    let publisher = tokio::task::spawn_blocking(move || publish(port, &rest, 4, "during"));
+    let publisher = tokio::spawn(published(port, during.to_vec(), 4, "during"));
     // Twenty seconds without Kafka: the bridge holds at most its in-flight limit
     // unacknowledged, and the broker queues the rest.
     let (mut most_in_flight, mut most_received) = (0.0_f64, 0.0_f64);
@@ -740,21 +760,8 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
         mqtt.log()
     );
 
+    a_reading_reaches_kafka(&p, mqtt.port, "old-1").await;
     let t = 1_800_000_000_000_i64;
-    let port = mqtt.port;
-    let messages = vec![(telemetry("old-1"), reading(t, &[("speed_kmh", 12.into())]))];
-    assert!(
-        tokio::task::spawn_blocking(move || publish(port, &messages, 1, "old"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let records = p.read(
-        &p.topology.topics.telemetry.name,
-        1,
-        Duration::from_secs(30),
-    );
-    assert_eq!(records[0].key(), Some(&b"old-1"[..]));
 
     // A command goes out without message expiry (3.1.1 has none); a device gets it.
     let mut device = Obeying::start(mqtt.port, "old-1", 1, "old-1", t + 1000);
@@ -830,22 +837,6 @@ async fn the_bridge_connects_over_tls_with_a_client_certificate() {
     );
     std::fs::write(&config, text).unwrap();
     let bridge = InProcess::start(&config).await;
-    let messages = vec![(
-        telemetry("tls-1"),
-        reading(1_800_000_000_000, &[("speed_kmh", 3.into())]),
-    )];
-    let port = mqtt.port;
-    assert!(
-        tokio::task::spawn_blocking(move || publish(port, &messages, 1, "tls"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    let records = p.read(
-        &p.topology.topics.telemetry.name,
-        1,
-        Duration::from_secs(30),
-    );
-    assert_eq!(records[0].key(), Some(&b"tls-1"[..]));
+    a_reading_reaches_kafka(&p, mqtt.port, "tls-1").await;
     bridge.stop().await;
 }

@@ -431,6 +431,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Waits (20 s at most) until something listens on loopback `port`: the broker `what`,
+/// whose log is at `log` (shown if it never does).
+pub fn wait_listening(port: u16, what: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within 20 s: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A noida-db broker process (see the README's test section), on a free loopback port with a
 /// fresh data directory; killed on drop.
 pub struct Noida {
@@ -502,14 +516,7 @@ impl Noida {
             .stderr(log)
             .spawn()
             .expect("noida-db starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "noida-db did not listen on port {port} within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "noida-db", &dir.join("broker.log"));
         child
     }
 

@@ -4,7 +4,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -55,14 +54,7 @@ impl Mosquitto {
             .stderr(log)
             .spawn()
             .expect("mosquitto starts (bash .ci/setup installs it)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(port, "mosquitto", &dir.path().join("mosquitto.log"));
         Mosquitto { child, port, dir }
     }
 
