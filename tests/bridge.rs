@@ -578,8 +578,16 @@ async fn five_kills_of_the_bridge_during_fifty_thousand_publishes_lose_no_readin
         sent.len()
     );
     assert_eq!(held.len(), sent.len(), "nothing but the readings sent");
-    bridge.kill().unwrap();
-    bridge.wait().unwrap();
+    // A clean stop (SIGTERM) exits 0.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &bridge.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        bridge.wait().unwrap().success(),
+        "SIGTERM stops the bridge cleanly"
+    );
     assert_twins_equal_the_oracle(&mut p, &sent, total).await;
 }
 
@@ -698,6 +706,33 @@ fn the_demo_sends_its_devices_through_http_and_through_mqtt() {
     demo_reaches_twins(&["--via", "mqtt", "--mqtt", &url], 100);
 }
 
+/// A command record (schemas/command.avsc, written by apache-avro) setting
+/// `temperature_c` of `asset` to `value`, issued at `t`, never expiring.
+fn command_record(id: &str, asset: &str, value: f64, t: i64) -> Vec<u8> {
+    use apache_avro::types::Value as AV;
+    let schema = apache_avro::Schema::parse_str(twinflow::codec::COMMAND_SCHEMA).unwrap();
+    let mut command = apache_avro::types::Record::new(&schema).unwrap();
+    command.put("command_id", id);
+    command.put("asset_id", asset);
+    command.put("desired_version", 1_i64);
+    command.put("attempt", 1_i64);
+    let values: HashMap<String, AV> = [(
+        "temperature_c".to_owned(),
+        AV::Union(0, Box::new(AV::Double(value))),
+    )]
+    .into();
+    command.put("values", values);
+    command.put("issued_at", AV::TimestampMillis(t));
+    command.put("expires_at", AV::Union(0, Box::new(AV::Null)));
+    let mut bytes = Vec::new();
+    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .unwrap()
+        .write_value(&mut bytes, command)
+        .unwrap();
+    bytes
+}
+
 /// A broker that speaks only MQTT 3.1.1, as older brokers do: a front on a free port that
 /// answers an MQTT 5 CONNECT with 3.1.1's "unacceptable protocol version" and passes any
 /// other connection through to `mqtt`.
@@ -765,29 +800,7 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
 
     // A command goes out without message expiry (3.1.1 has none); a device gets it.
     let mut device = Obeying::start(mqtt.port, "old-1", 1, "old-1", t + 1000);
-    let schema = apache_avro::Schema::parse_str(twinflow::codec::COMMAND_SCHEMA).unwrap();
-    let mut command = apache_avro::types::Record::new(&schema).unwrap();
-    command.put("command_id", "c-old");
-    command.put("asset_id", "old-1");
-    command.put("desired_version", 1_i64);
-    command.put("attempt", 1_i64);
-    let values: std::collections::HashMap<String, apache_avro::types::Value> = [(
-        "temperature_c".to_owned(),
-        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Double(4.0))),
-    )]
-    .into();
-    command.put("values", values);
-    command.put("issued_at", apache_avro::types::Value::TimestampMillis(t));
-    command.put(
-        "expires_at",
-        apache_avro::types::Value::Union(0, Box::new(apache_avro::types::Value::Null)),
-    );
-    let mut bytes = Vec::new();
-    apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
-        .build()
-        .unwrap()
-        .write_value(&mut bytes, command)
-        .unwrap();
+    let bytes = command_record("c-old", "old-1", 4.0, t);
     p.send_to(
         &p.topology.topics.commands.name,
         Some(b"old-1"),
@@ -838,5 +851,78 @@ async fn the_bridge_connects_over_tls_with_a_client_certificate() {
     std::fs::write(&config, text).unwrap();
     let bridge = InProcess::start(&config).await;
     a_reading_reaches_kafka(&p, mqtt.port, "tls-1").await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_bridges_of_one_share_group_split_the_devices_and_lose_nothing() {
+    let (_kafka, p, mqtt, dir, first) = rig("client_id = \"bridge-a\"").await;
+    let second = InProcess::start(&bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        free_port(),
+        "client_id = \"bridge-b\"",
+    ))
+    .await;
+    let (messages, sent) = fleet(&p.topology, 40, 50);
+    assert!(published(mqtt.port, messages, 8, "split").await.is_empty());
+    let held = wait_held(&p, &sent).await;
+    assert_eq!(
+        held.values().sum::<usize>(),
+        sent.len(),
+        "each reading once"
+    );
+    let accepted = |b: &InProcess| {
+        b.metric(
+            "twinflow_ingest_records_total",
+            &[("source", "mqtt"), ("result", "accepted")],
+        )
+    };
+    let (a, b) = (accepted(&first), accepted(&second));
+    assert_eq!(a + b, sent.len() as f64);
+    assert!(a > 0.0 && b > 0.0, "both bridges take a share: {a} and {b}");
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_replayed_after_a_restart_never_send_an_older_value_after_a_newer_one() {
+    let (_kafka, p) = on_embedded(common::untimed_vehicle_topology());
+    let mqtt = Mosquitto::start();
+    let t = 1_800_000_000_000_i64;
+    // The device's session exists; two commands for one property wait on the topic, as
+    // they do for a bridge that published both but died before committing either.
+    Obeying::start(mqtt.port, "valve-1", 0, "valve-1", 0).wait();
+    let topic = &p.topology.topics.commands.name;
+    for (id, value) in [("c-older", 3.0), ("c-newer", 4.0)] {
+        let bytes = command_record(id, "valve-1", value, t);
+        p.send_to(topic, Some(b"valve-1"), Some(&bytes)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = InProcess::start(&bridge_config(
+        dir.path(),
+        &p.bootstrap,
+        mqtt.port,
+        free_port(),
+        "[kafka.consumer]\n\"auto.offset.reset\" = \"earliest\"",
+    ))
+    .await;
+    let command = |result| bridge.metric("twinflow_bridge_commands_total", &[("result", result)]);
+    eventually("the bridge reads both commands", async || {
+        command("published") + command("superseded") == 2.0
+    })
+    .await;
+    assert_eq!(command("superseded"), 1.0, "the older value is not sent");
+    let mut device = Obeying::start(mqtt.port, "valve-1", 1, "valve-1", t + 1000);
+    let got = tokio::task::spawn_blocking(move || {
+        let got = device.next_command();
+        device.wait();
+        got
+    })
+    .await
+    .unwrap();
+    assert_eq!(got["command"]["command_id"], "c-newer");
+    assert_eq!(got["command"]["values"]["temperature_c"], 4.0);
     bridge.stop().await;
 }

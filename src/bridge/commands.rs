@@ -1,12 +1,13 @@
 //! Commands to devices: the command topic's records as the MQTT messages the bridge
 //! publishes, and which of a batch to publish.
 //!
-//! A batch is what the command consumer has ready at once. Within it, a command for a
+//! A batch is what the command consumer reads until each partition it has records of is
+//! read to its end as last fetched (see `CommandsOut::fill`). Within it, a command for a
 //! property that a later command of the batch also sets loses that property (the later
 //! value wins), and one left with no values is not published (`superseded`), nor is one
-//! already expired (`expired`). After a restart or a rebalance the bridge replays the
-//! commands it published but had not committed yet; they arrive as one batch, so the
-//! device gets each property's newest command again, never an older one after it.
+//! already expired (`expired`). After a restart or a rebalance the bridge reads again the
+//! commands it published but had not committed yet; they come as one batch, so the device
+//! gets each property's newest command again, never an older one after it.
 
 use std::collections::HashSet;
 

@@ -51,6 +51,9 @@ use crate::topology::Topology;
 
 /// Most command records taken as one batch (see [`commands`]).
 const COMMAND_BATCH: usize = 10_000;
+/// How long a batch of commands waits for the rest of a partition it has not read to its
+/// end (a record beyond the last one delivered may never come: an aborted transaction's).
+const COMMAND_LINGER: Duration = Duration::from_millis(250);
 
 /// A record for Kafka, owned so its delivery can outlive the message it came from.
 struct Record {
@@ -112,6 +115,8 @@ struct CommandsOut {
     template: TopicTemplate,
     waiting: VecDeque<Waiting>,
     limit: usize,
+    /// Records read and not yet published.
+    batch: Vec<rdkafka::message::OwnedMessage>,
 }
 
 impl CommandsOut {
@@ -124,6 +129,7 @@ impl CommandsOut {
             template: TopicTemplate::parse(&config.command_topic).map_err(Error::Config)?,
             waiting: VecDeque::new(),
             limit: usize::from(config.max_in_flight),
+            batch: Vec::new(),
         })
     }
 
@@ -132,34 +138,55 @@ impl CommandsOut {
         self.waiting.len() < self.limit
     }
 
-    /// The records ready now: waits for one, then takes what else has arrived.
-    async fn next_batch(&self) -> Vec<rdkafka::message::OwnedMessage> {
-        let mut batch = Vec::new();
-        match self.consumer.recv().await {
-            Ok(m) => batch.push(m.detach()),
-            Err(e) => {
-                tracing::warn!(error = %e, "Reading the command topic failed.");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return batch;
+    /// Fills `self.batch`: waits for a record, then reads on until every partition it has
+    /// records of is read to its end as last seen (the replay of a restarted bridge arrives
+    /// whole), or for [`COMMAND_LINGER`] without a record, or up to [`COMMAND_BATCH`].
+    /// Cancel-safe: what it read stays in `self.batch`.
+    async fn fill(&mut self) {
+        loop {
+            let ready = !self.batch.is_empty();
+            if self.batch.len() >= COMMAND_BATCH || (ready && self.read_to_end()) {
+                return;
+            }
+            let next = if ready {
+                match tokio::time::timeout(COMMAND_LINGER, self.consumer.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => return,
+                }
+            } else {
+                self.consumer.recv().await
+            };
+            match next {
+                Ok(m) => self.batch.push(m.detach()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Reading the command topic failed.");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
-        while batch.len() < COMMAND_BATCH {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(m.detach()),
-                _ => break,
-            }
-        }
-        batch
     }
 
-    /// Publishes `batch` to the devices (see [`commands`]).
+    /// Whether each partition with records in the batch has been read to its end as the
+    /// last fetch saw it.
+    fn read_to_end(&self) -> bool {
+        let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+        for m in &self.batch {
+            next.insert(m.partition(), m.offset() + 1);
+        }
+        next.iter().all(|(p, next)| {
+            crate::kafka::cached_watermarks(&self.consumer, &self.topic, *p)
+                .is_none_or(|(_, end)| *next >= end)
+        })
+    }
+
+    /// Publishes the batch to the devices (see [`commands`]).
     async fn publish(
         &mut self,
-        batch: Vec<rdkafka::message::OwnedMessage>,
         client: &mqtt::Client,
         metrics: &BridgeMetrics,
         now_ms: i64,
     ) -> Result<()> {
+        let batch = std::mem::take(&mut self.batch);
         let mut decoded: Vec<_> = batch
             .iter()
             .map(|m| m.payload().and_then(|p| decode_command(p).ok()))
@@ -417,7 +444,7 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
     let max_record_bytes = producer_config
         .get("message.max.bytes")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(crate::kafka::DEFAULT_MAX_RECORD_BYTES);
     let producer: FutureProducer = producer_config.create()?;
     let mut intake = Intake {
         devices: Devices::new(mqtt_config, topology.clone())?,
@@ -486,8 +513,8 @@ pub async fn run(config: &Config, metrics: BridgeMetrics, stop: CancellationToke
                 Some(mqtt::Event::Closed) => {}
                 Some(mqtt::Event::Acknowledged(pkid)) => commands.acknowledged(pkid),
             },
-            batch = commands.next_batch(), if commands.room() => {
-                if let Err(e) = commands.publish(batch, &client, &metrics, SystemClock.now_ms()).await {
+            () = commands.fill(), if commands.room() => {
+                if let Err(e) = commands.publish(&client, &metrics, SystemClock.now_ms()).await {
                     break Err(e);
                 }
             }
