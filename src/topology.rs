@@ -62,12 +62,16 @@ pub struct Topics {
     pub commands: TopicSpec,
     /// Output: command transitions (the audit trail), keyed by asset id.
     pub command_events: TopicSpec,
+    /// Output: every twin version, as the changelog has it, kept by time instead of
+    /// compacted (for ML teams' history). Left out: no history topic.
+    #[serde(default)]
+    pub history: Option<TopicSpec>,
 }
 
 impl Topics {
     /// All of them, the inputs first.
-    pub fn all(&self) -> [&TopicSpec; 8] {
-        [
+    pub fn all(&self) -> Vec<&TopicSpec> {
+        let mut all = vec![
             &self.telemetry,
             &self.acks,
             &self.desired,
@@ -76,7 +80,9 @@ impl Topics {
             &self.dead_letter,
             &self.commands,
             &self.command_events,
-        ]
+        ];
+        all.extend(self.history.as_ref());
+        all
     }
 
     /// The desired-state topic's wire format: JSON unless it says Avro.
@@ -425,6 +431,34 @@ impl Topology {
                 return Err(format!("topic {}: format must be {allowed}", spec.name));
             }
         }
+        if let Some(history) = &topics.history {
+            if history.partitions != topics.telemetry.partitions {
+                return Err(format!(
+                    "history {} has {} partitions but telemetry {} has {}: they must be equal, \
+                     since a twin's versions go to the partition number of its changelog records",
+                    history.name,
+                    history.partitions,
+                    topics.telemetry.name,
+                    topics.telemetry.partitions
+                ));
+            }
+            if history
+                .config
+                .get("cleanup.policy")
+                .is_some_and(|p| p.contains("compact"))
+            {
+                return Err(format!(
+                    "history {} must not be compacted (cleanup.policy = \"delete\"): compaction keeps only each twin's last version",
+                    history.name
+                ));
+            }
+            if history.format.is_some() {
+                return Err(format!(
+                    "topic {}: format must be none: the history has the changelog's records, in its format",
+                    history.name
+                ));
+            }
+        }
         let names: HashSet<_> = topics.all().iter().map(|t| t.name.as_str()).collect();
         if names.len() != topics.all().len() {
             return Err("every topic must have a name of its own".into());
@@ -508,6 +542,13 @@ impl Topology {
             t.changelog.name,
             self.twin_schema.display()
         );
+        if let Some(history) = &t.history {
+            let _ = writeln!(
+                s,
+                "       {}   every twin version, the changelog's records kept by time",
+                history.name
+            );
+        }
         let _ = writeln!(
             s,
             "       {}   RAISED / CLEARED / ACKNOWLEDGED alert events (schemas/alert_event.avsc)",

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{NOIDA_CLIENT, Noida, TestPipeline, root, text, vehicle_topology, venv};
+use common::{
+    NOIDA_CLIENT, Noida, TestPipeline, root, text, untimed_vehicle_topology, vehicle_topology, venv,
+};
 use rdkafka::Message;
 use twinflow::config::Guarantee;
 use twinflow::demo::sim::{Fleet, FleetConfig};
@@ -17,14 +19,14 @@ async fn topology_apply_pipeline_and_python_consumers() {
     let mut p = TestPipeline::new(&broker.bootstrap, vehicle_topology(), &NOIDA_CLIENT);
     let admin = p.config().kafka.admin_config();
 
-    // Topology apply creates the eight topics with their configs, then finds them as declared.
+    // Topology apply creates the nine topics with their configs, then finds them as declared.
     let created = apply_topology(&admin, &p.topology.topics).await.unwrap();
     assert_eq!(
         created
             .iter()
             .filter(|r| matches!(r, TopicReport::Created(_)))
             .count(),
-        8,
+        9,
         "{created:?}"
     );
     let again = apply_topology(&admin, &p.topology.topics).await.unwrap();
@@ -283,4 +285,76 @@ async fn timer_and_ack_output_commit_in_the_transaction_under_exactly_once() {
     }
     assert_eq!(m.total("twinflow_twin_updates_total"), 0, "no twin change");
     p.stop().await;
+}
+
+/// The history topic holds every twin version the pipeline wrote, each once under
+/// exactly-once (a read_committed reader), with the changelog's key, value and headers. It
+/// is not compacted (`cleanup.policy = delete`, checked by `topology apply` above), so what
+/// the changelog's compaction removes stays here until retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_holds_every_version_once_under_exactly_once() {
+    use common::instance::read_all;
+    let broker = Noida::start();
+    let mut p = TestPipeline::new(&broker.bootstrap, untimed_vehicle_topology(), &NOIDA_CLIENT);
+    p.guarantee = Guarantee::ExactlyOnce;
+    apply_topology(&p.config().kafka.admin_config(), &p.topology.topics)
+        .await
+        .unwrap();
+    p.start();
+    let (assets, versions) = (10_u32, 20_u32);
+    let t = 1_790_000_000_000_i64;
+    for v in 0..versions {
+        for a in 0..assets {
+            let speed = f64::from(v + 1);
+            p.send(
+                &format!("hist-{a}"),
+                t + i64::from(v) * 1000,
+                &[("speed_kmh", speed)],
+            )
+            .await;
+        }
+    }
+    p.wait_consumed(u64::from(assets * versions)).await;
+    p.stop().await;
+
+    let mut committed = NOIDA_CLIENT.to_vec();
+    committed.push(("isolation.level", "read_committed"));
+    let changelog = read_all(&broker.bootstrap, "twin-changelog", &committed);
+    let history = read_all(&broker.bootstrap, "twin-history", &committed);
+    let mut seen = std::collections::BTreeMap::new();
+    for m in &history {
+        let twin = p.topology.codec.decode_twin(m.payload().unwrap()).unwrap();
+        assert_eq!(
+            m.key(),
+            Some(twin.asset_id.as_bytes()),
+            "keyed as the changelog"
+        );
+        assert!(common::header(m, "twinflow.source.offset").is_some());
+        let speed = p.topology.model.property("speed_kmh").unwrap();
+        assert_eq!(twin.value(speed), Some(&Value::Double(twin.version as f64)));
+        *seen.entry((twin.asset_id, twin.version)).or_insert(0) += 1;
+    }
+    assert_eq!(
+        history.len(),
+        (assets * versions) as usize,
+        "every version once"
+    );
+    // The changelog's records (not compacted yet here), on the same partitions.
+    let same = |m: &rdkafka::message::OwnedMessage| {
+        let bytes = |b: Option<&[u8]>| b.map(<[u8]>::to_vec);
+        (m.partition(), bytes(m.key()), bytes(m.payload()))
+    };
+    assert_eq!(
+        history.iter().map(same).collect::<Vec<_>>(),
+        changelog.iter().map(same).collect::<Vec<_>>()
+    );
+    for a in 0..assets {
+        for v in 1..=i64::from(versions) {
+            assert_eq!(
+                seen.get(&(format!("hist-{a}"), v)),
+                Some(&1),
+                "hist-{a} v{v}"
+            );
+        }
+    }
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::committer::Committer;
 use super::input::{Input, InputKind, PerInput, RecordHeaders};
-use super::output::Outputs;
+use super::output::{Outputs, Target};
 use super::processor::{Batch, Processor, Work};
 use super::restore::restore;
 use super::slot::Slot;
@@ -439,12 +439,27 @@ impl PartitionWorker {
         let topics = &self.shared.topology.topics;
         let generation = self.committer.generation();
         let mut scratch = String::new();
+        let producer = &self.shared.producer;
         for o in &outputs.records {
             let r = outputs.route(o, topics, self.partition, &mut scratch);
-            self.shared
-                .producer
+            producer
                 .send(generation, r.topic, r.partition, r.key, r.value, &r.headers)
                 .await?;
+            // The history has every changelog record, in the same commit (transaction).
+            if o.target == Target::Changelog
+                && let Some(history) = &topics.history
+            {
+                producer
+                    .send(
+                        generation,
+                        &history.name,
+                        r.partition,
+                        r.key,
+                        r.value,
+                        &r.headers,
+                    )
+                    .await?;
+            }
         }
         Ok(())
     }
