@@ -29,6 +29,7 @@ pub struct App {
     consumer: Arc<Consumer>,
     listener: std::net::TcpListener,
     http: crate::config::HttpConfig,
+    view: crate::config::ViewConfig,
     writer: Arc<RecordWriter>,
 }
 
@@ -109,6 +110,7 @@ impl App {
             consumer,
             listener,
             http: config.http.clone(),
+            view: config.view.clone(),
             writer,
         })
     }
@@ -138,6 +140,7 @@ impl App {
             consumer,
             listener,
             http,
+            view: view_config,
             writer,
         } = self;
         if let Some(registry) = &shared.registry {
@@ -156,6 +159,7 @@ impl App {
             shared.store.view(),
             shared.topology.clone(),
             shared.metrics.clone(),
+            view_config,
         );
         let viewer = {
             let view = view.clone();

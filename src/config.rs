@@ -45,6 +45,31 @@ pub struct Config {
     /// Devices that do not speak Kafka: the MQTT bridge (`twinflow bridge`).
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// The fleet view every instance keeps for the API.
+    #[serde(default)]
+    pub view: ViewConfig,
+}
+
+/// The fleet view: a replica of the changelog on every instance, for the API.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewConfig {
+    /// Versions of each twin kept for `GET /twins/{id}/history` and `?as_of=` (0: none).
+    /// A version costs about the twin's encoded size on disk (LZ4 in RocksDB).
+    pub history_versions: u64,
+    /// Versions older than this (by processing time) are not served; the whole history
+    /// stays on the history topic for its retention.
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Duration,
+}
+
+impl Default for ViewConfig {
+    fn default() -> Self {
+        ViewConfig {
+            history_versions: 1000,
+            history_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Ingestion from devices.

@@ -19,6 +19,7 @@ use std::time::Duration;
 use rdkafka::{ClientConfig, Offset};
 use tokio::sync::{oneshot, watch};
 
+use crate::config::ViewConfig;
 use crate::error::Result;
 use crate::kafka::{OutputReader, Polled};
 use crate::metrics::Metrics;
@@ -37,6 +38,35 @@ pub const START_DEFER: Duration = Duration::from_secs(10);
 
 /// Changelog records applied per view write.
 const VIEW_BATCH: usize = 2000;
+
+/// Which versions of a twin's history to read.
+#[derive(Clone, Debug, Default)]
+pub struct HistoryQuery {
+    /// Versions at or after this time (ms).
+    pub from: Option<i64>,
+    /// Versions at or before this time (ms).
+    pub to: Option<i64>,
+    /// By processing time (`updated_at`) instead of event time.
+    pub processing: bool,
+    /// The page's cursor: versions after (or, descending, before) this one.
+    pub after: Option<u64>,
+    /// Newest first.
+    pub descending: bool,
+    /// Versions per page.
+    pub limit: usize,
+}
+
+impl HistoryQuery {
+    /// The time of `twin` this query goes by. Both grow with the version: a twin's event
+    /// time is its newest reading's, its `updated_at` the processing time of its change.
+    fn time(&self, twin: &Twin) -> i64 {
+        if self.processing {
+            twin.updated_at
+        } else {
+            twin.event_time
+        }
+    }
+}
 
 /// Fleet-wide counts.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -147,6 +177,8 @@ impl Drop for Subscription {
 /// The fleet view of one instance.
 pub struct FleetView {
     store: ViewStore,
+    /// How much history the view keeps.
+    config: ViewConfig,
     metrics: Metrics,
     topology: Arc<Topology>,
     counts: Mutex<Counts>,
@@ -188,9 +220,15 @@ impl FleetView {
     /// The view over `store`. Its counts start empty: [`FleetView::run`] rebuilds them from
     /// what the store holds before it reads on, so a restart is not held up by a scan of
     /// every twin; until the view has caught up, `/fleet` says so.
-    pub fn open(store: ViewStore, topology: Arc<Topology>, metrics: Metrics) -> Arc<FleetView> {
+    pub fn open(
+        store: ViewStore,
+        topology: Arc<Topology>,
+        metrics: Metrics,
+        config: ViewConfig,
+    ) -> Arc<FleetView> {
         Arc::new(FleetView {
             store,
+            config,
             metrics,
             topology,
             counts: Mutex::new(Counts::default()),
@@ -232,6 +270,101 @@ impl FleetView {
             .twin(asset_id)?
             .map(|b| self.topology.codec.decode_twin(&b))
             .transpose()
+    }
+
+    /// A page of the history of `asset_id` at `now` (see [`HistoryQuery`]): the versions and
+    /// the cursor of the next page, if there may be one. `None` when there is no such twin.
+    ///
+    /// # Errors
+    /// As [`FleetView::twin`].
+    pub fn history(
+        &self,
+        asset_id: &str,
+        q: &HistoryQuery,
+        now: i64,
+    ) -> Result<Option<(Vec<Twin>, Option<u64>)>> {
+        let Some(newest) = self.twin(asset_id)? else {
+            return Ok(None);
+        };
+        let lowest = self.lowest_served(&newest);
+        let oldest_time = now.saturating_sub(
+            i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX),
+        );
+        let start = q.after.map(|a| {
+            if q.descending {
+                a.saturating_sub(1)
+            } else {
+                a.saturating_add(1)
+            }
+        });
+        let mut page = Vec::new();
+        let mut next = None;
+        for item in self.store.history(asset_id, start, q.descending) {
+            let (version, bytes) = item?;
+            if version < lowest {
+                if q.descending {
+                    break;
+                }
+                continue;
+            }
+            let twin = self.topology.codec.decode_twin(&bytes)?;
+            let time = q.time(&twin);
+            if twin.updated_at < oldest_time || q.from.is_some_and(|f| time < f) {
+                if q.descending {
+                    break;
+                }
+                continue;
+            }
+            if q.to.is_some_and(|t| time > t) {
+                if q.descending {
+                    continue;
+                }
+                break;
+            }
+            if page.len() == q.limit {
+                next = page.last().map(|t: &Twin| t.version as u64);
+                break;
+            }
+            page.push(twin);
+        }
+        Ok(Some((page, next)))
+    }
+
+    /// The twin of `asset_id` as it was at `at` (event time, or processing time with
+    /// `processing`): its newest kept version at or before then. `Ok(None)` when there is
+    /// no twin, `Ok(Some(None))` when no kept version is that old.
+    ///
+    /// # Errors
+    /// As [`FleetView::twin`].
+    pub fn as_of(&self, asset_id: &str, at: i64, processing: bool) -> Result<Option<Option<Twin>>> {
+        let Some(newest) = self.twin(asset_id)? else {
+            return Ok(None);
+        };
+        let q = HistoryQuery {
+            to: Some(at),
+            processing,
+            descending: true,
+            limit: 1,
+            ..HistoryQuery::default()
+        };
+        let lowest = self.lowest_served(&newest);
+        for item in self.store.history(asset_id, None, true) {
+            let (version, bytes) = item?;
+            if version < lowest {
+                break;
+            }
+            let twin = self.topology.codec.decode_twin(&bytes)?;
+            if q.to.is_some_and(|t| q.time(&twin) <= t) {
+                return Ok(Some(Some(twin)));
+            }
+        }
+        Ok(Some(None))
+    }
+
+    /// The oldest version served: the newest `history_versions` are (more may be stored
+    /// until the next trim).
+    fn lowest_served(&self, newest: &Twin) -> u64 {
+        (newest.version.max(0) as u64).saturating_sub(self.config.history_versions) + 1
     }
 
     /// Up to `limit` twins after `after`, in asset id order.
@@ -449,6 +582,7 @@ impl FleetView {
         let codec = &self.topology.codec;
         let live = self.live();
         let mut latest: HashMap<&str, Option<&Vec<u8>>> = HashMap::new();
+        let mut versions = Vec::with_capacity(changes.len());
         let mut diff = Counts::default();
         let mut removed = Counts::default();
         for (id, _, twin) in &changes {
@@ -463,6 +597,7 @@ impl FleetView {
                 removed.add(b, 1);
             }
             let after = twin.as_ref().and_then(|b| codec.decode_twin(b).ok());
+            versions.push(after.as_ref().and_then(|a| u64::try_from(a.version).ok()));
             if let Some(a) = &after {
                 diff.add(a, 1);
                 if live {
@@ -478,7 +613,12 @@ impl FleetView {
             latest.insert(id, twin.as_ref());
         }
         let positions: Vec<(i32, i64)> = positions.iter().map(|(p, n)| (*p, *n)).collect();
-        self.store.write(&changes, &positions)?;
+        self.store.write(
+            &changes,
+            &versions,
+            self.config.history_versions,
+            &positions,
+        )?;
         let mut counts = self.counts.lock().expect("counts lock");
         merge(&mut counts, &diff, 1);
         merge(&mut counts, &removed, -1);

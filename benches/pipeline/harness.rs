@@ -256,6 +256,7 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
         },
         schema_registry: None,
         ingest: Default::default(),
+        view: Default::default(),
     }
 }
 

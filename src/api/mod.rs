@@ -11,12 +11,13 @@
 use std::sync::Arc;
 
 mod desired;
+mod history;
 mod ingest;
 mod limit;
 
 pub use limit::RateLimit;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -113,7 +114,8 @@ fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/twins", get(list_twins))
         .route("/twins/stream", get(stream))
-        .route("/twins/{id}", get(get_twin))
+        .route("/twins/{id}", get(history::get_twin))
+        .route("/twins/{id}/history", get(history::history))
         .route(
             "/twins/{id}/desired",
             patch(desired::patch_desired)
@@ -281,22 +283,6 @@ type Params<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 fn params<T>(p: Params<T>) -> Result<T, Response> {
     p.map(|Query(q)| q)
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
-}
-
-async fn get_twin(
-    State(s): State<ApiState>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Response {
-    // A path that does not decode (not UTF-8, say) gets the JSON error every other 400 has.
-    let id = match id {
-        Ok(Path(id)) => id,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    match s.view.twin(&id) {
-        Ok(Some(twin)) => Json(s.view.topology().codec.twin_json(&twin)).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no twin '{id}'")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
 }
 
 #[derive(Deserialize)]

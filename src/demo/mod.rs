@@ -130,6 +130,7 @@ pub async fn run(opts: DemoOptions, shutdown: CancellationToken) -> Result<()> {
         },
         schema_registry: None,
         ingest: Default::default(),
+        view: Default::default(),
     };
     if opts.via == Door::Mqtt && opts.mqtt.is_none() {
         anyhow::bail!("--via mqtt needs the broker: --mqtt mqtt://host:port");

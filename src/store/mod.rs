@@ -17,8 +17,10 @@
 //! | 0x07 | `07 · partition u32`                  | fleet view: next changelog offset   |
 //! | 0x08 | `08 · asset_id utf-8`                 | fleet view: the changelog partition |
 //! |      |                                       | of the asset's twin, i32 BE         |
+//! | 0x09 | `09 · asset_id length u16 · asset_id  | fleet view: a version of the twin   |
+//! |      |   utf-8 · version u64`                | (twin datum), the newest N kept     |
 //!
-//! The fleet view (kinds 0x06 to 0x08) is a read replica of the whole changelog for the HTTP
+//! The fleet view (kinds 0x06 to 0x09) is a read replica of the whole changelog for the HTTP
 //! API (see `crate::view`), apart from the owned state: nothing in the pipeline reads it.
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
@@ -48,6 +50,11 @@ const KIND_DEADLINE: u8 = 0x05;
 const KIND_VIEW_TWIN: u8 = 0x06;
 const KIND_VIEW_POSITION: u8 = 0x07;
 const KIND_VIEW_PARTITION: u8 = 0x08;
+const KIND_VIEW_HISTORY: u8 = 0x09;
+
+/// A twin's versions are trimmed to the kept number once every this many versions (one
+/// range delete each time, not one per version).
+const HISTORY_TRIM_EVERY: u64 = 64;
 
 /// The instance's RocksDB database.
 #[derive(Clone)]
@@ -384,6 +391,17 @@ fn view_key(kind: u8, asset_id: &str) -> Vec<u8> {
 /// tombstone).
 pub type ViewedTwin = (String, i32, Option<Vec<u8>>);
 
+/// The history key of `version` of `asset_id` (an id is at most 512 bytes, so its length
+/// fits the u16 that keeps one asset's versions apart from another's).
+fn history_key(asset_id: &str, version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(11 + asset_id.len());
+    k.push(KIND_VIEW_HISTORY);
+    k.extend_from_slice(&(asset_id.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+    k.extend_from_slice(asset_id.as_bytes());
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
 impl ViewStore {
     /// The viewed twin of `asset_id` (a plain twin datum).
     ///
@@ -420,12 +438,67 @@ impl ViewStore {
         offset(&self.db, key(KIND_VIEW_POSITION, partition as u32, b""))
     }
 
-    /// Writes twins (`None`: a tombstone) and read positions at once.
+    /// Versions of `asset_id`'s twin from `start` (inclusive; `None`: the oldest, or the
+    /// newest when `descending`), in version order or its reverse, as `(version, twin)`.
+    pub fn history(
+        &self,
+        asset_id: &str,
+        start: Option<u64>,
+        descending: bool,
+    ) -> impl Iterator<Item = Result<(u64, Vec<u8>)>> + '_ {
+        let prefix = history_key(asset_id, 0);
+        let prefix = prefix[..prefix.len() - 8].to_vec();
+        let from = match (start, descending) {
+            (Some(v), _) => history_key(asset_id, v),
+            (None, false) => history_key(asset_id, 0),
+            (None, true) => history_key(asset_id, u64::MAX),
+        };
+        let direction = if descending {
+            Direction::Reverse
+        } else {
+            Direction::Forward
+        };
+        self.db
+            .iterator(IteratorMode::From(&from, direction))
+            .map(|item| item.map_err(Error::from))
+            .take_while(move |item| {
+                item.as_ref().map_or(true, |(k, _)| {
+                    k.len() == prefix.len() + 8 && k.starts_with(&prefix)
+                })
+            })
+            .map(|item| {
+                let (k, v) = item?;
+                let version = u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes"));
+                Ok((version, v.into_vec()))
+            })
+    }
+
+    /// Writes twins (`None`: a tombstone, which also removes the asset's history) and read
+    /// positions at once; `versions` holds the version of each twin to keep in its history
+    /// (`None`: none), of which the newest `keep` stay.
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails.
-    pub fn write(&self, twins: &[ViewedTwin], positions: &[(i32, i64)]) -> Result<()> {
+    pub fn write(
+        &self,
+        twins: &[ViewedTwin],
+        versions: &[Option<u64>],
+        keep: u64,
+        positions: &[(i32, i64)],
+    ) -> Result<()> {
         let mut batch = WriteBatch::default();
+        for ((id, _, twin), version) in twins.iter().zip(versions) {
+            match (twin, version) {
+                (Some(t), Some(v)) if keep > 0 => {
+                    batch.put(history_key(id, *v), t);
+                    if v % HISTORY_TRIM_EVERY == 0 && *v > keep {
+                        batch.delete_range(history_key(id, 0), history_key(id, v - keep + 1));
+                    }
+                }
+                (None, _) => batch.delete_range(history_key(id, 0), history_key(id, u64::MAX)),
+                _ => {}
+            }
+        }
         for (id, partition, twin) in twins {
             let (twin_key, partition_key) = (
                 view_key(KIND_VIEW_TWIN, id),

@@ -123,6 +123,8 @@ pub struct TestPipeline {
     pub writers: BTreeMap<String, twinflow::config::Secret>,
     pub desired_writes_per_minute: u32,
     pub ingest_readings_per_minute: u32,
+    /// The fleet view's history settings.
+    pub view: twinflow::config::ViewConfig,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -157,6 +159,7 @@ impl TestPipeline {
             writers: BTreeMap::new(),
             desired_writes_per_minute: HttpConfig::default().desired_writes_per_minute,
             ingest_readings_per_minute: HttpConfig::default().ingest_readings_per_minute,
+            view: Default::default(),
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -195,6 +198,7 @@ impl TestPipeline {
             },
             schema_registry: self.registry.clone(),
             ingest: Default::default(),
+            view: self.view.clone(),
         }
     }
 
