@@ -48,10 +48,49 @@ pub struct Api {
     pub twin: [f64; 3],
     /// `GET /healthz` on the same connection: the HTTP stack alone (baseline).
     pub health: [f64; 3],
+    /// `GET /twins/{id}/history?limit=1000` of twins with 1000 versions, either order.
+    pub history: [f64; 3],
+}
+
+/// Twins given [`HISTORY_VERSIONS`] versions each for the history pages.
+const DEEP_TWINS: usize = 10;
+/// Versions of each of them: one full page.
+const HISTORY_VERSIONS: usize = 1000;
+
+/// Readings that give each of [`DEEP_TWINS`] twins [`HISTORY_VERSIONS`] versions, sent to
+/// the telemetry topic while the instance runs; their ids.
+fn deep_history(bootstrap: &str, topology: &Topology) -> Vec<String> {
+    let sender = Sender::new(bootstrap, &topology.topics.telemetry.name);
+    let speed = topology
+        .model
+        .property("speed_kmh")
+        .expect("the vehicle model");
+    let ids: Vec<String> = (0..DEEP_TWINS).map(|i| format!("deep-{i}")).collect();
+    let mut value = Vec::new();
+    for v in 0..HISTORY_VERSIONS {
+        for id in &ids {
+            let reading = Reading {
+                asset_id: id.clone(),
+                event_time: START_MS + v as i64 * 1000,
+                values: vec![(speed, twinflow::twin::Value::Double((v % 100) as f64 + 0.5))],
+            };
+            value.clear();
+            topology.codec.encode_reading(&reading, &mut value);
+            sender.send(id.as_bytes(), &value, None);
+        }
+    }
+    sender.finish();
+    ids
 }
 
 /// Sequential requests on one keep-alive connection, once the fleet view holds every twin.
-fn measure_api(rt: &Runtime, instance: &Instance, ids: &[String], started: Instant) -> Api {
+fn measure_api(
+    rt: &Runtime,
+    instance: &Instance,
+    ids: &[String],
+    deep: &[String],
+    started: Instant,
+) -> Api {
     let twins = ids.len();
     // The simulator repeats a few readings (duplicates), so some assets come twice.
     let distinct = ids.iter().collect::<std::collections::HashSet<_>>().len();
@@ -98,10 +137,39 @@ fn measure_api(rt: &Runtime, instance: &Instance, ids: &[String], started: Insta
             twin.push(time(format!("/twins/{id}")).await);
             health.push(time("/healthz".to_owned()).await);
         }
+        // Pages of 1000 versions, once the view holds them all.
+        for id in deep {
+            let deadline = Instant::now() + timeout_for(HISTORY_VERSIONS * DEEP_TWINS);
+            loop {
+                let t: serde_json::Value = client
+                    .get(format!("{base}/twins/{id}"))
+                    .send()
+                    .await
+                    .expect("GET /twins/{id}")
+                    .json()
+                    .await
+                    .unwrap_or_default();
+                if t["version"].as_u64() >= Some(HISTORY_VERSIONS as u64) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} did not reach {HISTORY_VERSIONS} versions"
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        let mut history = Vec::with_capacity(200);
+        for i in 0..200 {
+            let id = &deep[rand::Rng::gen_range(&mut rng, 0..deep.len())];
+            let order = if i % 2 == 0 { "asc" } else { "desc" };
+            history.push(time(format!("/twins/{id}/history?limit=1000&order={order}")).await);
+        }
         Api {
             view_full,
             twin: percentiles(twin),
             health: percentiles(health),
+            history: percentiles(history),
         }
     })
 }
@@ -150,7 +218,8 @@ pub fn measure(rt: &Runtime, topology: &Topology, twins: usize, run: usize) -> R
     let longest = partition_gauges(&instance.metrics, "twinflow_restore_duration_seconds")
         .into_values()
         .fold(0.0, f64::max);
-    let api = measure_api(rt, &instance, &ids, started);
+    let deep = deep_history(&broker.bootstrap, topology);
+    let api = measure_api(rt, &instance, &ids, &deep, started);
     instance.stop(rt);
 
     // A restart on the intact store: ready without restoring. (The probe's HTTP client is
@@ -319,4 +388,12 @@ pub fn print(restore: &[Restore], topology: &Topology, twins: usize) {
         api(|a| a.twin, 2),
         api(|a| a.twin, 1) / api(|a| a.health, 1)
     );
+    println!(
+        "| GET /twins/{{id}}/history, 1000 versions   | {:>6.3} | {:>6.3} | {:>8.3} | {:>15.2} |",
+        api(|a| a.history, 0),
+        api(|a| a.history, 1),
+        api(|a| a.history, 2),
+        api(|a| a.history, 1) / api(|a| a.health, 1)
+    );
+    println!("(target for the history page: p99 at most 50 ms)");
 }
