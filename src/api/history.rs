@@ -102,12 +102,12 @@ pub(super) async fn history(
     };
     let codec = &s.view.topology().codec;
     let versions: Vec<serde_json::Value> = versions.iter().map(|t| codec.twin_json(t)).collect();
-    Ok(Json(serde_json::json!({
-        "asset_id": id,
-        "versions": versions,
-        "next": next.map(|v| v.to_string()),
-    }))
-    .into_response())
+    // Moved into the answer, not copied (as `json!` would copy a page of twins).
+    let mut answer = serde_json::Map::new();
+    answer.insert("asset_id".into(), id.into());
+    answer.insert("versions".into(), serde_json::Value::Array(versions));
+    answer.insert("next".into(), next.map(|v| v.to_string()).into());
+    Ok(Json(serde_json::Value::Object(answer)).into_response())
 }
 
 #[derive(Deserialize)]

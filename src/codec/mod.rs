@@ -552,22 +552,26 @@ impl Codec {
             (Some(lat), Some(lng)) => serde_json::json!({ "lat": lat, "lng": lng }),
             _ => serde_json::Value::Null,
         };
-        let mut json = serde_json::json!({
-            "asset_id": twin.asset_id,
-            "version": twin.version,
-            "location": location,
-            "event_time": rfc3339(twin.event_time),
-            "last_seen": rfc3339(twin.last_seen),
-            "updated_at": rfc3339(twin.updated_at),
-            "still_since": twin.still_since.map(rfc3339),
-            "status": twin.status,
-            "properties": properties,
-            "property_times": times,
-            "active_alerts": alerts,
-            "pending_alerts": twin.pending.iter().map(|p| serde_json::json!({
-                "code": p.code, "since": rfc3339(p.since),
-            })).collect::<Vec<_>>(),
-        });
+        let pending: Vec<serde_json::Value> = twin
+            .pending
+            .iter()
+            .map(|p| serde_json::json!({ "code": p.code, "since": rfc3339(p.since) }))
+            .collect();
+        // Built by moving each part in: `json!` would copy the maps and lists again.
+        let mut o = serde_json::Map::new();
+        o.insert("asset_id".into(), twin.asset_id.as_str().into());
+        o.insert("version".into(), twin.version.into());
+        o.insert("location".into(), location);
+        o.insert("event_time".into(), rfc3339(twin.event_time).into());
+        o.insert("last_seen".into(), rfc3339(twin.last_seen).into());
+        o.insert("updated_at".into(), rfc3339(twin.updated_at).into());
+        o.insert("still_since".into(), twin.still_since.map(rfc3339).into());
+        o.insert("status".into(), twin.status.symbol().into());
+        o.insert("properties".into(), serde_json::Value::Object(properties));
+        o.insert("property_times".into(), serde_json::Value::Object(times));
+        o.insert("active_alerts".into(), serde_json::Value::Array(alerts));
+        o.insert("pending_alerts".into(), serde_json::Value::Array(pending));
+        let mut json = serde_json::Value::Object(o);
         if self.has_desired() {
             self.desired_json(twin, &mut json);
         }
@@ -730,6 +734,13 @@ fn opt_str(c: &mut Cursor<'_>) -> avro::ReadResult<Option<String>> {
     }
 }
 
+/// Appends the `width` lowest decimal digits of `v`, zero-padded.
+fn push_digits(out: &mut String, v: u64, width: u32) {
+    for i in (0..width).rev() {
+        out.push(char::from(b'0' + (v / 10u64.pow(i) % 10) as u8));
+    }
+}
+
 /// Formats epoch milliseconds as RFC 3339 (UTC), for any `millis`: years outside
 /// 0000..=9999 are written in ISO 8601's expanded form (`+10000-01-01T...`, `-0001-...`),
 /// since a device may send any time at all and the message saying so must not fail.
@@ -748,17 +759,31 @@ pub fn rfc3339(millis: i64) -> String {
     let day = day_of_year - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = year_of_era + era * 400 + i128::from(month <= 2);
-    let year = match year {
-        0..=9999 => format!("{year:04}"),
-        10_000.. => format!("+{year}"),
-        _ => format!("-{:04}", -year),
-    };
-    format!(
-        "{year}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        day_secs / 3600,
-        day_secs / 60 % 60,
-        day_secs % 60
-    )
+    // Digits pushed one by one: the API formats several times per twin, and `format!` was
+    // most of a twin's JSON.
+    let mut out = String::with_capacity(24);
+    match year {
+        0..=9999 => push_digits(&mut out, year as u64, 4),
+        10_000.. => {
+            out.push('+');
+            out.push_str(&year.to_string());
+        }
+        _ => out.push_str(&format!("-{:04}", -year)),
+    }
+    out.push('-');
+    push_digits(&mut out, month as u64, 2);
+    out.push('-');
+    push_digits(&mut out, day as u64, 2);
+    out.push('T');
+    push_digits(&mut out, (day_secs / 3600) as u64, 2);
+    out.push(':');
+    push_digits(&mut out, (day_secs / 60 % 60) as u64, 2);
+    out.push(':');
+    push_digits(&mut out, (day_secs % 60) as u64, 2);
+    out.push('.');
+    push_digits(&mut out, ms as u64, 3);
+    out.push('Z');
+    out
 }
 
 fn status_index(s: Status) -> usize {
