@@ -326,9 +326,8 @@ async fn a_desired_value_set_over_http_reaches_an_mqtt_device_that_acts_and_the_
 
     // The device comes back, gets the command it missed, acts (its temperature reaches
     // the setpoint) and acknowledges.
-    let mut device = Obeying::start(mqtt.port, "reefer-7", 1, "reefer-7", p.now() + 1000);
-    let got = device.next_command();
-    device.wait();
+    let device = Obeying::start(mqtt.port, "reefer-7", 1, "reefer-7", p.now() + 1000);
+    let got = device.only_command().await;
     assert_eq!(got["topic"], "assets/reefer-7/commands");
     let command = &got["command"];
     assert_eq!(command["command_id"], command_id.as_str());
@@ -799,7 +798,7 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
     let t = 1_800_000_000_000_i64;
 
     // A command goes out without message expiry (3.1.1 has none); a device gets it.
-    let mut device = Obeying::start(mqtt.port, "old-1", 1, "old-1", t + 1000);
+    let device = Obeying::start(mqtt.port, "old-1", 1, "old-1", t + 1000);
     let bytes = command_record("c-old", "old-1", 4.0, t);
     p.send_to(
         &p.topology.topics.commands.name,
@@ -807,13 +806,7 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
         Some(&bytes),
     )
     .await;
-    let got = tokio::task::spawn_blocking(move || {
-        let got = device.next_command();
-        device.wait();
-        got
-    })
-    .await
-    .unwrap();
+    let got = device.only_command().await;
     assert_eq!(got["command"]["command_id"], "c-old");
     assert_eq!(got["command"]["values"]["temperature_c"], 4.0);
     assert_eq!(got["expiry"], serde_json::Value::Null);
@@ -914,14 +907,8 @@ async fn commands_replayed_after_a_restart_never_send_an_older_value_after_a_new
     })
     .await;
     assert_eq!(command("superseded"), 1.0, "the older value is not sent");
-    let mut device = Obeying::start(mqtt.port, "valve-1", 1, "valve-1", t + 1000);
-    let got = tokio::task::spawn_blocking(move || {
-        let got = device.next_command();
-        device.wait();
-        got
-    })
-    .await
-    .unwrap();
+    let device = Obeying::start(mqtt.port, "valve-1", 1, "valve-1", t + 1000);
+    let got = device.only_command().await;
     assert_eq!(got["command"]["command_id"], "c-newer");
     assert_eq!(got["command"]["values"]["temperature_c"], 4.0);
     bridge.stop().await;

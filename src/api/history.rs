@@ -8,11 +8,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{Answer, ApiState, MAX_PAGE, Params, error, params};
+use super::{Answer, ApiState, Params, error, page_limit, params};
 use crate::view::HistoryQuery;
-
-/// Versions per history page.
-pub const MAX_HISTORY_PAGE: usize = MAX_PAGE;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,13 +61,7 @@ pub(super) async fn history(
 ) -> Answer {
     let Path(id) = id.map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
     let q = params(q)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be between 1 and {MAX_HISTORY_PAGE}"),
-        ));
-    }
+    let limit = page_limit(q.limit)?;
     let descending = match q.order.as_deref() {
         None | Some("asc") => false,
         Some("desc") => true,

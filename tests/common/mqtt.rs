@@ -187,6 +187,18 @@ impl Obeying {
     pub fn wait(mut self) {
         assert!(self.child.wait().unwrap().success());
     }
+
+    /// The one command these devices obey, once they have acknowledged it and left (on a
+    /// blocking thread).
+    pub async fn only_command(mut self) -> serde_json::Value {
+        tokio::task::spawn_blocking(move || {
+            let got = self.next_command();
+            self.wait();
+            got
+        })
+        .await
+        .unwrap()
+    }
 }
 
 impl Drop for Obeying {
