@@ -88,7 +88,7 @@ fn measure_api(
     rt: &Runtime,
     instance: &Instance,
     ids: &[String],
-    deep: &[String],
+    (bootstrap, topology): (&str, &Topology),
     started: Instant,
 ) -> Api {
     let twins = ids.len();
@@ -138,7 +138,8 @@ fn measure_api(
             health.push(time("/healthz".to_owned()).await);
         }
         // Pages of 1000 versions, once the view holds them all.
-        for id in deep {
+        let deep = deep_history(bootstrap, topology);
+        for id in &deep {
             let deadline = Instant::now() + timeout_for(HISTORY_VERSIONS * DEEP_TWINS);
             loop {
                 let t: serde_json::Value = client
@@ -218,8 +219,7 @@ pub fn measure(rt: &Runtime, topology: &Topology, twins: usize, run: usize) -> R
     let longest = partition_gauges(&instance.metrics, "twinflow_restore_duration_seconds")
         .into_values()
         .fold(0.0, f64::max);
-    let deep = deep_history(&broker.bootstrap, topology);
-    let api = measure_api(rt, &instance, &ids, &deep, started);
+    let api = measure_api(rt, &instance, &ids, (&broker.bootstrap, topology), started);
     instance.stop(rt);
 
     // A restart on the intact store: ready without restoring. (The probe's HTTP client is
