@@ -623,6 +623,12 @@ impl MqttConfig {
                 key("certificate_location")
             ));
         }
+        if !(5..=u64::from(u16::MAX)).contains(&self.keep_alive.as_secs()) {
+            return Err(format!(
+                "{}: from 5 s to 65535 s (MQTT's limit)",
+                key("keep_alive")
+            ));
+        }
         if self.client_id.is_empty() || self.client_id.len() > 128 {
             return Err(format!("{}: 1 to 128 characters", key("client_id")));
         }
@@ -840,6 +846,7 @@ mod tests {
             ),
             ("asset_id_pattern = \"(\"", "ingest.mqtt.asset_id_pattern"),
             ("max_in_flight = 0", "ingest.mqtt.max_in_flight"),
+            ("keep_alive = \"30h\"", "ingest.mqtt.keep_alive"),
             ("password = \"x\"", "ingest.mqtt.password"),
         ] {
             let url = if line.starts_with("url") {

@@ -290,13 +290,13 @@ impl FleetView {
         let oldest_time = now.saturating_sub(
             i64::try_from(self.config.history_retention.as_millis()).unwrap_or(i64::MAX),
         );
-        let start = q.after.map(|a| {
-            if q.descending {
-                a.saturating_sub(1)
-            } else {
-                a.saturating_add(1)
-            }
-        });
+        // Oldest first starts at the oldest version served, not at what a trim left over.
+        let start = match (q.after, q.descending) {
+            (Some(a), true) => Some(a.saturating_sub(1)),
+            (Some(a), false) => Some(a.saturating_add(1).max(lowest)),
+            (None, true) => None,
+            (None, false) => Some(lowest),
+        };
         let mut page = Vec::new();
         let mut next = None;
         for item in self.store.history(asset_id, start, q.descending) {
@@ -341,10 +341,7 @@ impl FleetView {
             return Ok(None);
         };
         let q = HistoryQuery {
-            to: Some(at),
             processing,
-            descending: true,
-            limit: 1,
             ..HistoryQuery::default()
         };
         let lowest = self.lowest_served(&newest);
@@ -354,7 +351,7 @@ impl FleetView {
                 break;
             }
             let twin = self.topology.codec.decode_twin(&bytes)?;
-            if q.to.is_some_and(|t| q.time(&twin) <= t) {
+            if q.time(&twin) <= at {
                 return Ok(Some(Some(twin)));
             }
         }

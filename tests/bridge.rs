@@ -48,6 +48,19 @@ impl InProcess {
         bridge
     }
 
+    /// A bridge between Kafka at `bootstrap` and the MQTT broker on `mqtt_port`, with
+    /// `[ingest.mqtt]` lines `extra` (its configuration lives in the returned directory).
+    async fn between(
+        bootstrap: &str,
+        mqtt_port: u16,
+        extra: &str,
+    ) -> (tempfile::TempDir, InProcess) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = bridge_config(dir.path(), bootstrap, mqtt_port, free_port(), extra);
+        let bridge = InProcess::start(&config).await;
+        (dir, bridge)
+    }
+
     /// A counter or gauge of the bridge, summed over the series with `labels`.
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.metrics.value(name, labels)
@@ -122,9 +135,7 @@ async fn rig(
 ) {
     let (kafka, p) = on_embedded(common::untimed_vehicle_topology());
     let mqtt = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(dir.path(), &p.bootstrap, mqtt.port, free_port(), extra);
-    let bridge = InProcess::start(&config).await;
+    let (dir, bridge) = InProcess::between(&p.bootstrap, mqtt.port, extra).await;
     (kafka, p, mqtt, dir, bridge)
 }
 
@@ -281,15 +292,7 @@ async fn a_desired_value_set_over_http_reaches_an_mqtt_device_that_acts_and_the_
     p.writers = BTreeMap::from([("ops".into(), Secret(WRITE.into()))]);
     p.start();
     let mqtt = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = InProcess::start(&bridge_config(
-        dir.path(),
-        &p.bootstrap,
-        mqtt.port,
-        free_port(),
-        "",
-    ))
-    .await;
+    let (_dir, bridge) = InProcess::between(&p.bootstrap, mqtt.port, "").await;
     let http = reqwest::Client::new();
     let api = format!("http://{}", p.http.unwrap());
     let twin = async |id: &str| -> serde_json::Value {
@@ -779,15 +782,12 @@ async fn a_broker_without_mqtt_5_gets_mqtt_3_1_1_readings_in_and_commands_out() 
     let (_kafka, p) = on_embedded(common::untimed_vehicle_topology());
     let mqtt = Mosquitto::start();
     let front = mqtt_311_only(mqtt.port).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = bridge_config(
-        dir.path(),
+    let (_dir, bridge) = InProcess::between(
         &p.bootstrap,
         front,
-        free_port(),
         "client_id = \"old-broker-bridge\"\n[kafka.consumer]\n\"auto.offset.reset\" = \"earliest\"",
-    );
-    let bridge = InProcess::start(&config).await;
+    )
+    .await;
     assert!(
         mqtt.log().contains("as old-broker-bridge (p2,"), // mosquitto names 3.1.1 "p2"
         "the bridge fell back to MQTT 3.1.1: {}",
@@ -849,15 +849,9 @@ async fn the_bridge_connects_over_tls_with_a_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_bridges_of_one_share_group_split_the_devices_and_lose_nothing() {
-    let (_kafka, p, mqtt, dir, first) = rig("client_id = \"bridge-a\"").await;
-    let second = InProcess::start(&bridge_config(
-        dir.path(),
-        &p.bootstrap,
-        mqtt.port,
-        free_port(),
-        "client_id = \"bridge-b\"",
-    ))
-    .await;
+    let (_kafka, p, mqtt, _dir, first) = rig("client_id = \"bridge-a\"").await;
+    let (_second_dir, second) =
+        InProcess::between(&p.bootstrap, mqtt.port, "client_id = \"bridge-b\"").await;
     let (messages, sent) = fleet(&p.topology, 40, 50);
     assert!(published(mqtt.port, messages, 8, "split").await.is_empty());
     let held = wait_held(&p, &sent).await;
@@ -892,14 +886,11 @@ async fn commands_replayed_after_a_restart_never_send_an_older_value_after_a_new
         let bytes = command_record(id, "valve-1", value, t);
         p.send_to(topic, Some(b"valve-1"), Some(&bytes)).await;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let bridge = InProcess::start(&bridge_config(
-        dir.path(),
+    let (_dir, bridge) = InProcess::between(
         &p.bootstrap,
         mqtt.port,
-        free_port(),
         "[kafka.consumer]\n\"auto.offset.reset\" = \"earliest\"",
-    ))
+    )
     .await;
     let command = |result| bridge.metric("twinflow_bridge_commands_total", &[("result", result)]);
     eventually("the bridge reads both commands", async || {

@@ -7,8 +7,6 @@
 //! it. Under 5 the bridge announces its receive maximum (the readings the broker may have
 //! in flight to it unacknowledged) and its largest packet.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use rumqttc::tokio_native_tls::native_tls;
 use rumqttc::v5;
@@ -144,7 +142,7 @@ pub fn connect(config: &MqttConfig, version: MqttVersion) -> Result<(Client, Con
     // Room in the request channel for every acknowledgement the bridge may owe, so that
     // acknowledging never waits on the connection.
     let capacity = usize::from(config.max_in_flight) * 2 + 64;
-    let keep_alive = config.keep_alive.max(Duration::from_secs(5));
+    let keep_alive = config.keep_alive;
     if version == MqttVersion::V311 {
         let mut o = rumqttc::MqttOptions::new(&config.client_id, host, port);
         o.set_transport(transport)
