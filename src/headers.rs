@@ -7,6 +7,9 @@
 //!   [`ERROR_STAGE`], [`ERROR_MESSAGE`]), where from ([`SOURCE_TOPIC`], [`SOURCE_PARTITION`],
 //!   [`SOURCE_OFFSET`]), and what of the original they could not carry
 //!   ([`DEAD_LETTER_OMITTED`]).
+//! - A deleted twin's changelog and history tombstone carries how, who, when and which
+//!   version ([`DELETED_CAUSE`], [`DELETED_BY`], [`DELETED_AT`], [`DELETED_VERSION`]).
+//! - On an input, [`CONTROL`] makes a desired-state record a control record (a delete).
 
 /// Input topic of the record.
 pub const SOURCE_TOPIC: &str = "twinflow.source.topic";
@@ -22,3 +25,20 @@ pub const ERROR_STAGE: &str = "twinflow.error.stage";
 pub const ERROR_MESSAGE: &str = "twinflow.error.message";
 /// What a dead letter could not carry of the original record, with sizes.
 pub const DEAD_LETTER_OMITTED: &str = "twinflow.dead_letter.omitted";
+
+/// On a record of the desired-state topic: a control record instead of a write. `delete`
+/// deletes the twin of the record's key (the value is not read).
+pub const CONTROL: &str = "twinflow.control";
+/// On a control record: who sends it, for the audit trail (at most 256 bytes are kept).
+pub const CONTROL_BY: &str = "twinflow.control.by";
+/// On a changelog (and history) tombstone of a deleted twin: `requested` (a delete request)
+/// or `retired` (silent for `retire_after`).
+pub const DELETED_CAUSE: &str = "twinflow.deleted.cause";
+/// On a tombstone: who asked for the deletion (a credential's name, a control record's
+/// `twinflow.control.by`), empty for a retirement.
+pub const DELETED_BY: &str = "twinflow.deleted.by";
+/// On a tombstone: the processing time of the deletion, milliseconds since the epoch
+/// (decimal). A restore keeps refusing the id until `refuse_deleted_for` after it.
+pub const DELETED_AT: &str = "twinflow.deleted.at";
+/// On a tombstone: the deletion's twin version, one more than the last (decimal).
+pub const DELETED_VERSION: &str = "twinflow.deleted.version";

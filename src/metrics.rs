@@ -33,11 +33,13 @@ pub enum DeadLetterReason {
     /// A device's message whose topic names no acceptable asset id, or whose payload names
     /// another asset than its topic (the MQTT bridge).
     Identity,
+    /// A reading of a twin deleted less than `[lifecycle] refuse_deleted_for` ago.
+    Deleted,
 }
 
 impl DeadLetterReason {
     /// Every reason, in label order.
-    pub const ALL: [DeadLetterReason; 8] = [
+    pub const ALL: [DeadLetterReason; 9] = [
         DeadLetterReason::Decode,
         DeadLetterReason::Invalid,
         DeadLetterReason::KeyMismatch,
@@ -46,6 +48,7 @@ impl DeadLetterReason {
         DeadLetterReason::Future,
         DeadLetterReason::Internal,
         DeadLetterReason::Identity,
+        DeadLetterReason::Deleted,
     ];
 
     /// The label and header value.
@@ -59,6 +62,33 @@ impl DeadLetterReason {
             DeadLetterReason::Future => "future",
             DeadLetterReason::Internal => "internal",
             DeadLetterReason::Identity => "identity",
+            DeadLetterReason::Deleted => "deleted",
+        }
+    }
+}
+
+/// What a twin deletion was: asked for (a delete request), a retirement (`retire_after`),
+/// or a request for a twin that does not exist (a no-op).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// A delete request: `DELETE /twins/{id}` or a control record.
+    Requested,
+    /// The twin was silent for `[lifecycle] retire_after`.
+    Retired,
+    /// A request for a twin that does not exist: nothing to delete.
+    Unknown,
+}
+
+impl Deletion {
+    /// Every kind, in label order.
+    pub const ALL: [Deletion; 3] = [Deletion::Requested, Deletion::Retired, Deletion::Unknown];
+
+    /// The label (and, but for `Unknown`, the `twinflow.deleted.cause` header value).
+    pub fn label(self) -> &'static str {
+        match self {
+            Deletion::Requested => "requested",
+            Deletion::Retired => "retired",
+            Deletion::Unknown => "unknown",
         }
     }
 }
@@ -71,6 +101,7 @@ pub struct Metrics {
     updates: IntCounterVec,
     twins_created: IntCounterVec,
     timers_fired: IntCounterVec,
+    deletions: IntCounterVec,
     acks: IntCounterVec,
     command_events: IntCounterVec,
     commands_sent: IntCounter,
@@ -225,6 +256,12 @@ impl Metrics {
                 "Status changes by processing time alone (offline, idle).",
                 &["partition"],
             ),
+            deletions: counter(
+                r,
+                "twinflow_twin_deletions_total",
+                "Twin deletions, by kind: requested (DELETE /twins/{id} or a control record), retired (silent for retire_after), unknown (a request for a twin that does not exist).",
+                &["kind"],
+            ),
             acks: counter(
                 r,
                 "twinflow_alert_acks_total",
@@ -234,7 +271,7 @@ impl Metrics {
             command_events: counter(
                 r,
                 "twinflow_command_events_total",
-                "Command transitions, by state: ISSUED, DELIVERED, CONVERGED, REJECTED, TIMED_OUT, SUPERSEDED.",
+                "Command transitions, by state: ISSUED, DELIVERED, CONVERGED, REJECTED, TIMED_OUT, SUPERSEDED, CANCELLED.",
                 &["state"],
             ),
             commands_sent: {
@@ -469,6 +506,7 @@ impl Metrics {
             updates: self.updates.with_label_values(&[&p]),
             twins_created: self.twins_created.with_label_values(&[&p]),
             timers_fired: self.timers_fired.with_label_values(&[&p]),
+            deletions: Deletion::ALL.map(|d| self.deletions.with_label_values(&[d.label()])),
             acks: AckOutcome::ALL.map(|o| self.acks.with_label_values(&[o.label()])),
             command_events: CommandState::ALL
                 .map(|s| self.command_events.with_label_values(&[s.symbol()])),
@@ -537,6 +575,7 @@ pub struct PartitionMetrics {
     pub(crate) updates: IntCounter,
     pub(crate) twins_created: IntCounter,
     pub(crate) timers_fired: IntCounter,
+    pub(crate) deletions: [IntCounter; Deletion::ALL.len()],
     pub(crate) skipped: [IntCounter; NoChange::ALL.len()],
     pub(crate) dead_lettered: [IntCounter; DeadLetterReason::ALL.len()],
     /// Per rule: `[raised, cleared]`.
@@ -560,6 +599,7 @@ pub struct BatchCounts {
     pub(crate) updates: u64,
     pub(crate) twins_created: u64,
     pub(crate) timers_fired: u64,
+    pub(crate) deletions: [u64; Deletion::ALL.len()],
     pub(crate) acks: [u64; 3],
     pub(crate) command_events: [u64; CommandState::ALL.len()],
     pub(crate) commands_sent: u64,
@@ -588,6 +628,11 @@ impl BatchCounts {
     /// Records skipped for `reason`.
     pub fn skipped(&self, reason: NoChange) -> u64 {
         self.skipped[reason as usize]
+    }
+
+    /// Deletions of `kind`.
+    pub fn deletions(&self, kind: Deletion) -> u64 {
+        self.deletions[kind as usize]
     }
 
     /// Records dead-lettered for `reason`.
@@ -636,6 +681,9 @@ impl PartitionMetrics {
         self.updates.inc_by(c.updates);
         self.twins_created.inc_by(c.twins_created);
         self.timers_fired.inc_by(c.timers_fired);
+        for (h, n) in self.deletions.iter().zip(c.deletions) {
+            h.inc_by(n);
+        }
         for (h, n) in self.acks.iter().zip(c.acks) {
             h.inc_by(n);
         }

@@ -110,6 +110,7 @@ struct ModelFile {
     twin_schema: PathBuf,
     status: Option<StatusFile>,
     time: Option<TimeFile>,
+    lifecycle: Option<LifecycleFile>,
     #[serde(default)]
     properties: BTreeMap<String, BoundsFile>,
     #[serde(default)]
@@ -158,6 +159,15 @@ struct TimeFile {
     allowed_lateness: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     max_future: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LifecycleFile {
+    #[serde(default, with = "humantime_serde")]
+    retire_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    refuse_deleted_for: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -284,12 +294,24 @@ impl Topology {
             max_future: millis(file.time.as_ref().and_then(|t| t.max_future)),
             offline_after: millis(status.and_then(|s| s.offline_after)),
             idle_after: millis(status.and_then(|s| s.idle_after)),
+            retire_after: millis(file.lifecycle.as_ref().and_then(|l| l.retire_after)),
+            refuse_deleted_for: millis(file.lifecycle.as_ref().and_then(|l| l.refuse_deleted_for)),
         };
         if time.idle_after.is_some() && active_when.is_none() {
             return Err("status.idle_after needs status.active_property".to_owned());
         }
         if time.offline_after == Some(0) {
             return Err("status.offline_after must be more than 0".to_owned());
+        }
+        if time.retire_after == Some(0) {
+            return Err("lifecycle.retire_after must be more than 0".to_owned());
+        }
+        if let (Some(retire), Some(offline)) = (time.retire_after, time.offline_after)
+            && retire <= offline
+        {
+            return Err(
+                "lifecycle.retire_after must be longer than status.offline_after".to_owned(),
+            );
         }
         let mut codes = HashSet::new();
         let mut rules = Vec::new();
@@ -632,6 +654,8 @@ impl Topology {
             ("max future", time.max_future),
             ("idle after", time.idle_after),
             ("offline after", time.offline_after),
+            ("retire after", time.retire_after),
+            ("refuse deleted", time.refuse_deleted_for),
         ] {
             let v = v.map_or("off".to_owned(), |d| {
                 humantime::format_duration(ms(d)).to_string()

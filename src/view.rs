@@ -100,6 +100,9 @@ pub enum EventKind {
     Alert,
     /// A command changed state; the JSON is the command event.
     Command,
+    /// A twin was deleted; the JSON is `{"asset_id": ..., "deleted": true}`. It replaces
+    /// the twin's last change for a client behind.
+    Deleted,
 }
 
 /// One live event.
@@ -261,6 +264,12 @@ impl FleetView {
         }
     }
 
+    /// Starts waiting for the twin of `asset_id` to be deleted (its tombstone applied): call
+    /// it before the delete request is sent.
+    pub fn deletion(self: &Arc<Self>, asset_id: &str) -> Decision {
+        self.decision(&deletion(asset_id))
+    }
+
     /// The twin of `asset_id`.
     ///
     /// # Errors
@@ -400,7 +409,11 @@ impl FleetView {
     /// Publishes a change for the stream clients: it replaces the earlier event of its key,
     /// and the oldest key goes when more than [`STREAM_BUFFER`] are kept.
     fn publish(&self, event: Event) {
-        let key = (event.kind, event.asset_id.clone(), event.about.clone());
+        let kind = match event.kind {
+            EventKind::Deleted => EventKind::Twin,
+            kind => kind,
+        };
+        let key = (kind, event.asset_id.clone(), event.about.clone());
         let mut recent = self.recent.lock().expect("recent lock");
         let seq = recent.next;
         recent.next += 1;
@@ -607,6 +620,9 @@ impl FleetView {
                     });
                 }
             }
+            if let (None, Some(before)) = (&after, &before) {
+                self.deleted(id, before.alerts.iter().map(|a| a.code.clone()).collect());
+            }
             latest.insert(id, twin.as_ref());
         }
         let positions: Vec<(i32, i64)> = positions.iter().map(|(p, n)| (*p, *n)).collect();
@@ -621,6 +637,29 @@ impl FleetView {
         merge(&mut counts, &removed, -1);
         self.metrics.view_twins.set(counts.twins as i64);
         Ok(())
+    }
+
+    /// Answers the wait for the deletion of the twin of `asset_id`, if any, and publishes it
+    /// (to the streams of the alert `codes` it had too).
+    fn deleted(&self, asset_id: &str, codes: Vec<String>) {
+        let json = serde_json::json!({ "asset_id": asset_id, "deleted": true });
+        let waiting = self
+            .decisions
+            .lock()
+            .expect("decisions lock")
+            .remove(&deletion(asset_id));
+        if let Some(answer) = waiting {
+            let _ = answer.send(json.clone());
+        }
+        if self.live() {
+            self.publish(Event {
+                kind: EventKind::Deleted,
+                asset_id: asset_id.to_owned(),
+                codes,
+                about: String::new(),
+                json: json.to_string(),
+            });
+        }
     }
 
     fn publish_alert(&self, asset_id: String, value: &[u8]) {
@@ -664,6 +703,12 @@ impl FleetView {
             });
         }
     }
+}
+
+/// The key of a wait for a deletion among the waits for commands' decisions: no command id
+/// starts with a NUL byte.
+fn deletion(asset_id: &str) -> String {
+    format!("\0deleted:{asset_id}")
 }
 
 fn merge(into: &mut Counts, from: &Counts, sign: i64) {

@@ -1,5 +1,6 @@
 //! `PATCH /twins/{id}/desired`: a desired-state write, as a JSON Merge Patch of the twin's
-//! desired values, with a write credential.
+//! desired values, with a write credential; and `DELETE /twins/{id}`, a control record
+//! on the same topic.
 //!
 //! The API decides nothing about the twin: it checks the values against the model (400
 //! naming the property), the asset's rate (429), and writes the record to the desired-state
@@ -82,6 +83,75 @@ fn new_command_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// The rate limit of writes to the twin of `id`: 429 with `Retry-After` beyond it.
+fn limit(s: &ApiState, id: &str) -> Result<(), Response> {
+    let Err(seconds) = s.writes.take(&[(id, 1)], s.clock.now_ms()) else {
+        return Ok(());
+    };
+    s.metrics.desired_writes_limited.inc();
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "more than {} desired writes a minute for '{id}'",
+            s.writes.per_minute()
+        ),
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, seconds.into());
+    Err(r)
+}
+
+/// `DELETE /twins/{id}`: sends the control record that deletes the twin to the desired-state
+/// topic, on the partition of the twin; the partition's owner deletes it in one commit
+/// (tombstone, alerts CLEARED, commands CANCELLED). 202 once Kafka has the record; with
+/// `?wait=`, 200 once this instance's view has applied the tombstone.
+pub(super) async fn delete_twin(
+    State(s): State<ApiState>,
+    Extension(writer): Extension<Writer>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    q: Params<WriteQuery>,
+) -> Answer {
+    let id = id
+        .map(|Path(id)| id)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let wait = wait(&params(q)?)?;
+    let internal = |e: crate::error::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if s.view.twin(&id).map_err(internal)?.is_none() {
+        return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
+    }
+    limit(&s, &id)?;
+    let partition = s.view.partition(&id).map_err(internal)?;
+    let deletion = wait.map(|w| (s.view.deletion(&id), w));
+    let topology = s.view.topology();
+    let topic = &topology.topics.desired.name;
+    let by = format!("http:{}", writer.0);
+    let headers: [(&str, &[u8]); 2] = [
+        (crate::headers::CONTROL, b"delete"),
+        (crate::headers::CONTROL_BY, by.as_bytes()),
+    ];
+    s.writer
+        .write_control(topic, partition, id.as_bytes(), &headers)
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("writing to {topic}: {e}"),
+            )
+        })?;
+    s.metrics.desired_writes.inc();
+    let pending = serde_json::json!({ "asset_id": id, "state": "PENDING" });
+    let Some((deletion, within)) = deletion else {
+        return Ok((StatusCode::ACCEPTED, Json(pending)).into_response());
+    };
+    Ok(match deletion.wait(within).await {
+        Some(_) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "asset_id": id, "state": "DELETED" })),
+        ),
+        None => (StatusCode::ACCEPTED, Json(pending)),
+    }
+    .into_response())
+}
+
 pub(super) async fn patch_desired(
     State(s): State<ApiState>,
     Extension(writer): Extension<Writer>,
@@ -117,18 +187,7 @@ pub(super) async fn patch_desired(
     if s.view.twin(&id).map_err(internal)?.is_none() {
         return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
     }
-    if let Err(seconds) = s.writes.take(&[(&id, 1)], s.clock.now_ms()) {
-        s.metrics.desired_writes_limited.inc();
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "more than {} desired writes a minute for '{id}'",
-                s.writes.per_minute()
-            ),
-        );
-        r.headers_mut().insert(header::RETRY_AFTER, seconds.into());
-        return Err(r);
-    }
+    limit(&s, &id)?;
     // The owner of the twin's partition applies the write: send it there. A twin the view
     // has not seen change lately has no partition recorded; the key decides then.
     let partition = s.view.partition(&id).map_err(internal)?;

@@ -114,7 +114,10 @@ fn router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/twins", get(list_twins))
         .route("/twins/stream", get(stream))
-        .route("/twins/{id}", get(history::get_twin))
+        .route(
+            "/twins/{id}",
+            get(history::get_twin).delete(desired::delete_twin),
+        )
         .route("/twins/{id}/history", get(history::history))
         .route(
             "/twins/{id}/desired",
@@ -169,6 +172,7 @@ async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> R
     let write = (request.method() == Method::PATCH
         && path.starts_with("/twins/")
         && path.ends_with("/desired"))
+        || (request.method() == Method::DELETE && path.starts_with("/twins/"))
         || (request.method() == Method::POST
             && (path == "/ingest" || path.starts_with("/ingest/")));
     if write {
@@ -489,8 +493,8 @@ struct StreamQuery {
     access_token: Option<String>,
 }
 
-/// Server-sent events: `twin` (the twin after a change), `alert` (an alert event) and
-/// `command` (a command event),
+/// Server-sent events: `twin` (the twin after a change), `deleted` (the twin was deleted),
+/// `alert` (an alert event) and `command` (a command event),
 /// optionally only for one asset or one alert code. A client behind gets the latest event of
 /// each asset (and alert) it has not read, in the order of their last change; one so far
 /// behind that more than [`crate::view::STREAM_BUFFER`] assets changed since gets a `close`
@@ -535,6 +539,7 @@ fn events(
                             EventKind::Twin => "twin",
                             EventKind::Alert => "alert",
                             EventKind::Command => "command",
+                            EventKind::Deleted => "deleted",
                         };
                         let event = SseEvent::default().event(name).data(e.json.clone());
                         return Some((Ok(event), Some((rx, q, stop, open))));

@@ -692,6 +692,7 @@ pub fn encode_alert(event: &AlertEvent, asset_id: &str, rules: &RuleSet, buf: &m
     put_long(buf, event.raised_at);
     put_long(buf, event.twin_version);
     put_opt_str(buf, event.acknowledged_by.as_deref());
+    put_opt_str(buf, event.reason);
 }
 
 /// A `["null", "string"]` union.

@@ -203,6 +203,7 @@ fn alert_events_read_in_apache_avro() {
         raised_at: 1000,
         twin_version: 42,
         acknowledged_by: None,
+        reason: None,
     };
     let mut bytes = Vec::new();
     encode_alert(&event, "reefer-1", &rules, &mut bytes);
@@ -231,6 +232,18 @@ fn alert_events_read_in_apache_avro() {
     assert_eq!(
         field(&v, "acknowledged_by"),
         &AV::Union(1, Box::new(AV::String("ops@depot".into())))
+    );
+    assert_eq!(field(&v, "reason"), &AV::Union(0, Box::new(AV::Null)));
+    let deleted = AlertEvent {
+        reason: Some("deleted"),
+        ..ack
+    };
+    let mut bytes = Vec::new();
+    encode_alert(&deleted, "reefer-1", &rules, &mut bytes);
+    let v = avro_read(&schema, &bytes);
+    assert_eq!(
+        field(&v, "reason"),
+        &AV::Union(1, Box::new(AV::String("deleted".into())))
     );
 }
 

@@ -54,10 +54,15 @@ impl OutputRecord<'_> {
 
     /// The input offset it came from (its `twinflow.source.offset` header).
     pub fn source_offset(&self) -> Option<i64> {
+        self.number(SOURCE_OFFSET)
+    }
+
+    /// The decimal number in header `name`, if it has one.
+    pub fn number(&self, name: &str) -> Option<i64> {
         self.0
             .headers()?
             .iter()
-            .find(|h| h.key == SOURCE_OFFSET)
+            .find(|h| h.key == name)
             .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
     }
 }

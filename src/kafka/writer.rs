@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::Clients;
@@ -48,6 +49,36 @@ impl RecordWriter {
     ) -> Result<(i32, i64)> {
         let mut record = FutureRecord::to(topic).key(key).payload(value);
         record.partition = partition;
+        self.send(record).await
+    }
+
+    /// Writes a record with no value and the given headers, as [`RecordWriter::write`]: a
+    /// control record.
+    ///
+    /// # Errors
+    /// As [`RecordWriter::write`].
+    pub async fn write_control(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64)> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(*value),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .key(key)
+            .headers(owned);
+        record.partition = partition;
+        self.send(record).await
+    }
+
+    async fn send(&self, record: FutureRecord<'_, [u8], [u8]>) -> Result<(i32, i64)> {
         self.producer
             .send(record, WRITE_TIMEOUT)
             .await

@@ -103,18 +103,63 @@ pub struct WriteRecord {
     pub by: Option<String>,
 }
 
-/// The asset id and write of a record of the desired-state input of `partition`, checked
-/// against `model`. A write without a command id gets one derived from the record's place.
+/// A record of the desired-state input.
+#[derive(Debug)]
+pub enum DesiredRecord {
+    /// A write of desired values.
+    Write(DesiredWrite),
+    /// A control record deleting the twin; who sent it.
+    Delete(String),
+}
+
+/// Longest `twinflow.control.by` kept, in bytes.
+const MAX_CONTROL_BY: usize = 256;
+
+/// The control header's value and who sent it, when the record has the control header.
+fn control(input: &Input<'_>) -> Option<(Option<Vec<u8>>, String)> {
+    let headers = input.headers?;
+    let (mut control, mut by) = (None, String::new());
+    headers.each(&mut |name, value| {
+        if name == crate::headers::CONTROL.as_bytes() {
+            control = Some(value.map(<[u8]>::to_vec));
+        } else if name == crate::headers::CONTROL_BY.as_bytes() {
+            let v = String::from_utf8_lossy(value.unwrap_or_default());
+            let mut end = v.len().min(MAX_CONTROL_BY);
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            by = v[..end].to_owned();
+        }
+    });
+    control.map(|c| (c, by))
+}
+
+/// The asset id and write (or control record) of a record of the desired-state input of
+/// `partition`, checked against `model`. A write without a command id gets one derived
+/// from the record's place.
 ///
 /// # Errors
 /// Why it is not a valid write: not decodable (`decode`), a key that is not an asset id
-/// (`key_mismatch`), or values the model refuses (`invalid`).
+/// (`key_mismatch`), values the model refuses or an unknown control (`invalid`).
 pub fn decode_desired<'a>(
     input: &Input<'a>,
     format: Format,
     model: &Model,
     partition: i32,
-) -> Result<(&'a str, DesiredWrite), Refusal> {
+) -> Result<(&'a str, DesiredRecord), Refusal> {
+    if let Some((control, by)) = control(input) {
+        let id = asset_id(input)?;
+        return match control.as_deref() {
+            Some(b"delete") => Ok((id, DesiredRecord::Delete(by))),
+            other => Err((
+                DeadLetterReason::Invalid,
+                format!(
+                    "unknown control {:?}: the one control is twinflow.control: delete",
+                    other.map(String::from_utf8_lossy)
+                ),
+            )),
+        };
+    }
     let payload = input
         .payload
         .ok_or_else(|| (DeadLetterReason::Empty, "record has no value".to_owned()))?;
@@ -133,7 +178,7 @@ pub fn decode_desired<'a>(
         .unwrap_or_else(|| command_id(id, input.topic, partition, input.offset));
     let write =
         desired_write(model, record, command_id).map_err(|why| (DeadLetterReason::Invalid, why))?;
-    Ok((id, write))
+    Ok((id, DesiredRecord::Write(write)))
 }
 
 /// A write of the given fields, checked against `model`: the one check of desired values,

@@ -2,7 +2,8 @@
 //! output's topic, partition and headers.
 //!
 //! - A changelog record goes to the changelog partition of the input's number, keyed by
-//!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from.
+//!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from (and a
+//!   deleted twin's tombstone with the `twinflow.deleted.*` headers).
 //! - An alert event goes to the alert topic, keyed by asset id (the producer's partitioner
 //!   picks the partition), with no headers.
 //! - A command and a command event go to their topics, keyed by asset id (the producer's
@@ -43,7 +44,8 @@ pub struct Output {
     pub source: i64,
     key: Option<Range<usize>>,
     payload: Option<Range<usize>>,
-    /// Headers (dead letters only; a changelog record's is added when it is routed).
+    /// Headers (dead letters, and a deleted twin's tombstone; a changelog record's source
+    /// offset is added when it is routed).
     pub headers: Vec<OutputHeader>,
 }
 
@@ -141,7 +143,8 @@ impl Outputs {
             Target::Changelog => {
                 scratch.clear();
                 let _ = write!(scratch, "{}", o.source);
-                let headers = vec![(headers::SOURCE_OFFSET, Some(scratch.as_bytes()))];
+                let mut headers = vec![(headers::SOURCE_OFFSET, Some(scratch.as_bytes()))];
+                headers.extend(o.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
                 (&topics.changelog.name, Some(partition), headers)
             }
             Target::Alerts => (&topics.alerts.name, None, Vec::new()),

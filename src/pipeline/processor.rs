@@ -8,13 +8,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::commands::{AckRecord, Refusal, decode_ack, decode_desired};
+use super::commands::{AckRecord, DesiredRecord, Refusal, decode_ack, decode_desired};
 use super::dead_letter::{MAX_MESSAGE_BYTES, Stage, Why, dead_letter};
 use super::input::{Input, InputKind, PerInput};
 use super::output::{Outputs, Target};
 use crate::codec::{encode_alert, encode_command, encode_command_event, rfc3339};
 use crate::error::{Error, Result};
-use crate::metrics::{BatchCounts, DeadLetterReason};
+use crate::headers;
+use crate::metrics::{BatchCounts, DeadLetterReason, Deletion};
 use crate::rules::{AckOutcome, AlertEvent};
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
@@ -85,6 +86,9 @@ pub struct Processor {
     /// outlive the replay that used it: another panic in the same uncommitted work drops
     /// that replay too.
     quarantine: HashMap<Work, String>,
+    /// Deletion notes (`refuse_deleted_for`) of the uncommitted work: when the twin was
+    /// deleted, or `None` for a note removed. The store has the committed ones.
+    deleted: HashMap<Box<str>, Option<i64>>,
 }
 
 impl Processor {
@@ -104,6 +108,7 @@ impl Processor {
             max_record_bytes: crate::kafka::DEFAULT_MAX_RECORD_BYTES,
             current: None,
             quarantine: HashMap::new(),
+            deleted: HashMap::new(),
         }
     }
 
@@ -130,6 +135,7 @@ impl Processor {
     pub fn batch(&mut self, evict: bool) -> Batch {
         if evict {
             self.evict();
+            self.deleted.clear(); // the store has them all
         }
         Batch {
             store: self.store.batch(),
@@ -152,6 +158,7 @@ impl Processor {
     /// Forgets the cached twins (after a failed batch: the store is the truth).
     pub fn reset(&mut self) {
         self.cache.clear();
+        self.deleted.clear();
         self.due_after = None; // the dropped work's timers are back in the index
     }
 
@@ -257,7 +264,29 @@ impl Processor {
         now: i64,
     ) -> Result<()> {
         let id = reading.asset_id.as_str();
-        self.load(id)?;
+        let existed = self.load(id)?;
+        if let Some(refuse) = self.topology.model.time.refuse_deleted_for
+            && self.cache[id].version == 0
+            && let Some(at) = self.deleted_at(id)?
+            && now < at.saturating_add(refuse)
+        {
+            let why = format!(
+                "asset '{id}' was deleted at {}; its readings are refused until {} (lifecycle.refuse_deleted_for)",
+                rfc3339(at),
+                rfc3339(at.saturating_add(refuse))
+            );
+            if !existed {
+                self.cache.remove(id);
+            }
+            self.dead_letter(
+                input,
+                batch,
+                DeadLetterReason::Deleted,
+                Stage::Validate,
+                &why,
+            );
+            return Ok(());
+        }
         let model = &self.topology.model;
         let twin = self.cache.get_mut(id).expect("loaded above");
         if let Err(untimely) = model.check_time(twin, reading.event_time, now) {
@@ -333,7 +362,8 @@ impl Processor {
     /// Processes one desired-state write (see [`super::commands`]) at processing time `now`:
     /// an accepted write changes the twin and issues its command, a rejected one answers
     /// with a REJECTED event only, a repeated one is a counted no-op, a malformed or
-    /// invalid one is dead-lettered. Outputs carry `source`, as acknowledgements' do.
+    /// invalid one is dead-lettered; a control record deletes the twin
+    /// ([`Processor::delete`]). Outputs carry `source`, as acknowledgements' do.
     ///
     /// # Errors
     /// As [`Processor::process`].
@@ -347,9 +377,12 @@ impl Processor {
         let (kind, stage) = (InputKind::Desired, Stage::Desired);
         self.command_record(kind, stage, input, batch, |p| {
             let format = p.topology.topics.desired_format();
-            let (id, write) = decode_desired(input, format, &p.topology.model, p.partition)?;
-            Ok(move |p: &mut Self, batch: &mut Batch| {
-                p.write_desired(id, &write, batch, now, source)
+            let (id, record) = decode_desired(input, format, &p.topology.model, p.partition)?;
+            Ok(move |p: &mut Self, batch: &mut Batch| match record {
+                DesiredRecord::Write(write) => p.write_desired(id, &write, batch, now, source),
+                DesiredRecord::Delete(by) => {
+                    p.delete(id, Deletion::Requested, &by, batch, now, source)
+                }
             })
         })
     }
@@ -428,6 +461,76 @@ impl Processor {
             self.emit_commands(id, version, source, batch);
         }
         Ok(())
+    }
+
+    /// Deletes the twin of `id` at processing time `now`, as `kind` asks (`by` who), in one
+    /// commit: a changelog (and history) tombstone with the `twinflow.deleted.*` headers,
+    /// CLEARED with reason `deleted` for each raised alert, CANCELLED for each open command;
+    /// its timer and stored twin go, and with `refuse_deleted_for` its id is noted as
+    /// deleted. A later reading creates it again at version 1 (or, within
+    /// `refuse_deleted_for`, is refused). A request for a twin that does not exist is a
+    /// counted no-op.
+    ///
+    /// # Errors
+    /// As [`Processor::process`].
+    fn delete(
+        &mut self,
+        id: &str,
+        kind: Deletion,
+        by: &str,
+        batch: &mut Batch,
+        now: i64,
+        source: i64,
+    ) -> Result<()> {
+        let existed = self.load(id)?;
+        let topology = self.topology.clone();
+        let twin = self.cache.get_mut(id).expect("loaded above");
+        if twin.version == 0 {
+            if !existed {
+                self.cache.remove(id);
+            }
+            batch.counts.deletions[Deletion::Unknown as usize] += 1;
+            return Ok(());
+        }
+        let version = twin.version + 1;
+        if let Some(deadline) = topology.model.deadline(twin) {
+            batch.store.delete_deadline(deadline, id);
+        }
+        self.alerts.clear();
+        (topology.rules).clear_deleted(twin, now, version, &mut self.alerts);
+        self.effects.clear();
+        let detail = format!("the twin was deleted ({})", kind.label());
+        twin.cancel_commands(now, &detail, &mut self.effects);
+        // A fresh twin in its place: the store keeps the deleted one until the commit, and a
+        // record later in the batch must not read it back.
+        **twin = Twin::new(id, &topology.model);
+        batch.store.delete_twin(id);
+        if let Some(refuse) = topology.model.time.refuse_deleted_for {
+            batch.store.put_deleted(id, now);
+            batch.store.put_deadline(now.saturating_add(refuse), id);
+            self.deleted.insert(id.into(), Some(now));
+        }
+        let header = |name: &str, value: String| (name.to_owned(), Some(value.into_bytes()));
+        let tombstone = vec![
+            header(headers::DELETED_CAUSE, kind.label().to_owned()),
+            header(headers::DELETED_BY, by.to_owned()),
+            header(headers::DELETED_AT, now.to_string()),
+            header(headers::DELETED_VERSION, version.to_string()),
+        ];
+        let key = Some(id.as_bytes());
+        (batch.outputs).push(Target::Changelog, source, key, None, tombstone);
+        self.emit_alerts(id, source, batch);
+        self.emit_commands(id, version, source, batch);
+        batch.counts.deletions[kind as usize] += 1;
+        Ok(())
+    }
+
+    /// When the twin of `id` was deleted, while its id is noted as deleted.
+    fn deleted_at(&mut self, id: &str) -> Result<Option<i64>> {
+        if let Some(at) = self.deleted.get(id) {
+            return Ok(*at);
+        }
+        self.store.deleted_at(id)
     }
 
     /// Processes one acknowledgement record (key: asset id; value: JSON
@@ -524,7 +627,16 @@ impl Processor {
                     continue;
                 }
                 self.current = Some(work);
+                if let Some(refuse) = model.time.refuse_deleted_for
+                    && let Some(at) = self.deleted_at(&id)?
+                    && at.saturating_add(refuse) <= now
+                {
+                    // The id is no longer refused.
+                    batch.store.delete_deleted(&id);
+                    self.deleted.insert(id.as_str().into(), None);
+                }
                 if !self.load(&id)? {
+                    self.cache.remove(id.as_str());
                     continue;
                 }
                 let twin = self.cache.get_mut(id.as_str()).expect("loaded above");
@@ -535,6 +647,11 @@ impl Processor {
                 };
                 if actual > now {
                     batch.store.put_deadline(actual, &id);
+                    continue;
+                }
+                if model.retire_at(twin).is_some_and(|at| at <= now) {
+                    fired += 1;
+                    self.delete(&id, Deletion::Retired, "", batch, now, source)?;
                     continue;
                 }
                 self.effects.clear();
@@ -615,6 +732,14 @@ impl Processor {
             topology.codec.changelog_header(),
             &self.scratch,
         );
+        let version = twin.version;
+        self.emit_alerts(id, source, batch);
+        self.emit_commands(id, version, source, batch);
+    }
+
+    /// Stages the alert events in `self.alerts` for the twin of `id`.
+    fn emit_alerts(&mut self, id: &str, source: i64, batch: &mut Batch) {
+        let topology = &self.topology;
         for event in &self.alerts {
             self.scratch.clear();
             encode_alert(event, id, &topology.rules, &mut self.scratch);
@@ -627,8 +752,6 @@ impl Processor {
             );
             batch.counts.alerts.push((event.rule, event.state));
         }
-        let version = twin.version;
-        self.emit_commands(id, version, source, batch);
     }
 
     /// Stages the command events and commands in `self.effects` for the twin of `id` (in the
@@ -774,6 +897,75 @@ mod tests {
         p.process(&input, &mut batch, now).expect("processed");
         assert_eq!(batch.counts.updates, 1);
         store.commit(batch.store).expect("committed");
+    }
+
+    /// A delete and a reading of the same twin in one batch: the reading creates the twin
+    /// again at version 1, though the store holds the deleted one until the commit; a second
+    /// delete finds nothing to delete.
+    #[test]
+    fn a_reading_after_a_delete_in_the_same_batch_starts_a_new_twin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store").partition(0);
+        let topology = topology();
+        let mut p = Processor::new(topology.clone(), store.clone(), 1000);
+        moving(&mut p, &store, 0, T0);
+        moving(&mut p, &store, 1, T0 + MINUTE);
+
+        let now = T0 + 2 * MINUTE;
+        let mut batch = p.batch(true);
+        let headers: &[(&[u8], Option<&[u8]>)] = &[(b"twinflow.control", Some(b"delete"))];
+        let control = Input {
+            key: Some(b"truck-1"),
+            payload: None,
+            topic: "twin-desired",
+            offset: 0,
+            headers: Some(&headers),
+        };
+        p.process_desired(&control, &mut batch, now, 1)
+            .expect("deleted");
+        p.process_desired(&control, &mut batch, now, 1)
+            .expect("no-op");
+        let reading = Reading {
+            asset_id: "truck-1".into(),
+            event_time: now,
+            values: vec![(
+                topology.model.property("speed_kmh").expect("speed"),
+                Value::Double(9.0),
+            )],
+        };
+        let mut value = Vec::new();
+        topology.codec.encode_reading(&reading, &mut value);
+        let input = Input {
+            key: Some(b"truck-1"),
+            payload: Some(&value),
+            topic: "telemetry",
+            offset: 2,
+            headers: None,
+        };
+        p.process(&input, &mut batch, now).expect("processed");
+
+        let changelog: Vec<Option<i64>> = (batch.outputs.records.iter())
+            .filter(|o| o.target == Target::Changelog)
+            .map(|o| {
+                let value = batch.outputs.bytes(o).1?;
+                Some(
+                    topology
+                        .codec
+                        .decode_changelog_twin(value)
+                        .expect("a twin")
+                        .version,
+                )
+            })
+            .collect();
+        assert_eq!(changelog, [None, Some(1)], "a tombstone, then version 1");
+        assert_eq!(batch.counts.deletions(Deletion::Requested), 1);
+        assert_eq!(batch.counts.deletions(Deletion::Unknown), 1);
+        store.commit(batch.store).expect("committed");
+        let stored = store.twin("truck-1").expect("read").expect("stored");
+        assert_eq!(
+            topology.codec.decode_twin(&stored).expect("a twin").version,
+            1
+        );
     }
 
     /// Fires what is due at `now`, commits it, and returns the statuses of the changelog twins.

@@ -54,7 +54,10 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let (codec, registry) = (&shared.topology.codec, shared.registry.as_deref());
 
     let time = shared.topology.model.time;
-    let timers = time.offline_after.is_some() || time.idle_after.is_some();
+    let timers = time.offline_after.is_some()
+        || time.idle_after.is_some()
+        || time.retire_after.is_some()
+        || shared.topology.model.desired.converge_within.is_some();
     let mut batch = store.batch();
     let (mut in_batch, mut total, mut unfinished) = (0u64, 0u64, 0u64);
     let mut read_any = false;
@@ -100,7 +103,15 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
                         "Changelog record that is not a twin of this model; skipped."
                     ),
                     Some(Err(e)) => return Err(e),
-                    None => batch.delete_twin(key),
+                    None => {
+                        batch.delete_twin(key);
+                        // A deleted twin's id stays refused for a while, here too.
+                        let deleted = m.number(crate::headers::DELETED_AT);
+                        if let (Some(refuse), Some(at)) = (time.refuse_deleted_for, deleted) {
+                            batch.put_deleted(key, at);
+                            batch.put_deadline(at.saturating_add(refuse), key);
+                        }
+                    }
                 }
                 in_batch += 1;
                 total += 1;

@@ -198,7 +198,12 @@ pub struct AlertEvent {
     pub twin_version: i64,
     /// On ACKNOWLEDGED: who acknowledged it.
     pub acknowledged_by: Option<String>,
+    /// On CLEARED, when not because the condition stopped holding: why (`deleted`).
+    pub reason: Option<&'static str>,
 }
+
+/// The reason of the CLEARED events of a deleted twin's alerts.
+pub const DELETED: &str = "deleted";
 
 /// What an acknowledgement did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -329,6 +334,7 @@ impl RuleSet {
                     raised_at: alert.raised_at,
                     twin_version: twin.version,
                     acknowledged_by: None,
+                    reason: None,
                 });
             }
             return;
@@ -408,6 +414,7 @@ impl RuleSet {
             raised_at: alert.raised_at,
             twin_version: twin.version,
             acknowledged_by: None,
+            reason: None,
         });
     }
 
@@ -444,6 +451,7 @@ impl RuleSet {
             raised_at: event_time,
             twin_version: twin.version,
             acknowledged_by: None,
+            reason: None,
         });
     }
 
@@ -480,10 +488,47 @@ impl RuleSet {
             raised_at: alert.raised_at,
             twin_version: twin.version + 1,
             acknowledged_by: alert.acknowledged_by.clone(),
+            reason: None,
         };
         twin.version += 1;
         twin.updated_at = now;
         Ok(event)
+    }
+
+    /// Clears every raised alert of a twin being deleted at processing time `now`: CLEARED
+    /// events with reason `deleted`, at `now`, of twin version `version` (the deletion's).
+    /// Pending alerts go with the twin without an event: none was raised.
+    pub fn clear_deleted(
+        &self,
+        twin: &mut Twin,
+        now: i64,
+        version: i64,
+        out: &mut Vec<AlertEvent>,
+    ) {
+        twin.pending.clear();
+        for alert in twin.alerts.drain(..) {
+            let Some(rule) = self.position(&alert.code) else {
+                continue; // a rule the model no longer has: it has no event to clear
+            };
+            let value = match self.rules[rule].kind {
+                RuleKind::Threshold => twin.props[self.rules[rule].property]
+                    .as_ref()
+                    .and_then(|p| p.value.as_f64())
+                    .unwrap_or(alert.value),
+                RuleKind::Offline | RuleKind::Desired => 0.0,
+            };
+            out.push(AlertEvent {
+                rule,
+                state: AlertState::Cleared,
+                alert_id: alert.alert_id,
+                value,
+                event_time: now,
+                raised_at: alert.raised_at,
+                twin_version: version,
+                acknowledged_by: None,
+                reason: Some(DELETED),
+            });
+        }
     }
 
     /// Where an entry of rule `index` goes in a list kept in rule order.

@@ -19,6 +19,9 @@
 //! |      |                                       | of the asset's twin, i32 BE         |
 //! | 0x09 | `09 · asset_id length u16 · asset_id  | fleet view: a version of the twin   |
 //! |      |   utf-8 · version u64`                | (twin datum), the newest N kept     |
+//! | 0x0A | `0A · partition u32 · asset_id utf-8` | the twin was deleted at this        |
+//! |      |                                       | processing time, i64 BE: readings   |
+//! |      |                                       | of it are refused for a while       |
 //!
 //! The fleet view (kinds 0x06 to 0x09) is a read replica of the whole changelog for the HTTP
 //! API (see `crate::view`), apart from the owned state: nothing in the pipeline reads it.
@@ -51,6 +54,7 @@ const KIND_VIEW_TWIN: u8 = 0x06;
 const KIND_VIEW_POSITION: u8 = 0x07;
 const KIND_VIEW_PARTITION: u8 = 0x08;
 const KIND_VIEW_HISTORY: u8 = 0x09;
+const KIND_DELETED: u8 = 0x0A;
 
 /// A twin's versions are trimmed to the kept number once every this many versions (one
 /// range delete each time, not one per version).
@@ -165,6 +169,15 @@ impl PartitionStore {
         Ok(self
             .db
             .get(key(KIND_TWIN, self.partition, asset_id.as_bytes()))?)
+    }
+
+    /// When the twin of `asset_id` was deleted, while its id is refused
+    /// (`[lifecycle] refuse_deleted_for`).
+    ///
+    /// # Errors
+    /// As [`PartitionStore::next_offset`].
+    pub fn deleted_at(&self, asset_id: &str) -> Result<Option<i64>> {
+        self.offset(key(KIND_DELETED, self.partition, asset_id.as_bytes()))
     }
 
     /// The next offset of `topic` to read: everything before it is applied.
@@ -548,6 +561,20 @@ impl StoreBatch {
     pub fn delete_twin(&mut self, asset_id: &str) {
         self.batch
             .delete(key(KIND_TWIN, self.partition, asset_id.as_bytes()));
+    }
+
+    /// Notes that the twin of `asset_id` was deleted at processing time `at`.
+    pub fn put_deleted(&mut self, asset_id: &str, at: i64) {
+        self.batch.put(
+            key(KIND_DELETED, self.partition, asset_id.as_bytes()),
+            at.to_be_bytes(),
+        );
+    }
+
+    /// Forgets that the twin of `asset_id` was deleted.
+    pub fn delete_deleted(&mut self, asset_id: &str) {
+        self.batch
+            .delete(key(KIND_DELETED, self.partition, asset_id.as_bytes()));
     }
 
     /// Sets a timer: the twin of `asset_id` changes by itself at `deadline`.

@@ -94,6 +94,12 @@ pub struct TimePolicy {
     /// An asset standing still for this long (processing time) becomes IDLE; `None` makes
     /// it IDLE with the first still reading.
     pub idle_after: Option<i64>,
+    /// A twin silent for this long (processing time) is deleted, as by a delete request
+    /// (`[lifecycle] retire_after`), so that the store stays bounded for fleets that churn.
+    pub retire_after: Option<i64>,
+    /// For this long after a twin was deleted, readings of its id are refused (dead-lettered
+    /// with reason `deleted`) instead of creating it again (`[lifecycle] refuse_deleted_for`).
+    pub refuse_deleted_for: Option<i64>,
 }
 
 /// Longest asset id accepted, in bytes: ids are store keys, record keys and page cursors.
@@ -188,13 +194,22 @@ impl Model {
     }
 
     /// The processing time at which the twin next changes by itself (a timer: its status,
-    /// or a command timing out), if ever.
+    /// a command timing out, or its retirement), if ever.
     pub fn deadline(&self, twin: &Twin) -> Option<i64> {
-        let status = self.status_deadline(twin);
-        match (status, twin.command_deadline()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.status_deadline(twin),
+            twin.command_deadline(),
+            self.retire_at(twin),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The processing time at which the twin is deleted for its silence (`retire_after`).
+    pub fn retire_at(&self, twin: &Twin) -> Option<i64> {
+        let after = self.time.retire_after?;
+        (twin.version > 0).then(|| twin.last_seen.saturating_add(after))
     }
 
     /// The processing time at which the twin's status next changes by itself, if ever.

@@ -25,6 +25,7 @@ fn timed() -> Model {
         max_future: Some(5_000),
         offline_after: Some(300_000),
         idle_after: Some(120_000),
+        ..TimePolicy::default()
     };
     m
 }

@@ -48,17 +48,20 @@ pub enum CommandState {
     TimedOut,
     /// Newer writes replaced every value it carried.
     Superseded,
+    /// Its twin was deleted (only on the command event topic: a twin never keeps it).
+    Cancelled,
 }
 
 impl CommandState {
     /// All states, in schema symbol order.
-    pub const ALL: [CommandState; 6] = [
+    pub const ALL: [CommandState; 7] = [
         CommandState::Issued,
         CommandState::Delivered,
         CommandState::Converged,
         CommandState::Rejected,
         CommandState::TimedOut,
         CommandState::Superseded,
+        CommandState::Cancelled,
     ];
 
     /// The Avro enum symbol.
@@ -70,6 +73,7 @@ impl CommandState {
             CommandState::Rejected => "REJECTED",
             CommandState::TimedOut => "TIMED_OUT",
             CommandState::Superseded => "SUPERSEDED",
+            CommandState::Cancelled => "CANCELLED",
         }
     }
 
@@ -421,6 +425,18 @@ impl Twin {
         // inputs are separate topics. It counts as it would have after the write.
         self.update_delta(model);
         self.converge(model, out);
+    }
+
+    /// Ends every open command as CANCELLED, with `detail`, and forgets the desired values:
+    /// the twin is being deleted at processing time `now`.
+    pub fn cancel_commands(&mut self, now: i64, detail: &str, out: &mut Effects) {
+        for c in self.commands.drain(..) {
+            let detail = Some(detail.to_owned());
+            out.events
+                .push(c.event(CommandState::Cancelled, now, detail));
+        }
+        self.desired.clear();
+        self.delta = 0;
     }
 
     /// Ends as SUPERSEDED every open command that owns no desired value any more.
