@@ -1,4 +1,5 @@
-//! The command line: `run`, `bridge`, `demo`, `simulate` and `topology describe|apply`.
+//! The command line: `run`, `bridge`, `demo`, `simulate`, `export` and
+//! `topology describe|apply`.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -114,12 +115,43 @@ pub enum Command {
         #[command(flatten)]
         topology: TopologyConfig,
     },
+    /// Export the twin versions of a time window from the history topic, for training:
+    /// Parquet files of twin versions (by date) and of alerts.
+    Export {
+        /// Configuration file (TOML): the brokers and topology paths.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Versions made at or after this time (RFC 3339 or epoch ms)...
+        #[arg(long, value_parser = parse_time)]
+        from: i64,
+        /// ...and before this one.
+        #[arg(long, value_parser = parse_time)]
+        to: i64,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "parquet")]
+        format: ExportFormat,
+        /// An empty or new directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show or create the topics.
     Topology {
         /// What to do with it.
         #[command(subcommand)]
         action: TopologyAction,
     },
+}
+
+/// Formats `export` writes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    /// Apache Parquet (Snappy).
+    Parquet,
+}
+
+fn parse_time(text: &str) -> std::result::Result<i64, String> {
+    crate::codec::parse_time(text)
+        .ok_or_else(|| format!("'{text}' is neither RFC 3339 nor epoch milliseconds"))
 }
 
 /// `topology` subcommands.
@@ -312,6 +344,46 @@ impl Cli {
                 if stats.failed > 0 {
                     bail!("{} readings were not delivered", stats.failed);
                 }
+                Ok(())
+            }
+            Command::Export {
+                config,
+                from,
+                to,
+                format: ExportFormat::Parquet,
+                out,
+            } => {
+                let config = Config::load(&config)?;
+                let topology = Topology::load(&config.topology)?;
+                let registry = match (&config.schema_registry, topology.topics.uses_registry()) {
+                    (Some(r), true) => Some(crate::registry::Registry::new(r)?),
+                    _ => None,
+                };
+                let runtime = tokio::runtime::Handle::current();
+                let started = std::time::Instant::now();
+                let summary = tokio::task::spawn_blocking(move || {
+                    let clients = crate::kafka::Clients::new(&config);
+                    let export = crate::export::Export {
+                        topology: &topology,
+                        clients: &clients,
+                        registry: registry.as_ref(),
+                        from,
+                        to,
+                        out: &out,
+                        progress: Some(Duration::from_secs(2)),
+                    };
+                    crate::export::export(&export, &runtime)
+                })
+                .await??;
+                let seconds = started.elapsed().as_secs_f64();
+                println!(
+                    "exported {} twin versions and {} alerts ({} records read) into {} files in {seconds:.1} s, {:.0} versions/s",
+                    summary.versions,
+                    summary.alerts,
+                    summary.records,
+                    summary.files.len(),
+                    summary.versions as f64 / seconds
+                );
                 Ok(())
             }
             Command::Topology {

@@ -62,6 +62,9 @@ pub enum Error {
     /// The MQTT client stopped (the bridge is stopping).
     #[error("mqtt: {0}")]
     Mqtt(String),
+    /// An export could not write its files.
+    #[error("export: {0}")]
+    Export(String),
     /// The instance cannot go on safely (for example, its transaction cannot be aborted).
     #[error("{0}")]
     Fatal(String),
@@ -89,9 +92,11 @@ impl Error {
                 Some(code) if is_fatal_kafka(code) => Disposition::Fatal,
                 _ => Disposition::Retry,
             },
-            Error::CorruptStore(_) | Error::Config(_) | Error::Task(_) | Error::Fatal(_) => {
-                Disposition::Fatal
-            }
+            Error::CorruptStore(_)
+            | Error::Config(_)
+            | Error::Task(_)
+            | Error::Export(_)
+            | Error::Fatal(_) => Disposition::Fatal,
         }
     }
 }
@@ -118,5 +123,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<rocksdb::Error> for Error {
     fn from(e: rocksdb::Error) -> Self {
         Error::Store(e.into_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Export(e.to_string())
+    }
+}
+
+impl From<arrow_schema::ArrowError> for Error {
+    fn from(e: arrow_schema::ArrowError) -> Self {
+        Error::Export(e.to_string())
+    }
+}
+
+impl From<parquet::errors::ParquetError> for Error {
+    fn from(e: parquet::errors::ParquetError) -> Self {
+        Error::Export(e.to_string())
     }
 }

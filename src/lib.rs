@@ -37,6 +37,7 @@ pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod export;
 pub mod headers;
 pub mod kafka;
 pub mod metrics;

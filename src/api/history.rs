@@ -27,14 +27,7 @@ pub(super) struct HistoryParams {
 /// A time parameter: epoch milliseconds or RFC 3339.
 fn time(name: &str, value: Option<&str>) -> Result<Option<i64>, Response> {
     let Some(v) = value else { return Ok(None) };
-    if let Ok(ms) = v.parse::<i64>() {
-        return Ok(Some(ms));
-    }
-    let parsed = humantime::parse_rfc3339_weak(v)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .and_then(|d| i64::try_from(d.as_millis()).ok());
-    parsed.map(Some).ok_or_else(|| {
+    crate::codec::parse_time(v).map(Some).ok_or_else(|| {
         error(
             StatusCode::BAD_REQUEST,
             format!("{name}: '{v}' is neither epoch milliseconds nor an RFC 3339 time"),

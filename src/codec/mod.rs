@@ -742,6 +742,18 @@ fn push_digits(out: &mut String, v: u64, width: u32) {
     }
 }
 
+/// A time given as epoch milliseconds or RFC 3339 (`2026-12-03T10:00:00Z`), as epoch
+/// milliseconds; `None` when it is neither.
+pub fn parse_time(text: &str) -> Option<i64> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Some(ms);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
 /// Formats epoch milliseconds as RFC 3339 (UTC), for any `millis`: years outside
 /// 0000..=9999 are written in ISO 8601's expanded form (`+10000-01-01T...`, `-0001-...`),
 /// since a device may send any time at all and the message saying so must not fail.

@@ -22,6 +22,7 @@ use rdkafka::{ClientContext, Message, TopicPartitionList};
 use super::Clients;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
+use crate::pipeline::Routed;
 
 /// librdkafka's default `message.max.bytes`: the largest record a producer sends.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_000_000;
@@ -249,21 +250,14 @@ impl OutputProducer {
         state.open = state.open.split_off(&(generation + 1));
     }
 
-    /// Enqueues one record of commit `generation`; when librdkafka's queue is full, waits
+    /// Enqueues record `r` of commit `generation`; when librdkafka's queue is full, waits
     /// briefly and tries again.
     ///
     /// # Errors
     /// `Error::Kafka` when the record cannot be enqueued (for example, a fatal producer
     /// error or a transaction that must be aborted).
-    pub async fn send(
-        &self,
-        generation: u64,
-        topic: &str,
-        partition: Option<i32>,
-        key: Option<&[u8]>,
-        payload: Option<&[u8]>,
-        headers: &[(&str, Option<&[u8]>)],
-    ) -> Result<()> {
+    pub async fn send(&self, generation: u64, r: &Routed<'_>) -> Result<()> {
+        let headers = &r.headers;
         let mut headers = (!headers.is_empty()).then(|| {
             headers.iter().fold(
                 OwnedHeaders::new_with_capacity(headers.len()),
@@ -272,10 +266,11 @@ impl OutputProducer {
         });
         loop {
             let mut record: BaseRecord<'_, [u8], [u8], usize> =
-                BaseRecord::with_opaque_to(topic, generation as usize);
-            record.key = key;
-            record.payload = payload;
-            record.partition = partition;
+                BaseRecord::with_opaque_to(r.topic, generation as usize);
+            record.key = r.key;
+            record.payload = r.value;
+            record.partition = r.partition;
+            record.timestamp = r.timestamp;
             record.headers = headers.take();
             // Counted before the send: its report may run before `send` returns.
             self.unreported(generation, 1);

@@ -47,6 +47,11 @@ impl OutputRecord<'_> {
         self.0.key()
     }
 
+    /// Its timestamp (epoch ms), if it has one.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.0.timestamp().to_millis()
+    }
+
     /// Its value; `None` for a tombstone.
     pub fn value(&self) -> Option<&[u8]> {
         self.0.payload()
@@ -94,6 +99,82 @@ impl OutputReader {
     /// A partition's `(low, high)` offsets as of the last fetch; see [`super::cached_watermarks`].
     pub fn cached_watermarks(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
         super::cached_watermarks(&self.consumer, topic, partition)
+    }
+
+    /// Per partition `0..partitions` of `topic`, the first offset whose record's timestamp
+    /// is at or after `at` (epoch ms), by the broker's time index; `None` where no record
+    /// is that new (or the broker cannot say).
+    ///
+    /// # Errors
+    /// When the broker does not answer within `timeout`.
+    pub fn offsets_for_time(
+        &self,
+        topic: &str,
+        partitions: i32,
+        at: i64,
+        timeout: Duration,
+    ) -> Result<Vec<Option<i64>>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Offset(at))?;
+        }
+        let found = self.consumer.offsets_for_times(tpl, timeout)?;
+        let mut out = vec![None; partitions as usize];
+        for e in found.elements() {
+            if let (Offset::Offset(o), Ok(p)) = (e.offset(), usize::try_from(e.partition())) {
+                out[p] = Some(o);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The timestamps of the records at these `(partition, offset)`s of `topic`, read by this
+    /// reader before it is assigned anything else (it is left unassigned); a partition whose
+    /// record is gone (compacted, or deleted by retention) has none.
+    ///
+    /// # Errors
+    /// When the records cannot be fetched within `timeout`.
+    pub fn timestamps_at(
+        &self,
+        topic: &str,
+        at: &[(i32, i64)],
+        timeout: Duration,
+    ) -> Result<std::collections::HashMap<i32, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in at {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        self.consumer.assign(&tpl)?;
+        let mut waiting: std::collections::HashMap<i32, i64> = at.iter().copied().collect();
+        let mut found = std::collections::HashMap::new();
+        let deadline = std::time::Instant::now() + timeout;
+        while !waiting.is_empty() {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if waiting
+                        .get(&m.partition())
+                        .is_some_and(|o| m.offset() >= *o)
+                    {
+                        waiting.remove(&m.partition());
+                        if let Some(ts) = m.timestamp().to_millis() {
+                            found.insert(m.partition(), ts);
+                        }
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    waiting.remove(&p);
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None if std::time::Instant::now() >= deadline => {
+                    return Err(crate::error::Error::Kafka(KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                    )));
+                }
+                None => {}
+            }
+        }
+        self.consumer.unassign()?;
+        Ok(found)
     }
 
     /// Reads these partitions from these positions (and no others).

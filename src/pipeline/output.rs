@@ -47,6 +47,9 @@ pub struct Output {
     /// Headers (dead letters, and a deleted twin's tombstone; a changelog record's source
     /// offset is added when it is routed).
     pub headers: Vec<OutputHeader>,
+    /// The record's timestamp (epoch ms): a changelog record's is its twin's `updated_at`,
+    /// so the history can be read by processing time; others get the producer's clock.
+    pub timestamp: Option<i64>,
 }
 
 /// An output record as the producer takes it.
@@ -61,6 +64,8 @@ pub struct Routed<'a> {
     pub value: Option<&'a [u8]>,
     /// Headers.
     pub headers: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// Timestamp; `None` leaves it to the producer.
+    pub timestamp: Option<i64>,
 }
 
 /// The output records of a batch, sharing one buffer.
@@ -89,10 +94,12 @@ impl Outputs {
             key: k,
             payload: p,
             headers,
+            timestamp: None,
         });
     }
 
-    /// Pushes a changelog or alert record, its value framed by `header` if given.
+    /// Pushes an alert record (or any other with a value), its value framed by `header` if
+    /// given.
     pub fn push_value(
         &mut self,
         target: Target,
@@ -112,6 +119,36 @@ impl Outputs {
             key: Some(k),
             payload: Some(start..self.buf.len()),
             headers: Vec::new(),
+            timestamp: None,
+        });
+    }
+
+    /// Pushes a changelog record: the twin of `key` (its value framed by the header if
+    /// given), or with no value a tombstone, with `headers`, stamped `at` (the twin's
+    /// `updated_at`, or the deletion's time).
+    pub fn push_twin(
+        &mut self,
+        source: i64,
+        key: &[u8],
+        value: Option<(Option<[u8; 5]>, &[u8])>,
+        headers: Vec<OutputHeader>,
+        at: i64,
+    ) {
+        let k = self.append(key);
+        let payload = value.map(|(framing, value)| {
+            let start = self.buf.len();
+            self.buf
+                .extend_from_slice(framing.as_ref().map_or(&[][..], |h| &h[..]));
+            self.buf.extend_from_slice(value);
+            start..self.buf.len()
+        });
+        self.records.push(Output {
+            target: Target::Changelog,
+            source,
+            key: Some(k),
+            payload,
+            headers,
+            timestamp: Some(at),
         });
     }
 
@@ -165,6 +202,7 @@ impl Outputs {
             key,
             value,
             headers,
+            timestamp: o.timestamp,
         }
     }
 

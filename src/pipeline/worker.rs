@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use super::committer::Committer;
 use super::input::{Input, InputKind, PerInput, RecordHeaders};
-use super::output::{Outputs, Target};
+use super::output::{Outputs, Routed, Target};
 use super::processor::{Batch, Processor, Work};
 use super::restore::restore;
 use super::slot::Slot;
@@ -442,23 +442,17 @@ impl PartitionWorker {
         let producer = &self.shared.producer;
         for o in &outputs.records {
             let r = outputs.route(o, topics, self.partition, &mut scratch);
-            producer
-                .send(generation, r.topic, r.partition, r.key, r.value, &r.headers)
-                .await?;
+            producer.send(generation, &r).await?;
             // The history has every changelog record, in the same commit (transaction).
             if o.target == Target::Changelog
                 && let Some(history) = &topics.history
             {
-                producer
-                    .send(
-                        generation,
-                        &history.name,
-                        r.partition,
-                        r.key,
-                        r.value,
-                        &r.headers,
-                    )
-                    .await?;
+                let r = Routed {
+                    topic: &history.name,
+                    headers: r.headers.clone(),
+                    ..r
+                };
+                producer.send(generation, &r).await?;
             }
         }
         Ok(())
