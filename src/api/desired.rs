@@ -83,6 +83,29 @@ fn new_command_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// Where a write to the twin of `id` goes: the twin's changelog partition (the owner of that
+/// partition applies it; `None` when the view has not seen the twin change lately, and the
+/// key decides), once the twin is known (else 404) and within the rate limit of writes to it
+/// (else 429 with `Retry-After`).
+fn owner(s: &ApiState, id: &str) -> Result<Option<i32>, Response> {
+    let internal = |e: crate::error::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    if s.view.twin(id).map_err(internal)?.is_none() {
+        return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
+    }
+    limit(s, id)?;
+    s.view.partition(id).map_err(internal)
+}
+
+/// 503 for a write Kafka did not take.
+fn unavailable(topic: &str) -> impl Fn(crate::error::Error) -> Response + '_ {
+    move |e| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("writing to {topic}: {e}"),
+        )
+    }
+}
+
 /// The rate limit of writes to the twin of `id`: 429 with `Retry-After` beyond it.
 fn limit(s: &ApiState, id: &str) -> Result<(), Response> {
     let Err(seconds) = s.writes.take(&[(id, 1)], s.clock.now_ms()) else {
@@ -114,12 +137,7 @@ pub(super) async fn delete_twin(
         .map(|Path(id)| id)
         .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))?;
     let wait = wait(&params(q)?)?;
-    let internal = |e: crate::error::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    if s.view.twin(&id).map_err(internal)?.is_none() {
-        return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
-    }
-    limit(&s, &id)?;
-    let partition = s.view.partition(&id).map_err(internal)?;
+    let partition = owner(&s, &id)?;
     let deletion = wait.map(|w| (s.view.deletion(&id), w));
     let topology = s.view.topology();
     let topic = &topology.topics.desired.name;
@@ -131,12 +149,7 @@ pub(super) async fn delete_twin(
     s.writer
         .write_control(topic, partition, id.as_bytes(), &headers)
         .await
-        .map_err(|e| {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("writing to {topic}: {e}"),
-            )
-        })?;
+        .map_err(unavailable(topic))?;
     s.metrics.desired_writes.inc();
     let pending = serde_json::json!({ "asset_id": id, "state": "PENDING" });
     let Some((deletion, within)) = deletion else {
@@ -183,27 +196,14 @@ pub(super) async fn patch_desired(
     };
     desired_write(&topology.model, record.clone(), command_id.clone())
         .map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
-    let internal = |e: crate::error::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    if s.view.twin(&id).map_err(internal)?.is_none() {
-        return Err(error(StatusCode::NOT_FOUND, format!("no twin '{id}'")));
-    }
-    limit(&s, &id)?;
-    // The owner of the twin's partition applies the write: send it there. A twin the view
-    // has not seen change lately has no partition recorded; the key decides then.
-    let partition = s.view.partition(&id).map_err(internal)?;
+    let partition = owner(&s, &id)?;
     let decision = wait.map(|w| (s.view.decision(&command_id), w));
     let topic = &topology.topics.desired.name;
     let value = encode_write(&record, topology.topics.desired_format());
     s.writer
         .write(topic, partition, id.as_bytes(), &value)
         .await
-        .map(|_| ())
-        .map_err(|e| {
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("writing to {topic}: {e}"),
-            )
-        })?;
+        .map_err(unavailable(topic))?;
     s.metrics.desired_writes.inc();
     let pending = serde_json::json!({
         "command_id": command_id,

@@ -517,8 +517,7 @@ impl Processor {
             header(headers::DELETED_AT, now.to_string()),
             header(headers::DELETED_VERSION, version.to_string()),
         ];
-        let key = Some(id.as_bytes());
-        (batch.outputs).push(Target::Changelog, source, key, None, tombstone);
+        (batch.outputs).push_twin(source, id.as_bytes(), None, tombstone, now);
         self.emit_alerts(id, source, batch);
         self.emit_commands(id, version, source, batch);
         batch.counts.deletions[kind as usize] += 1;
@@ -725,13 +724,9 @@ impl Processor {
 
         batch.counts.updates += 1;
         batch.store.put_twin(id, &self.scratch);
-        batch.outputs.push_value(
-            Target::Changelog,
-            source,
-            id.as_bytes(),
-            topology.codec.changelog_header(),
-            &self.scratch,
-        );
+        let framing = topology.codec.changelog_header();
+        let value = Some((framing, &self.scratch[..]));
+        (batch.outputs).push_twin(source, id.as_bytes(), value, Vec::new(), twin.updated_at);
         let version = twin.version;
         self.emit_alerts(id, source, batch);
         self.emit_commands(id, version, source, batch);
@@ -873,19 +868,25 @@ mod tests {
         Arc::new(Topology::load(&paths).expect("the shipped topology loads"))
     }
 
-    /// Processes a moving reading of `truck-1` at `now` and commits it to the store.
-    fn moving(p: &mut Processor, store: &crate::store::PartitionStore, offset: i64, now: i64) {
+    /// A reading of `truck-1` at `now` with `speed`, encoded.
+    fn speed(speed: f64, now: i64) -> Vec<u8> {
         let topology = topology();
         let reading = Reading {
             asset_id: "truck-1".into(),
             event_time: now,
             values: vec![(
                 topology.model.property("speed_kmh").expect("speed"),
-                Value::Double(50.0),
+                Value::Double(speed),
             )],
         };
         let mut value = Vec::new();
         topology.codec.encode_reading(&reading, &mut value);
+        value
+    }
+
+    /// Processes a moving reading of `truck-1` at `now` and commits it to the store.
+    fn moving(p: &mut Processor, store: &crate::store::PartitionStore, offset: i64, now: i64) {
+        let value = speed(50.0, now);
         let input = Input {
             key: Some(b"truck-1"),
             payload: Some(&value),
@@ -925,16 +926,7 @@ mod tests {
             .expect("deleted");
         p.process_desired(&control, &mut batch, now, 1)
             .expect("no-op");
-        let reading = Reading {
-            asset_id: "truck-1".into(),
-            event_time: now,
-            values: vec![(
-                topology.model.property("speed_kmh").expect("speed"),
-                Value::Double(9.0),
-            )],
-        };
-        let mut value = Vec::new();
-        topology.codec.encode_reading(&reading, &mut value);
+        let value = speed(9.0, now);
         let input = Input {
             key: Some(b"truck-1"),
             payload: Some(&value),
