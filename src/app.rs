@@ -188,6 +188,7 @@ impl App {
             clock: shared.clock.clone(),
             ingest_max_readings: http.ingest_max_readings,
             ingest_max_bytes: http.ingest_max_bytes,
+            page: api::page(&http).into(),
             stop: http_stop.clone(),
         };
         let http = tokio::spawn(api::serve(listener, state, http_stop.clone()));

@@ -425,6 +425,12 @@ pub struct HttpConfig {
     pub ingest_max_readings: usize,
     /// Bytes one `POST /ingest` body may have; more are answered 413.
     pub ingest_max_bytes: usize,
+    /// The fleet page's map tiles, a URL template with `{z}`, `{x}` and `{y}` (and
+    /// optionally `{s}`), fetched by the browser; OpenStreetMap's by default. Empty: no
+    /// map, the page plots positions on a plain grid (as it does when no tile loads).
+    pub map_tiles: String,
+    /// The tiles' attribution, shown on the map (HTML).
+    pub map_attribution: String,
 }
 
 impl Default for HttpConfig {
@@ -437,6 +443,10 @@ impl Default for HttpConfig {
             ingest_readings_per_minute: 6000,
             ingest_max_readings: 1000,
             ingest_max_bytes: 1024 * 1024,
+            map_tiles: "https://tile.openstreetmap.org/{z}/{x}/{y}.png".to_owned(),
+            map_attribution:
+                "&copy; <a href=\"https://www.openstreetmap.org/copyright\">OpenStreetMap</a> contributors"
+                    .to_owned(),
         }
     }
 }
@@ -546,6 +556,13 @@ impl Config {
                     "key `http.writers.{name}`: must differ from http.token (the read token never writes)"
                 ));
             }
+        }
+        let tiles = &self.http.map_tiles;
+        if !tiles.is_empty() && !["{z}", "{x}", "{y}"].iter().all(|p| tiles.contains(p)) {
+            return Err(
+                "key `http.map_tiles`: a tile URL template with {z}, {x} and {y}, or empty for no map"
+                    .into(),
+            );
         }
         if self.http.ingest_max_readings == 0 || self.http.ingest_max_bytes == 0 {
             return Err(

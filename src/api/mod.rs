@@ -47,6 +47,31 @@ const MAX_QUERY: usize = 2048;
 
 /// The fleet page: one static file, no build step, no outside resources.
 const PAGE: &str = include_str!("page.html");
+/// Leaflet, vendored from npm (`leaflet/README`): the page's map, served from the binary.
+const LEAFLET_JS: &str = include_str!("leaflet/leaflet.js");
+const LEAFLET_CSS: &str = include_str!("leaflet/leaflet.css");
+
+/// The fleet page with the map settings of `http` (tile URL template and attribution).
+pub fn page(http: &crate::config::HttpConfig) -> String {
+    let map = serde_json::json!({ "tiles": http.map_tiles, "attribution": http.map_attribution });
+    // As JSON inside a script element: `</` could end the element.
+    PAGE.replace(
+        "null /* map settings */",
+        &map.to_string().replace("</", "<\\/"),
+    )
+}
+
+/// A static file of the page, cached for a day.
+async fn asset(body: &'static str, kind: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        body,
+    )
+        .into_response()
+}
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -85,6 +110,8 @@ pub struct ApiState {
     /// Readings one ingestion request may carry, and its largest body.
     pub(crate) ingest_max_readings: usize,
     pub(crate) ingest_max_bytes: usize,
+    /// The fleet page, with its map settings.
+    pub(crate) page: Arc<str>,
     /// Cancelled when the instance stops: open streams end.
     pub(crate) stop: CancellationToken,
 }
@@ -107,7 +134,18 @@ pub async fn serve(
 fn router(state: ApiState) -> Router {
     let ingest_limit = axum::extract::DefaultBodyLimit::max(state.ingest_max_bytes);
     Router::new()
-        .route("/", get(page))
+        .route(
+            "/",
+            get(|State(s): State<ApiState>| async move { Html(String::from(&*s.page)) }),
+        )
+        .route(
+            "/assets/leaflet.js",
+            get(|| asset(LEAFLET_JS, "text/javascript")),
+        )
+        .route(
+            "/assets/leaflet.css",
+            get(|| asset(LEAFLET_CSS, "text/css")),
+        )
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -198,6 +236,7 @@ async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> R
     }
     if let Some(token) = &s.token
         && request.uri().path() != "/healthz"
+        && !request.uri().path().starts_with("/assets/")
     {
         let reads = |t: Option<&str>| t == Some(token.as_str()) || writer_of(t).is_some();
         if !reads(bearer) && !reads(param) {
@@ -216,10 +255,6 @@ fn unauthorized(message: &str) -> Response {
         "Bearer".parse().expect("valid header"),
     );
     r
-}
-
-async fn page() -> Html<&'static str> {
-    Html(PAGE)
 }
 
 async fn openapi() -> Response {

@@ -125,6 +125,8 @@ pub struct TestPipeline {
     pub ingest_readings_per_minute: u32,
     /// The fleet view's history settings.
     pub view: twinflow::config::ViewConfig,
+    /// The fleet page's tile URL template; `None`: the default.
+    pub map_tiles: Option<String>,
     running: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     producer: FutureProducer,
 }
@@ -160,6 +162,7 @@ impl TestPipeline {
             desired_writes_per_minute: HttpConfig::default().desired_writes_per_minute,
             ingest_readings_per_minute: HttpConfig::default().ingest_readings_per_minute,
             view: Default::default(),
+            map_tiles: None,
             running: None,
             producer: pc.create().unwrap(),
         }
@@ -194,6 +197,8 @@ impl TestPipeline {
                 writers: self.writers.clone(),
                 desired_writes_per_minute: self.desired_writes_per_minute,
                 ingest_readings_per_minute: self.ingest_readings_per_minute,
+                map_tiles: (self.map_tiles.clone())
+                    .unwrap_or_else(|| HttpConfig::default().map_tiles),
                 ..HttpConfig::default()
             },
             schema_registry: self.registry.clone(),

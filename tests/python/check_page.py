@@ -7,13 +7,16 @@ screenshot. The page keeps a stream (EventSource) open, so a plain `--dump-dom` 
 read it before anything arrived; the protocol lets the check read it after a real wait.
 
     check_page.py URL --screenshot OUT.png [--wait-ms 5000] [--chromium chromium]
-        [--select ASSET --desired PROPERTY=VALUE --write-token TOKEN]
+        [--expect-map map|plot] [--select ASSET --desired PROPERTY=VALUE --write-token TOKEN]
 
-Prints one JSON line: {"assets", "alert_rows", "events_received", "events_per_second",
-"fleet_twins", "connection"}, and with --select also "twin_rows" (properties shown for the
-selected twin) and "desired_result" (what the page says of its desired write). Checks: at
-least one asset plotted (`data-asset` in #map), `#events-received` > 0 (live events arrived
-over the stream), `#connection` says live; with --select, that the twin's properties show.
+Prints one JSON line: {"assets", "map_mode", "tiles_loaded", "alert_rows",
+"events_received", "events_per_second", "fleet_twins", "connection"}, and with --select
+also the selected twin's detail: "twin_rows" (properties shown), "alert_codes" (its alerts),
+"charts" (property to points charted from its history), "polylines", and "desired_result"
+(what the page says of its desired write). Checks: at least one asset drawn (`data-asset`
+on the map or the plot), `#events-received` > 0 (live events arrived over the stream),
+`#connection` says live; with --expect-map, that the map loaded tiles or fell back to the
+plot; with --select, that the twin's properties show.
 
 Exit codes: 0 all checks hold; 1 a check failed (the message says which); 2 Chromium
 could not be started or driven.
@@ -35,7 +38,9 @@ import urllib.request
 import websocket
 
 FIGURES = """JSON.stringify({
-  assets: document.querySelectorAll('#map [data-asset]').length,
+  assets: document.querySelectorAll('#map [data-asset], #plot [data-asset]').length,
+  map_mode: document.getElementById('map-mode').textContent,
+  tiles_loaded: document.querySelectorAll('#map img.leaflet-tile-loaded').length,
   alert_rows: document.querySelectorAll('#alerts tr[data-alert]').length,
   events_received: Number(document.getElementById('events-received').textContent),
   events_per_second: Number(document.getElementById('events-per-second').textContent),
@@ -106,15 +111,28 @@ def use_twin_panel(tools, args):
     """Clicks the asset on the map, reads its panel, and sets a desired value through the
     form as a user would; returns what the panel then shows."""
     clicked = evaluate(tools, f"""(() => {{
-      const c = document.querySelector('#map [data-asset={json.dumps(args.select)}]');
+      const c = document.querySelector('[data-asset={json.dumps(args.select)}]');
       if (!c) return false;
       c.dispatchEvent(new MouseEvent('click', {{bubbles: true}}));
       return true;
     }})()""")
     if not clicked:
         fail(1, f"{args.select} is not on the map")
-    time.sleep(0.5)
-    out = {"twin_rows": evaluate(tools, "document.querySelectorAll('#twin-props tr[data-property]').length")}
+    # The detail: its properties, its alerts, and a chart per numeric property from its
+    # history (fetched once selected).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        detail = evaluate(tools, """({
+          twin_rows: document.querySelectorAll('#twin-props tr[data-property]').length,
+          alert_codes: [...document.querySelectorAll('#twin-alerts tr[data-alert-code]')].map((r) => r.dataset.alertCode),
+          charts: Object.fromEntries([...document.querySelectorAll('#twin-charts .chart')]
+            .map((c) => [c.dataset.property, Number(c.dataset.points)])),
+          polylines: document.querySelectorAll('#twin-charts svg polyline').length,
+        })""")
+        if detail["charts"]:
+            break
+        time.sleep(0.2)
+    out = detail
     if args.desired:
         prop, value = args.desired.split("=", 1)
         evaluate(tools, f"""(() => {{
@@ -150,6 +168,8 @@ def main():
     p.add_argument("--select", help="click this asset on the map")
     p.add_argument("--desired", help="PROPERTY=VALUE to set through the page's form")
     p.add_argument("--write-token", default="")
+    p.add_argument("--expect-map", choices=["map", "plot"],
+                   help="map: Leaflet with loaded tiles; plot: the fallback without tiles")
     args = p.parse_args()
     binary = shutil.which(args.chromium)
     if not binary:
@@ -184,6 +204,10 @@ def main():
         fail(1, "no live event received over the stream")
     if figures["connection"] != "live":
         fail(1, f"connection says {figures['connection']!r}, not live")
+    if args.expect_map == "map" and (figures["map_mode"] != "map" or figures["tiles_loaded"] < 1):
+        fail(1, f"no map with tiles: {figures['map_mode']!r}, {figures['tiles_loaded']} tiles")
+    if args.expect_map == "plot" and not figures["map_mode"].startswith("plot"):
+        fail(1, f"no fallback to the plot: {figures['map_mode']!r}")
     if args.select and figures["twin_rows"] < 1:
         fail(1, f"the panel shows no property of {args.select}")
 
