@@ -93,6 +93,9 @@ impl Deletion {
     }
 }
 
+/// How a forecast alert ends (the CLEARED event's reason).
+pub const FORECAST_OUTCOMES: [&str; 3] = ["breached", "averted", "stale"];
+
 /// The metric families of one instance.
 #[derive(Clone)]
 pub struct Metrics {
@@ -109,6 +112,7 @@ pub struct Metrics {
     skipped: IntCounterVec,
     dead_lettered: IntCounterVec,
     alerts: IntCounterVec,
+    forecast_outcomes: IntCounterVec,
     batch_seconds: HistogramVec,
     replays: IntCounterVec,
     commit_outcomes: IntCounterVec,
@@ -306,6 +310,12 @@ impl Metrics {
                 "twinflow_alerts_emitted_total",
                 "Alert events emitted.",
                 &["rule", "state"],
+            ),
+            forecast_outcomes: counter(
+                r,
+                "twinflow_forecast_outcomes_total",
+                "How forecast alerts ended, by rule: breached (the value crossed the threshold), averted (the trend turned), stale (the asset went OFFLINE).",
+                &["rule", "outcome"],
             ),
             batch_seconds: histogram(
                 r,
@@ -531,6 +541,18 @@ impl Metrics {
                     })
                 })
                 .collect(),
+            forecast_outcomes: rules
+                .rules
+                .iter()
+                .map(|rule| {
+                    rule.forecast.map(|_| {
+                        FORECAST_OUTCOMES.map(|o| {
+                            self.forecast_outcomes
+                                .with_label_values(&[rule.code.as_str(), o])
+                        })
+                    })
+                })
+                .collect(),
             batch_seconds: self.batch_seconds.with_label_values(&[&p]),
             replays: self.replays.with_label_values(&[&p]),
             next_offset: self.next_offset.with_label_values(&[&p]),
@@ -580,6 +602,8 @@ pub struct PartitionMetrics {
     pub(crate) dead_lettered: [IntCounter; DeadLetterReason::ALL.len()],
     /// Per rule: `[raised, cleared]`.
     pub(crate) alerts: Vec<[IntCounter; 3]>,
+    /// Per forecast rule: its outcomes, in [`FORECAST_OUTCOMES`] order.
+    forecast_outcomes: Vec<Option<[IntCounter; 3]>>,
     pub(crate) acks: [IntCounter; 3],
     pub(crate) command_events: [IntCounter; CommandState::ALL.len()],
     pub(crate) commands_sent: IntCounter,
@@ -612,6 +636,8 @@ pub struct BatchCounts {
     pub(crate) dead_lettered: [u64; DeadLetterReason::ALL.len()],
     /// `(rule, state)` pairs, in emission order.
     pub(crate) alerts: Vec<(usize, AlertState)>,
+    /// `(rule, outcome)` of the forecast alerts that cleared.
+    pub(crate) forecast_outcomes: Vec<(usize, &'static str)>,
 }
 
 impl BatchCounts {
@@ -705,6 +731,12 @@ impl PartitionMetrics {
         }
         for (rule, state) in &c.alerts {
             self.alerts[*rule][*state as usize].inc();
+        }
+        for (rule, outcome) in &c.forecast_outcomes {
+            let at = FORECAST_OUTCOMES.iter().position(|o| o == outcome);
+            if let (Some(Some(counters)), Some(at)) = (self.forecast_outcomes.get(*rule), at) {
+                counters[at].inc();
+            }
         }
     }
 }

@@ -181,6 +181,8 @@ struct BoundsFile {
 #[serde(deny_unknown_fields)]
 struct RuleFile {
     code: String,
+    #[serde(default)]
+    kind: RuleKindFile,
     severity: Severity,
     property: String,
     op: Op,
@@ -189,6 +191,71 @@ struct RuleFile {
     #[serde(default, rename = "for", with = "humantime_serde")]
     min_duration: Option<Duration>,
     on_raise: Option<ActionFile>,
+    #[serde(default, with = "humantime_serde")]
+    horizon: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    clear_horizon: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    min_samples: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    min_span: Option<Duration>,
+    min_fit: Option<f64>,
+}
+
+/// The settings of a forecast rule, checked, with their defaults: `min_samples` 5,
+/// `min_span` the whole window, `min_fit` 0.8, `clear_horizon` 1.25 × the horizon.
+fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
+    let code = &r.code;
+    let (Some(horizon), Some(window)) = (millis(r.horizon), millis(r.window)) else {
+        return Err(format!(
+            "rule {code}: a forecast needs horizon and window (e.g. \"40m\", \"15m\")"
+        ));
+    };
+    if horizon <= 0 || window <= 0 {
+        return Err(format!(
+            "rule {code}: horizon and window must be more than 0"
+        ));
+    }
+    if r.clear_threshold.is_some() {
+        return Err(format!(
+            "rule {code}: a forecast has clear_horizon, not clear_threshold"
+        ));
+    }
+    let spec = crate::rules::ForecastSpec {
+        horizon,
+        clear_horizon: millis(r.clear_horizon).unwrap_or(horizon + horizon / 4),
+        window,
+        min_samples: r.min_samples.unwrap_or(5),
+        min_span: millis(r.min_span).unwrap_or(window),
+        min_fit: r.min_fit.unwrap_or(0.8),
+    };
+    if spec.clear_horizon < horizon {
+        return Err(format!(
+            "rule {code}: clear_horizon must be at least horizon"
+        ));
+    }
+    if spec.min_samples < 2 || spec.min_samples > crate::rules::forecast::MAX_POINTS {
+        return Err(format!(
+            "rule {code}: min_samples must be 2 to {}",
+            crate::rules::forecast::MAX_POINTS
+        ));
+    }
+    if !(0.0..=1.0).contains(&spec.min_fit) {
+        return Err(format!("rule {code}: min_fit is an R² from 0 to 1"));
+    }
+    if spec.min_span > window {
+        return Err(format!("rule {code}: min_span must be within the window"));
+    }
+    Ok(spec)
+}
+
+#[derive(Deserialize, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum RuleKindFile {
+    #[default]
+    Threshold,
+    Forecast,
 }
 
 #[derive(Deserialize)]
@@ -351,6 +418,20 @@ impl Topology {
                 r.op,
                 r.threshold,
             );
+            if r.kind == RuleKindFile::Forecast {
+                rule = Rule::forecast(
+                    &r.code,
+                    r.severity,
+                    (property, &r.property),
+                    (r.op, r.threshold),
+                    forecast_spec(&r)?,
+                );
+            } else if r.horizon.is_some() || r.window.is_some() {
+                return Err(format!(
+                    "rule {}: horizon and window belong to kind = \"forecast\"",
+                    r.code
+                ));
+            }
             rule.clear_threshold = r.clear_threshold;
             rule.min_duration = millis(r.min_duration);
             if let Some(action) = r.on_raise {
@@ -401,6 +482,12 @@ impl Topology {
                     crate::codec::DESIRED_FIELDS.join(", ")
                 ));
             }
+        }
+        if rules.iter().any(|r| r.forecast.is_some()) && !codec.has_forecasts() {
+            return Err(
+                "a forecast rule needs the twin schema's forecasts field; see schemas/vehicle_twin.avsc"
+                    .into(),
+            );
         }
         for spec in topics.all() {
             if spec.partitions < 1 || spec.replication_factor < 1 {

@@ -333,8 +333,45 @@ struct TwinQuery {
     alert: Option<String>,
     /// `south,west,north,east` in degrees.
     bbox: Option<String>,
+    /// Only twins a forecast rule predicts to cross its threshold within this, e.g. `1h`.
+    breach_within: Option<String>,
     #[allow(dead_code)]
     access_token: Option<String>,
+}
+
+/// A span of the form `<up to 6 digits><ms|s|m|h|d>`, e.g. `90m`, in milliseconds.
+fn span(text: &str) -> Option<i64> {
+    let digits = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(digits);
+    let n: i64 = n.parse().ok().filter(|_| (1..=6).contains(&digits))?;
+    let ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(n * ms)
+}
+
+/// The crossings the forecast rules predict for `twin` within `within` ms of its newest
+/// reading, as JSON: `[{code, breach_at, time_to_breach_seconds, slope_per_minute, fit}]`.
+fn breaches(rules: &crate::rules::RuleSet, twin: &Twin, within: i64) -> Vec<serde_json::Value> {
+    (0..rules.rules.len())
+        .filter_map(|i| match rules.predict(i, twin) {
+            crate::rules::Prediction::Crossing(f) if f.time_to_breach <= within => {
+                Some(serde_json::json!({
+                    "code": rules.rules[i].code,
+                    "breach_at": crate::codec::rfc3339(f.breach_at),
+                    "time_to_breach_seconds": f.time_to_breach as f64 / 1000.0,
+                    "slope_per_minute": f.slope_per_minute,
+                    "fit": f.fit,
+                }))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// A latitude/longitude box.
@@ -453,10 +490,25 @@ async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Answer {
             "bbox: this model has no location (properties named lat and lng)",
         ));
     }
+    let within = q
+        .breach_within
+        .as_deref()
+        .map(|w| {
+            span(w).ok_or_else(|| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    format!("breach_within: expected a span such as 90m or 1h, not '{w}'"),
+                )
+            })
+        })
+        .transpose()?;
+    let rules = &s.view.topology().rules;
     let codec = &s.view.topology().codec;
     let mut twins = Vec::new();
     let next = walk(&s.view, cursor(q.after)?, |t| {
-        let keep = q.status.is_none_or(|st| t.status == st)
+        let forecasts = within.map(|w| breaches(rules, t, w));
+        let keep = forecasts.as_ref().is_none_or(|f| !f.is_empty())
+            && q.status.is_none_or(|st| t.status == st)
             && q.alert
                 .as_ref()
                 .is_none_or(|code| t.alerts.iter().any(|a| &a.code == code))
@@ -464,7 +516,11 @@ async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Answer {
                 .as_ref()
                 .is_none_or(|b| model.location_of(t).is_some_and(|at| b.contains(at)));
         if keep {
-            twins.push(codec.twin_json(t));
+            let mut json = codec.twin_json(t);
+            if let Some(f) = forecasts {
+                json["forecasts"] = f.into();
+            }
+            twins.push(json);
         }
         twins.len() == limit
     })?;

@@ -176,7 +176,7 @@ pub fn state_index(state: CommandState) -> i64 {
 }
 
 /// A `["null", array]` union: null when `len` is 0, else one block written by `items`.
-fn put_array(buf: &mut Vec<u8>, len: usize, items: impl FnOnce(&mut Vec<u8>)) {
+pub(super) fn put_array(buf: &mut Vec<u8>, len: usize, items: impl FnOnce(&mut Vec<u8>)) {
     if len == 0 {
         return put_long(buf, 0);
     }
@@ -187,7 +187,7 @@ fn put_array(buf: &mut Vec<u8>, len: usize, items: impl FnOnce(&mut Vec<u8>)) {
 }
 
 /// Reads a `["null", array]` union, calling `item` per element.
-fn read_array<'a>(
+pub(super) fn read_array<'a>(
     c: &mut Cursor<'a>,
     mut item: impl FnMut(&mut Cursor<'a>) -> ReadResult<()>,
 ) -> ReadResult<()> {

@@ -12,6 +12,7 @@
 pub mod avro;
 pub mod confluent;
 mod desired;
+mod forecast;
 mod schema;
 
 use std::collections::HashMap;
@@ -381,8 +382,14 @@ impl Codec {
                     put_long(buf, 0);
                 }
                 TwinField::Desired(f) => desired::put(buf, *f, twin, &|i| self.name(i)),
+                TwinField::Forecasts => forecast::put(buf, twin),
             }
         }
+    }
+
+    /// Whether the twin schema has the `forecasts` field a forecast rule needs.
+    pub fn has_forecasts(&self) -> bool {
+        self.plans.twin.contains(&TwinField::Forecasts)
     }
 
     /// Whether the twin schema has the desired-state fields (see [`DESIRED_FIELDS`]).
@@ -487,6 +494,9 @@ impl Codec {
                 TwinField::Desired(f) => {
                     let index = |name: &str| self.by_name.get(name).copied();
                     desired::read(&mut c, *f, &mut twin, &index).map_err(ctx("desired state"))?;
+                }
+                TwinField::Forecasts => {
+                    forecast::read(&mut c, &mut twin).map_err(ctx("forecasts"))?;
                 }
             }
         }
@@ -693,6 +703,16 @@ pub fn encode_alert(event: &AlertEvent, asset_id: &str, rules: &RuleSet, buf: &m
     put_long(buf, event.twin_version);
     put_opt_str(buf, event.acknowledged_by.as_deref());
     put_opt_str(buf, event.reason);
+    match &event.forecast {
+        None => put_long(buf, 0),
+        Some(f) => {
+            put_long(buf, 1);
+            put_long(buf, f.breach_at);
+            put_double(buf, f.time_to_breach as f64 / 1000.0);
+            put_double(buf, f.slope_per_minute);
+            put_double(buf, f.fit);
+        }
+    }
 }
 
 /// A `["null", "string"]` union.

@@ -59,6 +59,8 @@ pub enum TwinField {
     ActiveAlerts([i64; 3]),
     /// One of the optional desired-state fields.
     Desired(super::desired::Field),
+    /// The optional forecast windows.
+    Forecasts,
 }
 
 /// The names and types of the model's properties, as the telemetry schema declares them.
@@ -291,6 +293,10 @@ impl Plans {
                     TwinField::PropertyTimes
                 }
                 "active_alerts" => TwinField::ActiveAlerts(active_alerts_plan(field)?),
+                super::forecast::FIELD => {
+                    super::forecast::check(s).map_err(Error::Config)?;
+                    TwinField::Forecasts
+                }
                 name if super::desired::DESIRED_FIELDS.contains(&name) => {
                     TwinField::Desired(super::desired::field(name, s).map_err(Error::Config)?)
                 }

@@ -149,6 +149,10 @@ proptest! {
                 attempt: 1 + i as i64,
                 set_by: format!("ops-{i}"),
             }).collect(),
+            forecasts: (0..alerts).map(|i| crate::twin::ForecastWindow {
+                code: format!("F{i}"),
+                points: (0..i).map(|j| (t - 60_000 * j as i64, j as f64 * 0.5 - 3.0)).collect(),
+            }).collect(),
         };
         let mut bytes = Vec::new();
         codec.encode_twin(&twin, &mut bytes);
@@ -204,6 +208,7 @@ fn alert_events_read_in_apache_avro() {
         twin_version: 42,
         acknowledged_by: None,
         reason: None,
+        forecast: None,
     };
     let mut bytes = Vec::new();
     encode_alert(&event, "reefer-1", &rules, &mut bytes);
@@ -466,10 +471,10 @@ fn a_model_with_appended_optional_properties_reads_older_data() {
     new.encode_twin(&read, &mut newer);
     let av = avro_read(&Schema::parse_str(VEHICLE_TWIN).unwrap(), &newer);
     assert_eq!(field(&av, "version"), &AV::Long(3));
-    // A datum cut short before its optional tail is still an error (the last four bytes
-    // are the null desired-state fields, an optional tail themselves).
-    assert_eq!(&stored[stored.len() - 4..], &[0, 0, 0, 0]);
-    assert!(new.decode_twin(&stored[..stored.len() - 5]).is_err());
+    // A datum cut short before its optional tail is still an error (the last five bytes
+    // are the null desired-state and forecasts fields, an optional tail themselves).
+    assert_eq!(&stored[stored.len() - 5..], &[0, 0, 0, 0, 0]);
+    assert!(new.decode_twin(&stored[..stored.len() - 6]).is_err());
 }
 
 #[test]

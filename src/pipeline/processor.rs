@@ -315,12 +315,17 @@ impl Processor {
         let was_offline = twin.status == Status::Offline;
         self.effects.clear();
         let expired = twin.expire(now, &mut self.effects);
+        // A forecast's window takes the reading even when it is late for the twin's values.
+        let observed = self.topology.rules.observe(twin, reading);
         let change = match twin.apply(model, reading, now) {
             Ok(change) => change,
             Err(unchanged) => {
-                batch.counts.skip(unchanged);
-                if expired {
-                    // The reading changed nothing, the commands that timed out did.
+                if !observed {
+                    batch.counts.skip(unchanged);
+                }
+                if expired || observed {
+                    // The reading changed no value; the commands that timed out, or a
+                    // forecast's window, did.
                     twin.touch(now);
                     let change = TwinChange::default();
                     self.emit(id, &change, deadline, input.offset, batch, None);
@@ -746,6 +751,11 @@ impl Processor {
                 &self.scratch,
             );
             batch.counts.alerts.push((event.rule, event.state));
+            if let (Some(outcome), Some(_)) =
+                (event.reason, topology.rules.rules[event.rule].forecast)
+            {
+                batch.counts.forecast_outcomes.push((event.rule, outcome));
+            }
         }
     }
 

@@ -8,10 +8,13 @@
 //! hidden state and a replay from the same twin yields the same events, with the same
 //! deterministic alert ids.
 
+pub mod forecast;
+
 use crate::twin::{
-    ActiveAlert, CommandState, DesiredWrite, Effects, Model, PendingAlert, Severity, Status, Twin,
-    TwinChange, Value,
+    ActiveAlert, CommandState, DesiredWrite, Effects, ForecastWindow, Model, PendingAlert, Reading,
+    Severity, Status, Twin, TwinChange, Value,
 };
+pub use forecast::{Forecast, ForecastSpec, Prediction};
 use serde::Deserialize;
 
 /// A comparison operator.
@@ -65,6 +68,9 @@ pub enum RuleKind {
     /// `[desired] converge_within`). Its value is the number of such commands, its threshold
     /// `converge_within` in seconds.
     Desired,
+    /// `property op threshold` predicted within a horizon by a line through the recent
+    /// readings (see [`forecast`]).
+    Forecast,
 }
 
 /// The code of the built-in offline rule.
@@ -98,6 +104,8 @@ pub struct Rule {
     pub min_duration: Option<i64>,
     /// Desired values set when the rule raises (property index, value): its action.
     pub on_raise: Vec<(usize, Value)>,
+    /// A forecast rule's settings.
+    pub forecast: Option<ForecastSpec>,
 }
 
 impl Rule {
@@ -120,6 +128,23 @@ impl Rule {
             clear_threshold: None,
             min_duration: None,
             on_raise: Vec::new(),
+            forecast: None,
+        }
+    }
+
+    /// A forecast rule: raises when `property op threshold` is predicted within the spec's
+    /// horizon.
+    pub fn forecast(
+        code: &str,
+        severity: Severity,
+        property: (usize, &str),
+        (op, threshold): (Op, f64),
+        spec: ForecastSpec,
+    ) -> Rule {
+        Rule {
+            kind: RuleKind::Forecast,
+            forecast: Some(spec),
+            ..Rule::threshold(code, severity, property, op, threshold)
         }
     }
 
@@ -136,6 +161,7 @@ impl Rule {
             clear_threshold: None,
             min_duration: None,
             on_raise: Vec::new(),
+            forecast: None,
         }
     }
 
@@ -152,6 +178,7 @@ impl Rule {
             clear_threshold: None,
             min_duration: None,
             on_raise: Vec::new(),
+            forecast: None,
         }
     }
 }
@@ -198,8 +225,11 @@ pub struct AlertEvent {
     pub twin_version: i64,
     /// On ACKNOWLEDGED: who acknowledged it.
     pub acknowledged_by: Option<String>,
-    /// On CLEARED, when not because the condition stopped holding: why (`deleted`).
+    /// On CLEARED, when not because the condition stopped holding: why (`deleted`; for a
+    /// forecast, `breached`, `averted` or `stale`).
     pub reason: Option<&'static str>,
+    /// On a forecast's RAISED: the predicted crossing.
+    pub forecast: Option<Forecast>,
 }
 
 /// The reason of the CLEARED events of a deleted twin's alerts.
@@ -299,7 +329,126 @@ impl RuleSet {
                 RuleKind::Threshold => self.evaluate_threshold(index, twin, change, out),
                 RuleKind::Offline => self.evaluate_offline(index, twin, out),
                 RuleKind::Desired => self.evaluate_desired(index, twin, out),
+                RuleKind::Forecast => self.evaluate_forecast(index, twin, out),
             }
+        }
+    }
+
+    /// Adds `reading`'s values to the windows of the forecast rules on them. Returns whether
+    /// a window changed (a change of the twin even when its values did not: a late reading
+    /// within a window).
+    pub fn observe(&self, twin: &mut Twin, reading: &Reading) -> bool {
+        let mut changed = false;
+        for (index, rule) in self.rules.iter().enumerate() {
+            let Some(spec) = rule.forecast else { continue };
+            let Some(value) = (reading.values.iter())
+                .find(|(p, _)| *p == rule.property)
+                .and_then(|(_, v)| v.as_f64())
+            else {
+                continue;
+            };
+            let at = match twin.forecasts.iter().position(|w| w.code == rule.code) {
+                Some(at) => at,
+                None => {
+                    let at = self.insert_at(&twin.forecasts, index, |w| &w.code);
+                    let window = ForecastWindow {
+                        code: rule.code.clone(),
+                        points: Vec::new(),
+                    };
+                    twin.forecasts.insert(at, window);
+                    at
+                }
+            };
+            let points = &mut twin.forecasts[at].points;
+            changed |= forecast::observe(points, reading.event_time, value, spec.window);
+        }
+        changed
+    }
+
+    /// The prediction of forecast rule `index` for `twin`.
+    pub fn predict(&self, index: usize, twin: &Twin) -> Prediction {
+        let rule = &self.rules[index];
+        let Some(spec) = &rule.forecast else {
+            return Prediction::Unknown;
+        };
+        let points = (twin.forecasts.iter())
+            .find(|w| w.code == rule.code)
+            .map_or(&[][..], |w| &w.points[..]);
+        forecast::predict(points, spec, rule.op, rule.threshold)
+    }
+
+    /// A forecast rule: raises (after `for`, in event time) when the crossing is predicted
+    /// within the horizon; clears as `breached` when the value crossed, `stale` when the
+    /// asset is OFFLINE, `averted` when no crossing is predicted within the clear horizon.
+    fn evaluate_forecast(&self, index: usize, twin: &mut Twin, out: &mut Vec<AlertEvent>) {
+        let rule = &self.rules[index];
+        let spec = rule.forecast.expect("a forecast rule has its spec");
+        let prediction = self.predict(index, twin);
+        let (newest, last) = (twin.forecasts.iter())
+            .find(|w| w.code == rule.code)
+            .and_then(|w| w.points.last().copied())
+            .unwrap_or((twin.event_time, 0.0));
+        if let Some(at) = twin.alerts.iter().position(|a| a.code == rule.code) {
+            let reason = match prediction {
+                _ if twin.status == Status::Offline => "stale",
+                Prediction::Breached => "breached",
+                Prediction::Crossing(f) if f.time_to_breach <= spec.clear_horizon => return,
+                Prediction::Unknown => return,
+                Prediction::Crossing(_) | Prediction::Clear => "averted",
+            };
+            let alert = twin.alerts.remove(at);
+            out.push(AlertEvent {
+                rule: index,
+                state: AlertState::Cleared,
+                alert_id: alert.alert_id,
+                value: last,
+                event_time: newest,
+                raised_at: alert.raised_at,
+                twin_version: twin.version,
+                acknowledged_by: None,
+                reason: Some(reason),
+                forecast: None,
+            });
+            return;
+        }
+        let pending = twin.pending.iter().position(|p| p.code == rule.code);
+        let forecast = match prediction {
+            Prediction::Crossing(f)
+                if f.time_to_breach <= spec.horizon && twin.status != Status::Offline =>
+            {
+                f
+            }
+            _ => {
+                if let Some(at) = pending {
+                    twin.pending.remove(at);
+                }
+                return;
+            }
+        };
+        if let Some(duration) = rule.min_duration.filter(|d| *d > 0) {
+            let since = match pending {
+                Some(at) => twin.pending[at].since,
+                None => {
+                    let at = self.insert_at(&twin.pending, index, |p| &p.code);
+                    let code = rule.code.clone();
+                    twin.pending.insert(
+                        at,
+                        PendingAlert {
+                            code,
+                            since: newest,
+                        },
+                    );
+                    newest
+                }
+            };
+            if newest - since < duration {
+                return;
+            }
+            twin.pending.retain(|p| p.code != rule.code);
+        }
+        self.raise(index, twin, forecast.value, newest, out);
+        if let Some(event) = out.last_mut() {
+            event.forecast = Some(forecast);
         }
     }
 
@@ -335,6 +484,7 @@ impl RuleSet {
                     twin_version: twin.version,
                     acknowledged_by: None,
                     reason: None,
+                    forecast: None,
                 });
             }
             return;
@@ -415,6 +565,7 @@ impl RuleSet {
             twin_version: twin.version,
             acknowledged_by: None,
             reason: None,
+            forecast: None,
         });
     }
 
@@ -452,6 +603,7 @@ impl RuleSet {
             twin_version: twin.version,
             acknowledged_by: None,
             reason: None,
+            forecast: None,
         });
     }
 
@@ -489,6 +641,7 @@ impl RuleSet {
             twin_version: twin.version + 1,
             acknowledged_by: alert.acknowledged_by.clone(),
             reason: None,
+            forecast: None,
         };
         twin.version += 1;
         twin.updated_at = now;
@@ -511,7 +664,7 @@ impl RuleSet {
                 continue; // a rule the model no longer has: it has no event to clear
             };
             let value = match self.rules[rule].kind {
-                RuleKind::Threshold => twin.props[self.rules[rule].property]
+                RuleKind::Threshold | RuleKind::Forecast => twin.props[self.rules[rule].property]
                     .as_ref()
                     .and_then(|p| p.value.as_f64())
                     .unwrap_or(alert.value),
@@ -527,6 +680,7 @@ impl RuleSet {
                 twin_version: version,
                 acknowledged_by: None,
                 reason: Some(DELETED),
+                forecast: None,
             });
         }
     }

@@ -199,6 +199,18 @@ pub struct Twin {
     pub delta: u128,
     /// Open commands, in the order they were issued.
     pub commands: Vec<Command>,
+    /// The windows of the model's forecast rules, in rule order.
+    pub forecasts: Vec<ForecastWindow>,
+}
+
+/// A forecast rule's window in a twin: the readings its line is fitted through.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ForecastWindow {
+    /// The rule's code.
+    pub code: String,
+    /// `(event time, value)`, oldest first, distinct times, at most
+    /// `rules::forecast::MAX_POINTS`.
+    pub points: Vec<(i64, f64)>,
 }
 
 /// Which properties an applied reading changed. A bit per model property index.
@@ -262,6 +274,7 @@ impl Twin {
             desired: Vec::new(),
             delta: 0,
             commands: Vec::new(),
+            forecasts: Vec::new(),
         }
     }
 
