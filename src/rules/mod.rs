@@ -411,41 +411,18 @@ impl RuleSet {
             });
             return;
         }
-        let pending = twin.pending.iter().position(|p| p.code == rule.code);
         let forecast = match prediction {
             Prediction::Crossing(f)
                 if f.time_to_breach <= spec.horizon && twin.status != Status::Offline =>
             {
-                f
+                Some(f)
             }
-            _ => {
-                if let Some(at) = pending {
-                    twin.pending.remove(at);
-                }
-                return;
-            }
+            _ => None,
         };
-        if let Some(duration) = rule.min_duration.filter(|d| *d > 0) {
-            let since = match pending {
-                Some(at) => twin.pending[at].since,
-                None => {
-                    let at = self.insert_at(&twin.pending, index, |p| &p.code);
-                    let code = rule.code.clone();
-                    twin.pending.insert(
-                        at,
-                        PendingAlert {
-                            code,
-                            since: newest,
-                        },
-                    );
-                    newest
-                }
-            };
-            if newest - since < duration {
-                return;
-            }
-            twin.pending.retain(|p| p.code != rule.code);
+        if !self.held(index, twin, forecast.is_some(), newest) {
+            return;
         }
+        let forecast = forecast.expect("held only while predicted");
         self.raise(index, twin, forecast.value, newest, out);
         if let Some(event) = out.last_mut() {
             event.forecast = Some(forecast);
@@ -489,34 +466,45 @@ impl RuleSet {
             }
             return;
         }
+        if self.held(
+            index,
+            twin,
+            rule.op.holds(value, rule.threshold),
+            event_time,
+        ) {
+            self.raise(index, twin, value, event_time, out);
+        }
+    }
+
+    /// Whether rule `index`, whose condition holds (`holds`) at event time `at`, raises now:
+    /// at once, or (with `for`) once the condition has held that long. Keeps the twin's
+    /// pending entry of the rule: from the first time it holds until it raises or stops.
+    fn held(&self, index: usize, twin: &mut Twin, holds: bool, at: i64) -> bool {
+        let rule = &self.rules[index];
         let pending = twin.pending.iter().position(|p| p.code == rule.code);
-        if !rule.op.holds(value, rule.threshold) {
-            if let Some(at) = pending {
-                twin.pending.remove(at);
+        if !holds {
+            if let Some(i) = pending {
+                twin.pending.remove(i);
             }
-            return;
+            return false;
         }
-        if let Some(duration) = rule.min_duration.filter(|d| *d > 0) {
-            let since = match pending {
-                Some(at) => twin.pending[at].since,
-                None => {
-                    let at = self.insert_at(&twin.pending, index, |p| &p.code);
-                    twin.pending.insert(
-                        at,
-                        PendingAlert {
-                            code: rule.code.clone(),
-                            since: event_time,
-                        },
-                    );
-                    event_time
-                }
-            };
-            if event_time - since < duration {
-                return;
+        let Some(duration) = rule.min_duration.filter(|d| *d > 0) else {
+            return true;
+        };
+        let since = match pending {
+            Some(i) => twin.pending[i].since,
+            None => {
+                let i = self.insert_at(&twin.pending, index, |p| &p.code);
+                let code = rule.code.clone();
+                twin.pending.insert(i, PendingAlert { code, since: at });
+                at
             }
-            twin.pending.retain(|p| p.code != rule.code);
+        };
+        if at - since < duration {
+            return false;
         }
-        self.raise(index, twin, value, event_time, out);
+        twin.pending.retain(|p| p.code != rule.code);
+        true
     }
 
     fn evaluate_offline(&self, index: usize, twin: &mut Twin, out: &mut Vec<AlertEvent>) {
