@@ -330,3 +330,55 @@ async fn desired_writes_race_converge_time_out_and_answer_devices() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A model whose only timer is `converge_within` (no offline or idle): its partitions still
+/// look for due timers, and an instance that restores the twin into an empty store times
+/// its open command out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restored_twin_still_times_its_command_out() {
+    let (kafka, mut p) = on_embedded(common::untimed_vehicle_topology());
+    p.start();
+    p.send("reefer-5", p.now(), &[("temperature_c", 6.0)]).await;
+    // The write after the twin exists: the inputs are separate topics.
+    until(&p, "/twins/reefer-5", |t| t["version"] == 1).await;
+    let write = br#"{"desired": {"temperature_c": 2.0}, "command_id": "c-restore"}"#;
+    let topic = p.topology.topics.desired.name.clone();
+    p.send_to(&topic, Some(b"reefer-5"), Some(write)).await;
+    until(&p, "/twins/reefer-5", |t| {
+        t["commands"].as_array().is_some_and(|c| c.len() == 1)
+    })
+    .await;
+    p.stop().await;
+
+    let mut q = TestPipeline::new(
+        &kafka.bootstrap_servers(),
+        common::untimed_vehicle_topology(),
+        &[],
+    );
+    q.group = p.group.clone();
+    q.clock = p.clock.clone();
+    q.start();
+    until(&q, "/readyz", |_| true).await;
+    q.clock.advance(10 * 60_000 + 1000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let states: Vec<String> = events(&q, 1)
+            .into_iter()
+            .map(|(_, state, _)| state)
+            .collect();
+        if states == ["ISSUED", "TIMED_OUT"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the command never timed out: {states:?}"
+        );
+    }
+    until(&q, "/twins/reefer-5", |t| {
+        t["active_alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["code"] == "DESIRED_NOT_REACHED"))
+    })
+    .await;
+    q.stop().await;
+}

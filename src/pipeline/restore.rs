@@ -54,10 +54,7 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let (codec, registry) = (&shared.topology.codec, shared.registry.as_deref());
 
     let time = shared.topology.model.time;
-    let timers = time.offline_after.is_some()
-        || time.idle_after.is_some()
-        || time.retire_after.is_some()
-        || shared.topology.model.desired.converge_within.is_some();
+    let timers = shared.topology.model.has_timers();
     let mut batch = store.batch();
     let (mut in_batch, mut total, mut unfinished) = (0u64, 0u64, 0u64);
     let mut read_any = false;

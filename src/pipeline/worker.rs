@@ -185,8 +185,7 @@ impl PartitionWorker {
         }
         self.slot.metrics.next_offset.set(self.position);
         self.slot.start_processing();
-        let time = self.shared.topology.model.time;
-        let timers = time.offline_after.is_some() || time.idle_after.is_some();
+        let timers = self.shared.topology.model.has_timers();
         let mut ticks = tokio::time::interval(self.shared.settings.timer_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -193,6 +193,18 @@ impl Model {
         }
     }
 
+    /// Whether anything of a twin changes by processing time alone (a status timer, command
+    /// timeouts, retirement, the end of a deleted id's refusal): then each partition looks
+    /// for due timers, and a restore files them.
+    pub fn has_timers(&self) -> bool {
+        let t = &self.time;
+        t.offline_after.is_some()
+            || t.idle_after.is_some()
+            || t.retire_after.is_some()
+            || t.refuse_deleted_for.is_some()
+            || self.desired.converge_within.is_some()
+    }
+
     /// The processing time at which the twin next changes by itself (a timer: its status,
     /// a command timing out, or its retirement), if ever.
     pub fn deadline(&self, twin: &Twin) -> Option<i64> {
