@@ -377,10 +377,11 @@ impl Cli {
                 .await??;
                 let seconds = started.elapsed().as_secs_f64();
                 println!(
-                    "exported {} twin versions and {} alerts ({} records read) into {} files in {seconds:.1} s, {:.0} versions/s",
+                    "exported {} twin versions and {} alerts ({} records read, {} not twins left out) into {} files in {seconds:.1} s, {:.0} versions/s",
                     summary.versions,
                     summary.alerts,
                     summary.records,
+                    summary.skipped,
                     summary.files.len(),
                     summary.versions as f64 / seconds
                 );

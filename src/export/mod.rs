@@ -77,6 +77,8 @@ pub struct Summary {
     pub files: Vec<PathBuf>,
     /// Records read from the history topic (the window's and around it).
     pub records: u64,
+    /// Records of the window left out: no UTF-8 key, or not a twin of this model.
+    pub skipped: u64,
 }
 
 /// Exports the window; see the module documentation. Blocking: run it off the async
@@ -169,12 +171,29 @@ pub fn export(e: &Export<'_>, runtime: &tokio::runtime::Handle) -> Result<Summar
             continue;
         }
         let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+            summary.skipped += 1;
             continue;
         };
         let version = match m.value() {
-            Some(v) => Version::Twin(decode_fetching(e.registry, codec, runtime, |c| {
-                c.decode_changelog_twin(v)
-            })?),
+            Some(v) => {
+                match decode_fetching(e.registry, codec, runtime, |c| c.decode_changelog_twin(v)) {
+                    Ok(twin) => Version::Twin(twin),
+                    // Not a twin of this model (another writer's record, an older model): it is
+                    // left out and counted, as the restore does.
+                    Err(err) if err.disposition() == crate::error::Disposition::Skip => {
+                        if summary.skipped == 0 {
+                            eprintln!(
+                                "export: partition {} offset {}: not a twin of this model, left out: {err}",
+                                m.partition(),
+                                m.offset()
+                            );
+                        }
+                        summary.skipped += 1;
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
             None => Version::Deleted {
                 version: m.number(headers::DELETED_VERSION),
                 at: m.number(headers::DELETED_AT).unwrap_or(at),

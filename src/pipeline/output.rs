@@ -109,15 +109,12 @@ impl Outputs {
         value: &[u8],
     ) {
         let k = self.append(key);
-        let start = self.buf.len();
-        self.buf
-            .extend_from_slice(header.as_ref().map_or(&[][..], |h| &h[..]));
-        self.buf.extend_from_slice(value);
+        let payload = self.framed(header, value);
         self.records.push(Output {
             target,
             source,
             key: Some(k),
-            payload: Some(start..self.buf.len()),
+            payload: Some(payload),
             headers: Vec::new(),
             timestamp: None,
         });
@@ -135,13 +132,7 @@ impl Outputs {
         at: i64,
     ) {
         let k = self.append(key);
-        let payload = value.map(|(framing, value)| {
-            let start = self.buf.len();
-            self.buf
-                .extend_from_slice(framing.as_ref().map_or(&[][..], |h| &h[..]));
-            self.buf.extend_from_slice(value);
-            start..self.buf.len()
-        });
+        let payload = value.map(|(framing, value)| self.framed(framing, value));
         self.records.push(Output {
             target: Target::Changelog,
             source,
@@ -150,6 +141,15 @@ impl Outputs {
             headers,
             timestamp: Some(at),
         });
+    }
+
+    /// Appends `value`, after the 5-byte framing header if given.
+    fn framed(&mut self, header: Option<[u8; 5]>, value: &[u8]) -> Range<usize> {
+        let start = self.buf.len();
+        self.buf
+            .extend_from_slice(header.as_ref().map_or(&[][..], |h| &h[..]));
+        self.buf.extend_from_slice(value);
+        start..self.buf.len()
     }
 
     fn append(&mut self, bytes: &[u8]) -> Range<usize> {

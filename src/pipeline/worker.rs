@@ -448,7 +448,6 @@ impl PartitionWorker {
             {
                 let r = Routed {
                     topic: &history.name,
-                    headers: r.headers.clone(),
                     ..r
                 };
                 producer.send(generation, &r).await?;
