@@ -5,6 +5,8 @@
 //! - [`topology`]: topics, twin model and rules, loaded from `topology/` and `schemas/`.
 //! - [`twin`]: the twin, readings and the merge (pure).
 //! - [`rules`]: edge-triggered alert rules (pure).
+//! - [`step`]: one twin's step on a reading or a timer, model and rules together (pure): what
+//!   the pipeline, the what-if simulation and the backtest run.
 //! - [`codec`]: Avro/JSON decoding and encoding, driven by the model's schemas; the
 //!   Confluent wire format.
 //! - [`registry`]: the schema registry client (register outputs, fetch input schemas by id).
@@ -44,6 +46,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod registry;
 pub mod rules;
+pub mod step;
 pub mod store;
 pub mod topology;
 pub mod twin;

@@ -203,7 +203,7 @@ struct RuleFile {
     min_fit: Option<f64>,
 }
 
-/// The settings of a forecast rule, checked, with their defaults: `min_samples` 5,
+/// The settings of a forecast rule, with their defaults (`Rule::check` checks them): `min_samples` 5,
 /// `min_span` the whole window, `min_fit` 0.8, `clear_horizon` 1.25 × the horizon.
 fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
     let code = &r.code;
@@ -212,11 +212,6 @@ fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
             "rule {code}: a forecast needs horizon and window (e.g. \"40m\", \"15m\")"
         ));
     };
-    if horizon <= 0 || window <= 0 {
-        return Err(format!(
-            "rule {code}: horizon and window must be more than 0"
-        ));
-    }
     if r.clear_threshold.is_some() {
         return Err(format!(
             "rule {code}: a forecast has clear_horizon, not clear_threshold"
@@ -230,23 +225,6 @@ fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
         min_span: millis(r.min_span).unwrap_or(window),
         min_fit: r.min_fit.unwrap_or(0.8),
     };
-    if spec.clear_horizon < horizon {
-        return Err(format!(
-            "rule {code}: clear_horizon must be at least horizon"
-        ));
-    }
-    if spec.min_samples < 2 || spec.min_samples > crate::rules::forecast::MAX_POINTS {
-        return Err(format!(
-            "rule {code}: min_samples must be 2 to {}",
-            crate::rules::forecast::MAX_POINTS
-        ));
-    }
-    if !(0.0..=1.0).contains(&spec.min_fit) {
-        return Err(format!("rule {code}: min_fit is an R² from 0 to 1"));
-    }
-    if spec.min_span > window {
-        return Err(format!("rule {code}: min_span must be within the window"));
-    }
     Ok(spec)
 }
 
@@ -389,27 +367,6 @@ impl Topology {
             {
                 return Err(format!("rule code {} is used twice", r.code));
             }
-            if !r.threshold.is_finite() || r.clear_threshold.is_some_and(|c| !c.is_finite()) {
-                return Err(format!(
-                    "rule {}: thresholds must be finite numbers",
-                    r.code
-                ));
-            }
-            if let Some(clear) = r.clear_threshold {
-                // The clear threshold lies on the safe side of the raise threshold.
-                let safe = match r.op {
-                    Op::Gt | Op::Ge => clear <= r.threshold,
-                    Op::Lt | Op::Le => clear >= r.threshold,
-                };
-                if !safe {
-                    return Err(format!(
-                        "rule {}: clear_threshold {clear} must lie on the other side of threshold {} from where the rule raises (op {})",
-                        r.code,
-                        r.threshold,
-                        r.op.symbol()
-                    ));
-                }
-            }
             let property = numeric(&r.property, &format!("rule {}", r.code), &properties)?;
             let mut rule = Rule::threshold(
                 &r.code,
@@ -434,6 +391,7 @@ impl Topology {
             }
             rule.clear_threshold = r.clear_threshold;
             rule.min_duration = millis(r.min_duration);
+            rule.check()?;
             if let Some(action) = r.on_raise {
                 actions.push((rules.len(), action));
             }
@@ -629,6 +587,14 @@ impl Topology {
             telemetry_schema,
             twin_schema,
         })
+    }
+
+    /// The model and its rules, to step twins with.
+    pub fn core(&self) -> crate::step::Core<'_> {
+        crate::step::Core {
+            model: &self.model,
+            rules: &self.rules,
+        }
     }
 
     /// A human-readable account of the processing graph and the topics.

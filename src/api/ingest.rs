@@ -19,6 +19,7 @@ use axum::{Extension, Json};
 use super::desired::Writer;
 use super::{Answer, ApiState, error};
 use crate::codec::Format;
+use crate::metrics::DeadLetterReason;
 use crate::twin::Reading;
 
 /// How full the writer's queue may be before a request is turned away with 429.
@@ -56,6 +57,31 @@ fn objects(body: &[u8]) -> Result<Vec<serde_json::Map<String, serde_json::Value>
             serde_json::from_str(l).map_err(|e| format!("line {}: not a JSON object: {e}", n + 1))
         })
         .collect()
+}
+
+/// Checks one reading object against the model into `reading`; returns its JSON bytes, or
+/// why it is refused (the dead-letter reason the pipeline would give, and a message). The
+/// pipeline's JSON input ignores fields it does not know (devices may send more than the
+/// model has); a request is answered, so a misspelt one is named (`invalid`).
+pub(super) fn check(
+    topology: &crate::topology::Topology,
+    object: &serde_json::Map<String, serde_json::Value>,
+    reading: &mut Reading,
+) -> Result<Vec<u8>, (DeadLetterReason, String)> {
+    let known =
+        |k: &str| k == "asset_id" || k == "event_time" || topology.model.property(k).is_some();
+    if let Some(unknown) = object.keys().find(|k| !known(k)) {
+        let why = format!("'{unknown}' is not a property of the model");
+        return Err((DeadLetterReason::Invalid, why));
+    }
+    let json = serde_json::to_vec(object).expect("JSON values serialize");
+    (topology.codec)
+        .decode_reading(Format::Json, &json, reading)
+        .map_err(|e| (DeadLetterReason::Decode, e.to_string()))?;
+    (topology.model)
+        .validate(reading)
+        .map_err(|why| (DeadLetterReason::Invalid, why))?;
+    Ok(json)
 }
 
 async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes) -> Answer {
@@ -101,25 +127,9 @@ async fn write(s: ApiState, writer: Writer, path_id: Option<String>, body: Bytes
                 Some(_) => {}
             }
         }
-        // The pipeline's JSON input ignores fields it does not know (devices may send more
-        // than the model has); a request here is answered, so a misspelt one is named.
-        let known =
-            |k: &str| k == "asset_id" || k == "event_time" || topology.model.property(k).is_some();
-        if let Some(unknown) = object.keys().find(|k| !known(k)) {
-            problems.push(serde_json::json!({
-                "index": index,
-                "error": format!("'{unknown}' is not a property of the model"),
-            }));
-            continue;
-        }
-        let json = serde_json::to_vec(&object).expect("JSON values serialize");
-        let checked = topology
-            .codec
-            .decode_reading(Format::Json, &json, &mut reading)
-            .map_err(|e| e.to_string())
-            .and_then(|()| topology.model.validate(&reading));
+        let checked = check(topology, &object, &mut reading).map_err(|(_, why)| why);
         match checked {
-            Ok(()) => {
+            Ok(json) => {
                 let value = match format {
                     Format::Json => json,
                     _ => {

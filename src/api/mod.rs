@@ -14,6 +14,7 @@ mod desired;
 mod history;
 mod ingest;
 mod limit;
+mod simulate;
 
 pub use limit::RateLimit;
 
@@ -157,6 +158,11 @@ fn router(state: ApiState) -> Router {
             get(history::get_twin).delete(desired::delete_twin),
         )
         .route("/twins/{id}/history", get(history::history))
+        .route(
+            "/twins/{id}/simulate",
+            post(simulate::simulate)
+                .layer(axum::extract::DefaultBodyLimit::max(simulate::MAX_BODY)),
+        )
         .route(
             "/twins/{id}/desired",
             patch(desired::patch_desired)
@@ -355,23 +361,81 @@ fn span(text: &str) -> Option<i64> {
     Some(n * ms)
 }
 
-/// The crossings the forecast rules predict for `twin` within `within` ms of its newest
-/// reading, as JSON: `[{code, breach_at, time_to_breach_seconds, slope_per_minute, fit}]`.
-fn breaches(rules: &crate::rules::RuleSet, twin: &Twin, within: i64) -> Vec<serde_json::Value> {
+/// What the forecast rules of `rules` predict for `twin`, as JSON: `{code, prediction,
+/// points}` with `prediction` one of `unknown`, `clear`, `breached` or `crossing`, and for a
+/// crossing `breach_at`, `time_to_breach_seconds`, `slope_per_minute` and `fit`. With
+/// `within`, only the crossings within that many ms of the twin's newest reading.
+pub(crate) fn predictions(
+    rules: &crate::rules::RuleSet,
+    twin: &Twin,
+    within: Option<i64>,
+) -> Vec<serde_json::Value> {
+    use crate::rules::Prediction;
     (0..rules.rules.len())
-        .filter_map(|i| match rules.predict(i, twin) {
-            crate::rules::Prediction::Crossing(f) if f.time_to_breach <= within => {
-                Some(serde_json::json!({
-                    "code": rules.rules[i].code,
-                    "breach_at": crate::codec::rfc3339(f.breach_at),
-                    "time_to_breach_seconds": f.time_to_breach as f64 / 1000.0,
-                    "slope_per_minute": f.slope_per_minute,
-                    "fit": f.fit,
-                }))
+        .filter(|i| rules.rules[*i].forecast.is_some())
+        .filter_map(|i| {
+            let rule = &rules.rules[i];
+            let prediction = rules.predict(i, twin);
+            let points = (twin.forecasts.iter())
+                .find(|w| w.code == rule.code)
+                .map_or(0, |w| w.points.len());
+            let mut json = serde_json::json!({ "code": rule.code, "points": points });
+            match prediction {
+                Prediction::Crossing(f) => {
+                    if within.is_some_and(|w| f.time_to_breach > w) {
+                        return None;
+                    }
+                    json["prediction"] = "crossing".into();
+                    json["breach_at"] = crate::codec::rfc3339(f.breach_at).into();
+                    json["time_to_breach_seconds"] = (f.time_to_breach as f64 / 1000.0).into();
+                    json["slope_per_minute"] = f.slope_per_minute.into();
+                    json["fit"] = f.fit.into();
+                }
+                _ if within.is_some() => return None,
+                Prediction::Unknown => json["prediction"] = "unknown".into(),
+                Prediction::Clear => json["prediction"] = "clear".into(),
+                Prediction::Breached => json["prediction"] = "breached".into(),
             }
-            _ => None,
+            Some(json)
         })
         .collect()
+}
+
+/// A rule as JSON, with the model file's names: `code`, `kind`, `severity`, `property`,
+/// `op`, `threshold`, `clear_threshold`, `for`, and a forecast's `horizon`,
+/// `clear_horizon`, `window`, `min_samples`, `min_span` and `min_fit`; spans as `40m`.
+pub(crate) fn rule_json(
+    rule: &crate::rules::Rule,
+    model: &crate::twin::Model,
+) -> serde_json::Value {
+    use crate::rules::RuleKind;
+    let span = |ms: i64| {
+        humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64)).to_string()
+    };
+    let kind = match rule.kind {
+        RuleKind::Threshold => "threshold",
+        RuleKind::Forecast => "forecast",
+        RuleKind::Offline => "offline",
+        RuleKind::Desired => "desired",
+    };
+    let property = model
+        .properties
+        .get(rule.property)
+        .map_or(rule.property_name.as_str(), |p| p.name.as_str());
+    let mut json = serde_json::json!({
+        "code": rule.code, "kind": kind, "severity": rule.severity, "property": property,
+        "op": rule.op.symbol(), "threshold": rule.threshold,
+        "clear_threshold": rule.clear_threshold, "for": rule.min_duration.map(span),
+    });
+    if let Some(f) = &rule.forecast {
+        json["horizon"] = span(f.horizon).into();
+        json["clear_horizon"] = span(f.clear_horizon).into();
+        json["window"] = span(f.window).into();
+        json["min_samples"] = f.min_samples.into();
+        json["min_span"] = span(f.min_span).into();
+        json["min_fit"] = f.min_fit.into();
+    }
+    json
 }
 
 /// A latitude/longitude box.
@@ -506,7 +570,7 @@ async fn list_twins(State(s): State<ApiState>, q: Params<TwinQuery>) -> Answer {
     let codec = &s.view.topology().codec;
     let mut twins = Vec::new();
     let next = walk(&s.view, cursor(q.after)?, |t| {
-        let forecasts = within.map(|w| breaches(rules, t, w));
+        let forecasts = within.map(|w| predictions(rules, t, Some(w)));
         let keep = forecasts.as_ref().is_none_or(|f| !f.is_empty())
             && q.status.is_none_or(|st| t.status == st)
             && q.alert

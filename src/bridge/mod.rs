@@ -15,7 +15,7 @@
 //!   consumer group; a command's offset is committed once the broker has acknowledged its
 //!   publish.
 
-mod commands;
+pub mod commands;
 mod device;
 mod mqtt;
 mod topic;

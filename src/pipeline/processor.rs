@@ -17,9 +17,10 @@ use crate::error::{Error, Result};
 use crate::headers;
 use crate::metrics::{BatchCounts, DeadLetterReason, Deletion};
 use crate::rules::{AckOutcome, AlertEvent};
+use crate::step::Timed;
 use crate::store::{PartitionStore, StoreBatch};
 use crate::topology::Topology;
-use crate::twin::{DesiredWrite, Effects, Reading, Status, Twin, TwinChange, Untimely};
+use crate::twin::{DesiredWrite, Effects, Reading, Twin};
 
 /// With the test-only `fault-injection` feature, a valid reading of this asset panics in the
 /// record path, so that tests can show a panic is isolated to its record.
@@ -287,59 +288,29 @@ impl Processor {
             );
             return Ok(());
         }
-        let model = &self.topology.model;
+        let topology = self.topology.clone();
         let twin = self.cache.get_mut(id).expect("loaded above");
-        if let Err(untimely) = model.check_time(twin, reading.event_time, now) {
-            let (reason, why) = match untimely {
-                Untimely::Late => (
-                    DeadLetterReason::Late,
-                    format!(
-                        "event_time {} is more than the allowed lateness before the twin's newest reading ({})",
-                        rfc3339(reading.event_time),
-                        rfc3339(twin.event_time)
-                    ),
-                ),
-                Untimely::Future => (
-                    DeadLetterReason::Future,
-                    format!(
-                        "event_time {} is more than max_future after processing time {}",
-                        rfc3339(reading.event_time),
-                        rfc3339(now)
-                    ),
-                ),
-            };
-            self.dead_letter(input, batch, reason, Stage::Time, &why);
-            return Ok(());
-        }
-        let deadline = model.deadline(twin);
-        let was_offline = twin.status == Status::Offline;
-        self.effects.clear();
-        let expired = twin.expire(now, &mut self.effects);
-        // A forecast's window takes the reading even when it is late for the twin's values.
-        let observed = self.topology.rules.observe(twin, reading);
-        let change = match twin.apply(model, reading, now) {
-            Ok(change) => change,
-            Err(unchanged) => {
-                if !observed {
-                    batch.counts.skip(unchanged);
-                }
-                if expired || observed {
-                    // The reading changed no value; the commands that timed out, or a
-                    // forecast's window, did.
-                    twin.touch(now);
-                    let change = TwinChange::default();
-                    self.emit(id, &change, deadline, input.offset, batch, None);
-                }
+        let deadline = topology.model.deadline(twin);
+        let core = topology.core();
+        let applied = core.reading(twin, reading, now, &mut self.effects, &mut self.alerts);
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err((reason, why)) => {
+                self.dead_letter(input, batch, reason, Stage::Time, &why);
                 return Ok(());
             }
         };
-        twin.converge(model, &mut self.effects);
-        if was_offline && twin.status != Status::Offline {
-            twin.resend(&mut self.effects);
+        if let Some(skipped) = applied.skipped {
+            batch.counts.skip(skipped);
         }
-        batch.counts.twins_created += u64::from(change.created);
-        batch.counts.event_times.push(reading.event_time);
-        self.emit(id, &change, deadline, input.offset, batch, None);
+        let Some(change) = applied.change else {
+            return Ok(());
+        };
+        if applied.merged {
+            batch.counts.twins_created += u64::from(change.created);
+            batch.counts.event_times.push(reading.event_time);
+        }
+        self.emit(id, deadline, input.offset, batch);
         Ok(())
     }
 
@@ -451,14 +422,16 @@ impl Processor {
         let twin = self.cache.get_mut(id).expect("loaded above");
         let deadline = topology.model.deadline(twin);
         let version = twin.version;
-        self.effects.clear();
-        let expired = twin.expire(now, &mut self.effects);
-        let event = act(twin, &topology, &mut self.effects, &mut batch.counts);
-        if expired && twin.version == version {
-            twin.touch(now);
-        }
-        if twin.version != version {
-            self.emit(id, &TwinChange::default(), deadline, source, batch, event);
+        let counts = &mut batch.counts;
+        let changed = topology.core().command(
+            twin,
+            now,
+            &mut self.effects,
+            &mut self.alerts,
+            |twin, fx| act(twin, &topology, fx, counts),
+        );
+        if changed {
+            self.emit(id, deadline, source, batch);
         } else {
             if !existed {
                 self.cache.remove(id);
@@ -653,21 +626,20 @@ impl Processor {
                     batch.store.put_deadline(actual, &id);
                     continue;
                 }
-                if model.retire_at(twin).is_some_and(|at| at <= now) {
-                    fired += 1;
-                    self.delete(&id, Deletion::Retired, "", batch, now, source)?;
-                    continue;
+                match topology
+                    .core()
+                    .timer(twin, now, &mut self.effects, &mut self.alerts)
+                {
+                    Timed::Retire => {
+                        fired += 1;
+                        self.delete(&id, Deletion::Retired, "", batch, now, source)?;
+                    }
+                    Timed::Unchanged => batch.store.put_deadline(actual, &id),
+                    Timed::Fired => {
+                        fired += 1;
+                        self.emit(&id, None, source, batch);
+                    }
                 }
-                self.effects.clear();
-                let ticked = twin.tick(model, now);
-                if twin.expire(now, &mut self.effects) && !ticked {
-                    twin.touch(now);
-                } else if !ticked {
-                    batch.store.put_deadline(actual, &id);
-                    continue;
-                }
-                fired += 1;
-                self.emit(&id, &TwinChange::default(), None, source, batch, None);
             }
             batch.counts.timers_fired += fired as u64;
             Ok(fired)
@@ -695,27 +667,13 @@ impl Processor {
         Ok(existed)
     }
 
-    /// Evaluates the rules on the changed twin of `id`, files its timer if it is due before
-    /// `indexed` (the deadline the index already has an entry at or before, if any), and
-    /// stages the twin, its changelog record and its alert events (`event` too, if given).
-    fn emit(
-        &mut self,
-        id: &str,
-        change: &TwinChange,
-        indexed: Option<i64>,
-        source: i64,
-        batch: &mut Batch,
-        event: Option<AlertEvent>,
-    ) {
+    /// Files the timer of the changed twin of `id` if it is due before `indexed` (the
+    /// deadline the index already has an entry at or before, if any), and stages the twin,
+    /// its changelog record, its alert events and command outputs (from the step that
+    /// changed it: `self.alerts`, `self.effects`).
+    fn emit(&mut self, id: &str, indexed: Option<i64>, source: i64, batch: &mut Batch) {
         let topology = &self.topology;
         let twin = self.cache.get_mut(id).expect("emit after load");
-        self.alerts.clear();
-        topology.rules.evaluate(twin, change, &mut self.alerts);
-        let now = twin.updated_at;
-        topology
-            .rules
-            .act(twin, &topology.model, &self.alerts, now, &mut self.effects);
-        self.alerts.extend(event);
         // The index keeps an entry at or before each twin's deadline. Most readings move the
         // deadline later; the old entry then stays, and when it comes due the twin files it
         // again (`fire_timers`). So a reading costs one store write, not three.

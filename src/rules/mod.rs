@@ -148,6 +148,58 @@ impl Rule {
         }
     }
 
+    /// Checks its settings, as a model file or a simulation's overrides give them: finite
+    /// thresholds, a clear threshold on the safe side, a forecast's spans and guards in range.
+    ///
+    /// # Errors
+    /// What is wrong, naming the rule.
+    pub fn check(&self) -> Result<(), String> {
+        let code = &self.code;
+        if !self.threshold.is_finite() || self.clear_threshold.is_some_and(|c| !c.is_finite()) {
+            return Err(format!("rule {code}: thresholds must be finite numbers"));
+        }
+        if let Some(clear) = self.clear_threshold {
+            // The clear threshold lies on the safe side of the raise threshold.
+            let safe = match self.op {
+                Op::Gt | Op::Ge => clear <= self.threshold,
+                Op::Lt | Op::Le => clear >= self.threshold,
+            };
+            if !safe {
+                return Err(format!(
+                    "rule {code}: clear_threshold {clear} must lie on the other side of threshold {} from where the rule raises (op {})",
+                    self.threshold,
+                    self.op.symbol()
+                ));
+            }
+        }
+        let Some(spec) = &self.forecast else {
+            return Ok(());
+        };
+        if spec.horizon <= 0 || spec.window <= 0 {
+            return Err(format!(
+                "rule {code}: horizon and window must be more than 0"
+            ));
+        }
+        if spec.clear_horizon < spec.horizon {
+            return Err(format!(
+                "rule {code}: clear_horizon must be at least horizon"
+            ));
+        }
+        if spec.min_samples < 2 || spec.min_samples > forecast::MAX_POINTS {
+            return Err(format!(
+                "rule {code}: min_samples must be 2 to {}",
+                forecast::MAX_POINTS
+            ));
+        }
+        if !(0.0..=1.0).contains(&spec.min_fit) {
+            return Err(format!("rule {code}: min_fit is an R² from 0 to 1"));
+        }
+        if spec.min_span < 0 || spec.min_span > spec.window {
+            return Err(format!("rule {code}: min_span must be within the window"));
+        }
+        Ok(())
+    }
+
     /// The built-in offline rule for `offline_after` milliseconds.
     pub fn offline(severity: Severity, offline_after: i64) -> Rule {
         Rule {
