@@ -36,6 +36,53 @@ pub const STREAM_BUFFER: usize = 16_384;
 /// How long the view waits at start for the instance's restores to finish.
 pub const START_DEFER: Duration = Duration::from_secs(10);
 
+/// Refused records kept, the newest of each asset: for this many assets at most.
+pub const REFUSALS_KEPT: usize = 10_000;
+
+/// A record of an asset the pipeline refused (a dead letter), as this instance saw it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Refusal {
+    /// The dead-letter reason (`late`, `invalid`, ...).
+    pub reason: String,
+    /// Where processing stopped.
+    pub stage: String,
+    /// Why, for a person.
+    pub message: String,
+    /// The input topic of the refused record.
+    pub source_topic: String,
+    /// Its offset there.
+    pub source_offset: Option<i64>,
+    /// The dead letter's timestamp (RFC 3339).
+    pub at: String,
+    /// The version of the asset's twin this view had when the dead letter came: the
+    /// refusal is the latest word on the asset while the twin is still at it.
+    pub twin_version: i64,
+}
+
+/// The newest refusal of each of at most [`REFUSALS_KEPT`] assets, the oldest forgotten first.
+#[derive(Default)]
+struct Refusals {
+    by_asset: HashMap<String, (u64, Refusal)>,
+    order: std::collections::VecDeque<(u64, String)>,
+    seq: u64,
+}
+
+impl Refusals {
+    fn insert(&mut self, asset_id: String, refusal: Refusal) {
+        self.seq += 1;
+        self.order.push_back((self.seq, asset_id.clone()));
+        self.by_asset.insert(asset_id, (self.seq, refusal));
+        while self.by_asset.len() > REFUSALS_KEPT || self.order.len() > 2 * REFUSALS_KEPT {
+            let Some((seq, id)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_asset.get(&id).is_some_and(|(s, _)| *s == seq) {
+                self.by_asset.remove(&id);
+            }
+        }
+    }
+}
+
 /// Changelog records applied per view write.
 const VIEW_BATCH: usize = 2000;
 
@@ -192,6 +239,8 @@ pub struct FleetView {
     caught_up: AtomicBool,
     /// The API's waits for the decision on a command, by command id.
     decisions: Mutex<HashMap<String, oneshot::Sender<serde_json::Value>>>,
+    /// The newest refused record of each asset, from the dead-letter topic.
+    refusals: Mutex<Refusals>,
 }
 
 /// A wait for the decision on one desired write: the first event of its command (ISSUED,
@@ -240,7 +289,15 @@ impl FleetView {
             subscribers: AtomicUsize::new(0),
             caught_up: AtomicBool::new(false),
             decisions: Mutex::default(),
+            refusals: Mutex::default(),
         })
+    }
+
+    /// The newest record of `asset_id` the pipeline refused since this view started (of at
+    /// most [`REFUSALS_KEPT`] assets).
+    pub fn refusal(&self, asset_id: &str) -> Option<Refusal> {
+        let refusals = self.refusals.lock().expect("refusals lock");
+        refusals.by_asset.get(asset_id).map(|(_, r)| r.clone())
     }
 
     /// The changelog partition of the twin of `asset_id`, if the view knows it.
@@ -520,7 +577,7 @@ impl FleetView {
             let (_, high) = reader.watermarks(changelog, p, Duration::from_secs(10))?;
             targets.insert(p, high);
         }
-        for live in [&topics.alerts, &topics.command_events] {
+        for live in [&topics.alerts, &topics.command_events, &topics.dead_letter] {
             for p in 0..live.partitions {
                 // From the end as it is now: alerts and command events are live only.
                 let (_, high) = reader.watermarks(&live.name, p, Duration::from_secs(10))?;
@@ -545,6 +602,10 @@ impl FleetView {
                                 None => None,
                             };
                             pending.push((id, m.partition(), twin));
+                        }
+                    } else if m.topic() == topics.dead_letter.name {
+                        if let Some(id) = key {
+                            self.refused(id, &m)?;
                         }
                     } else if let (Some(id), Some(v)) = (key, m.value()) {
                         if m.topic() == topics.alerts.name {
@@ -660,6 +721,28 @@ impl FleetView {
                 json: json.to_string(),
             });
         }
+    }
+
+    /// Notes the dead letter `m` of `asset_id`: only its headers are read.
+    fn refused(&self, asset_id: String, m: &crate::kafka::OutputRecord<'_>) -> Result<()> {
+        use crate::headers as h;
+        let text = |name: &str| m.text(name).unwrap_or_default();
+        let mut refusal = Refusal {
+            reason: text(h::ERROR_REASON),
+            stage: text(h::ERROR_STAGE),
+            message: text(h::ERROR_MESSAGE),
+            source_topic: text(h::SOURCE_TOPIC),
+            source_offset: m.source_offset(),
+            at: crate::codec::rfc3339(m.timestamp().unwrap_or(0)),
+            twin_version: 0,
+        };
+        if let Some(bytes) = self.store.twin(&asset_id)? {
+            let twin = self.topology.codec.decode_twin(&bytes)?;
+            refusal.twin_version = twin.version;
+        }
+        let mut refusals = self.refusals.lock().expect("refusals lock");
+        refusals.insert(asset_id, refusal);
+        Ok(())
     }
 
     fn publish_alert(&self, asset_id: String, value: &[u8]) {

@@ -388,3 +388,105 @@ async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
     assert_eq!(ends(&p), ends_after, "still nothing written");
     p.stop().await;
 }
+
+/// Waits until `check` holds for the explanation of `rule` on `id`; returns the whole answer.
+async fn until_explained(api: &Api, id: &str, rule: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = api.get(&format!("/twins/{id}/explain?rule={rule}")).await;
+        if status == 200 && check(&answer) {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "never: {answer:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_says_why_an_alert_is_raised_held_by_hysteresis_cleared_or_refused() {
+    let (_dir, paths) = forecasting();
+    let (_kafka, mut p) = on_embedded(paths);
+    p.start();
+    let api = Api {
+        base: format!("http://{}", p.http.unwrap()),
+        client: reqwest::Client::new(),
+    };
+    let now = p.now();
+    p.send(
+        "truck-2",
+        now - 3 * MINUTE,
+        &[("temperature_c", 9.0), ("battery_pct", 50.0)],
+    )
+    .await;
+    let raised = until_explained(&api, "truck-2", "TEMP_BREACH", |a| a["version"] == 1).await;
+    let rule = &raised["rules"][0];
+    assert_eq!(rule["state"], "raised", "{raised:#}");
+    assert_eq!(rule["holds"], true);
+    assert_eq!(rule["value"], 9.0);
+    assert_eq!(rule["rule"]["clear_threshold"], 7.5);
+    assert_eq!(rule["last_raised"], rfc3339(now - 3 * MINUTE));
+    assert_eq!(rule["alert"]["raised_at"], rfc3339(now - 3 * MINUTE));
+
+    // Below the threshold, above the clear threshold: still raised, and it says why.
+    p.send("truck-2", now - 2 * MINUTE, &[("temperature_c", 7.8)])
+        .await;
+    let held = until_explained(&api, "truck-2", "TEMP_BREACH", |a| a["version"] == 2).await;
+    let rule = &held["rules"][0];
+    assert_eq!(
+        (&rule["state"], &rule["holds"], &rule["holds_clear"]),
+        (&json!("raised"), &json!(false), &json!(true)),
+        "{held:#}"
+    );
+    assert!(
+        rule["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("no longer > 7.5"),
+        "{held:#}"
+    );
+
+    p.send("truck-2", now - MINUTE, &[("temperature_c", 7.0)])
+        .await;
+    let cleared = until_explained(&api, "truck-2", "TEMP_BREACH", |a| a["version"] == 3).await;
+    let rule = &cleared["rules"][0];
+    assert_eq!(rule["state"], "clear", "{cleared:#}");
+    assert_eq!(rule["last_raised"], rfc3339(now - 3 * MINUTE));
+    assert_eq!(
+        rule["last_cleared"],
+        rfc3339(now),
+        "the processing time of the clearing version"
+    );
+
+    // A forecast with too few readings says what it lacks.
+    let forecast = until_explained(&api, "truck-2", "LOW_BATTERY_PREDICTED", |_| true).await;
+    let rule = &forecast["rules"][0];
+    assert_eq!(rule["guards"]["samples"], 1, "{forecast:#}");
+    assert_eq!(
+        rule["explanation"],
+        "no forecast: 1 of the 5 readings needed in the window"
+    );
+
+    // A reading two hours late is refused, and explain says so until a reading applies.
+    p.send("truck-2", now - 120 * MINUTE, &[("temperature_c", 20.0)])
+        .await;
+    let refused = until_explained(&api, "truck-2", "TEMP_BREACH", |a| {
+        a["latest_reading_refused"] == true
+    })
+    .await;
+    assert_eq!(refused["last_refused"]["reason"], "late", "{refused:#}");
+    assert_eq!(refused["last_refused"]["source_topic"], "telemetry");
+    p.send("truck-2", now, &[("temperature_c", 6.0)]).await;
+    let applied = until_explained(&api, "truck-2", "TEMP_BREACH", |a| a["version"] == 4).await;
+    assert_eq!(applied["latest_reading_refused"], false, "{applied:#}");
+    assert_eq!(applied["last_refused"]["reason"], "late");
+
+    let (_, all) = api.get("/twins/truck-2/explain").await;
+    let codes: Vec<&Value> = (all["rules"].as_array().unwrap().iter())
+        .map(|r| &r["rule"]["code"])
+        .collect();
+    assert_eq!(codes.len(), 6, "every rule of the model: {codes:?}");
+    assert_eq!(api.get("/twins/truck-2/explain?rule=NOPE").await.0, 404);
+    assert_eq!(api.get("/twins/nobody/explain").await.0, 404);
+    assert_eq!(api.get("/twins/truck-2/explain?rules=x").await.0, 400);
+    p.stop().await;
+}

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 mod desired;
+mod explain;
 mod history;
 mod ingest;
 mod limit;
@@ -158,6 +159,7 @@ fn router(state: ApiState) -> Router {
             get(history::get_twin).delete(desired::delete_twin),
         )
         .route("/twins/{id}/history", get(history::history))
+        .route("/twins/{id}/explain", get(explain::explain_twin))
         .route(
             "/twins/{id}/simulate",
             post(simulate::simulate)

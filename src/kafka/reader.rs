@@ -62,6 +62,15 @@ impl OutputRecord<'_> {
         self.number(SOURCE_OFFSET)
     }
 
+    /// The text of header `name` (invalid UTF-8 replaced), if it has one.
+    pub fn text(&self, name: &str) -> Option<String> {
+        self.0
+            .headers()?
+            .iter()
+            .find(|h| h.key == name)
+            .map(|h| String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+    }
+
     /// The decimal number in header `name`, if it has one.
     pub fn number(&self, name: &str) -> Option<i64> {
         self.0
