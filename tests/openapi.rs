@@ -64,12 +64,14 @@ async fn the_openapi_document_matches_the_server() {
         "ingest",
         "--exclude-operation-id",
         "ingestAsset",
+        "--exclude-operation-id",
+        "simulate",
     ]))
     .await
     .unwrap();
-    // The writes, with a write credential: every check but that schema-valid input is
-    // accepted, since only the model knows which properties are writable and in range
-    // (the document serves every model).
+    // The writes (and the simulation, whose rule codes only the model knows), with a write
+    // credential: every check but that schema-valid input is accepted, since only the model
+    // knows which properties are writable and in range (the document serves every model).
     let auth = format!("Authorization: Bearer {WRITE}");
     let writes = run(strings(&[
         "--checks",
@@ -82,6 +84,8 @@ async fn the_openapi_document_matches_the_server() {
         "ingest",
         "--include-operation-id",
         "ingestAsset",
+        "--include-operation-id",
+        "simulate",
         "--phases",
         "examples,coverage,fuzzing",
         "--header",

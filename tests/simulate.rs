@@ -349,7 +349,7 @@ async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
             400,
         ),
         (json!({ "steps": [{ "advance": "soon" }] }), 400),
-        (json!({ "steps": [{ "advance": "400days" }] }), 400),
+        (json!({ "steps": [{ "advance": "400d" }] }), 400),
         (
             json!({ "steps": vec![json!({ "advance": "1s" }); 1001] }),
             400,

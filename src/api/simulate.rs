@@ -32,6 +32,8 @@ pub const MAX_BODY: usize = 256 * 1024;
 pub const MAX_STEPS: usize = 1000;
 /// Longest simulated time, from the start to the last advance.
 pub const MAX_SPAN_MS: i64 = 366 * 86_400_000;
+/// The latest time a simulation takes (the end of year 9999), in epoch ms; the earliest is 0.
+const MAX_TIME: i64 = 253_402_300_799_999;
 /// Most timers one catch-up fires: a twin's deadlines are few (idle, offline, commands,
 /// retirement), so more means a deadline that does not move; the simulation stops there.
 const MAX_TIMERS: usize = 64;
@@ -78,11 +80,10 @@ pub(super) struct Override {
     min_fit: Option<f64>,
 }
 
+/// A span such as `90s` or `10m` (`<digits><ms|s|m|h|d>`), in milliseconds.
 fn millis(name: &str, text: &str) -> Result<i64, String> {
-    humantime::parse_duration(text)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .ok_or_else(|| format!("{name}: expected a duration such as 90s or 10m, not '{text}'"))
+    super::span(text)
+        .ok_or_else(|| format!("{name}: expected a span such as 90s or 10m, not '{text}'"))
 }
 
 /// The model's rules with `overrides` applied and checked as a model file's are.
@@ -332,6 +333,16 @@ pub(super) async fn simulate(
             )));
         }
     };
+    let in_range = |t: i64, what: &str| {
+        if (0..=MAX_TIME).contains(&t) {
+            Ok(t)
+        } else {
+            Err(bad(format!(
+                "{what}: times run from 1970 to the end of year 9999"
+            )))
+        }
+    };
+    let at = at.map(|t| in_range(t, "at")).transpose()?;
     let (start, twin, now) = match request.start.as_deref() {
         None | Some("now") => {
             let twin = s.view.twin(&id).map_err(internal)?.ok_or_else(not_found)?;
@@ -350,6 +361,7 @@ pub(super) async fn simulate(
                     "start: expected now, empty or a time, not '{time}'"
                 ))
             })?;
+            let when = in_range(when, "start")?;
             let twin = match s.view.as_of(&id, when, false).map_err(internal)? {
                 None => return Err(not_found()),
                 Some(None) => {
@@ -389,9 +401,9 @@ pub(super) async fn simulate(
                 run.now.saturating_add(by)
             }
         };
-        if until - began > MAX_SPAN_MS {
+        if until - began > MAX_SPAN_MS || until > MAX_TIME {
             return Err(bad(format!(
-                "step {index}: more than 366 days after the start"
+                "step {index}: more than 366 days after the start, or after year 9999"
             )));
         }
         if let Err(why) = run.catch_up(index, until) {
