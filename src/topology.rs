@@ -204,7 +204,8 @@ struct RuleFile {
 }
 
 /// The settings of a forecast rule, with their defaults (`Rule::check` checks them): `min_samples` 5,
-/// `min_span` the whole window, `min_fit` 0.8, `clear_horizon` 1.25 × the horizon.
+/// `min_span` the window less one bucket (a 23rd of it: the oldest point is the newest of its
+/// bucket), `min_fit` 0.8, `clear_horizon` 1.25 × the horizon.
 fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
     let code = &r.code;
     let (Some(horizon), Some(window)) = (millis(r.horizon), millis(r.window)) else {
@@ -222,7 +223,7 @@ fn forecast_spec(r: &RuleFile) -> Result<crate::rules::ForecastSpec, String> {
         clear_horizon: millis(r.clear_horizon).unwrap_or(horizon + horizon / 4),
         window,
         min_samples: r.min_samples.unwrap_or(5),
-        min_span: millis(r.min_span).unwrap_or(window),
+        min_span: millis(r.min_span).unwrap_or(window - crate::rules::forecast::bucket(window)),
         min_fit: r.min_fit.unwrap_or(0.8),
     };
     Ok(spec)

@@ -59,9 +59,20 @@ pub enum Prediction {
     Crossing(Forecast),
 }
 
+/// The width of a window's buckets, ms: a window of `window` ms spans at most
+/// [`MAX_POINTS`] of them, whatever the readings' rate.
+pub fn bucket(window: i64) -> i64 {
+    let n = MAX_POINTS as i64 - 1;
+    ((window + n - 1) / n).max(1)
+}
+
 /// Adds reading `(at, value)` to `points` (a window of `window` ms). Returns whether the
-/// window changed. Equal times keep the larger value, so the window does not depend on the
-/// order the readings came in.
+/// window changed.
+///
+/// The window keeps one point per bucket of [`bucket`]`(window)` ms of event time (buckets
+/// aligned to the epoch): the newest reading of the bucket, the larger value at equal
+/// times. So however often the device reports, the points spread over the whole window,
+/// and the window does not depend on the order the readings came in.
 pub fn observe(points: &mut Vec<(i64, f64)>, at: i64, value: f64, window: i64) -> bool {
     if !value.is_finite() {
         return false;
@@ -71,15 +82,17 @@ pub fn observe(points: &mut Vec<(i64, f64)>, at: i64, value: f64, window: i64) -
     if at < floor {
         return false;
     }
-    match points.binary_search_by_key(&at, |p| p.0) {
-        Ok(i) if points[i].1 >= value => return false,
-        Ok(i) => points[i].1 = value,
-        Err(i) => {
-            if i == 0 && points.len() >= MAX_POINTS && points[0].0 >= floor {
-                return false; // older than every point of a full window
+    let width = bucket(window);
+    let of = |t: i64| t.div_euclid(width);
+    match points.binary_search_by_key(&of(at), |p| of(p.0)) {
+        Ok(i) => {
+            let (t, v) = points[i];
+            if (at, value) <= (t, v) {
+                return false;
             }
-            points.insert(i, (at, value));
+            points[i] = (at, value);
         }
+        Err(i) => points.insert(i, (at, value)),
     }
     let stale = points.iter().take_while(|p| p.0 < floor).count();
     let excess = points.len().saturating_sub(MAX_POINTS);

@@ -280,23 +280,32 @@ fn forecasting() -> (Model, RuleSet) {
 const MINUTE: i64 = 60_000;
 
 /// Readings of the battery, one a minute from minute 0, through the forecasting rules as the
-/// processor runs them (observe, merge, evaluate); the twin and the events.
+/// processor runs them (the step); the twin and the events.
 fn battery(values: &[f64]) -> (Twin, Vec<AlertEvent>) {
-    let (model, rules) = forecasting();
+    let readings: Vec<(i64, f64)> = (values.iter().enumerate())
+        .map(|(m, v)| (m as i64 * MINUTE, *v))
+        .collect();
+    battery_at(&readings, forecasting())
+}
+
+/// Readings `(event time, battery)` of one truck through `rules`, each processed at its event
+/// time; the twin and the events.
+fn battery_at(readings: &[(i64, f64)], (model, rules): (Model, RuleSet)) -> (Twin, Vec<AlertEvent>) {
+    let core = crate::step::Core {
+        model: &model,
+        rules: &rules,
+    };
     let mut twin = Twin::new("truck-3", &model);
-    let mut events = Vec::new();
-    for (m, v) in values.iter().enumerate() {
+    let (mut events, mut alerts, mut fx) = (Vec::new(), Vec::new(), Default::default());
+    for (at, v) in readings {
         let reading = Reading {
             asset_id: "truck-3".into(),
-            event_time: m as i64 * MINUTE,
+            event_time: *at,
             values: vec![(1, Value::Double(*v))],
         };
-        let observed = rules.observe(&mut twin, &reading);
-        match twin.apply(&model, &reading, 0) {
-            Ok(change) => rules.evaluate(&mut twin, &change, &mut events),
-            Err(_) if observed => rules.evaluate(&mut twin, &TwinChange::default(), &mut events),
-            Err(_) => {}
-        }
+        core.reading(&mut twin, &reading, *at, &mut fx, &mut alerts)
+            .expect("timely");
+        events.append(&mut alerts);
     }
     (twin, events)
 }
@@ -341,6 +350,34 @@ fn a_steady_drain_is_forecast_within_a_minute_and_ends_breached() {
         "raised once the readings span the window"
     );
     assert!(twin.forecasts[0].points.len() <= forecast::MAX_POINTS);
+}
+
+/// A device that reports every two seconds: the window keeps a point per 23rd of it, spread
+/// over the whole window, so the forecast raises as for a reading a minute (with the default
+/// `min_span`, the window less one bucket), within a minute of the true crossing.
+#[test]
+fn a_dense_drain_is_forecast_over_the_whole_window() {
+    let (model, mut rules) = forecasting();
+    let spec = rules.rules.last_mut().unwrap().forecast.as_mut().unwrap();
+    spec.min_span = spec.window - forecast::bucket(spec.window);
+    let readings: Vec<(i64, f64)> = (0..30 * 30)
+        .map(|i| (i * 2_000, 60.0 - i as f64 * 2.0 / 60.0))
+        .collect();
+    let (twin, events) = battery_at(&readings, (model, rules));
+    let raised = (events.iter())
+        .find(|e| e.state == AlertState::Raised)
+        .expect("raised");
+    let f = raised.forecast.expect("the prediction");
+    assert!((f.breach_at - 45 * MINUTE).abs() <= MINUTE, "{f:?}");
+    assert!(
+        raised.event_time <= 15 * MINUTE + 2 * forecast::bucket(15 * MINUTE),
+        "raised once the window is full: {}",
+        raised.event_time
+    );
+    let points = &twin.forecasts[0].points;
+    assert!(points.len() <= forecast::MAX_POINTS, "{}", points.len());
+    let span = points.last().unwrap().0 - points[0].0;
+    assert!(span >= 14 * MINUTE, "the points span the window: {span}");
 }
 
 /// The same drain with noise of up to ±1 %, twenty seeds: every raise predicts the crossing

@@ -176,7 +176,8 @@ fn late_and_future_readings_are_refused() {
 
 proptest! {
     /// Out-of-order and repeated readings give the same twin as the sorted stream: each
-    /// property's newest value and time, the newest event time, the status.
+    /// property's newest value and time, the newest event time, the status, and a forecast
+    /// rule's window (a bucket holding several readings here) with its prediction.
     #[test]
     fn any_order_with_duplicates_gives_the_sorted_twin(
         readings in prop::collection::vec((0i64..500, prop::collection::vec((0usize..3, 0.0f64..150.0), 1..3)), 1..30),
@@ -205,12 +206,30 @@ proptest! {
             let again = shuffled[r.index(shuffled.len())].clone();
             shuffled.push(again);
         }
+        let spec = crate::rules::ForecastSpec {
+            horizon: 60_000,
+            clear_horizon: 75_000,
+            window: 1_000,
+            min_samples: 3,
+            min_span: 200,
+            min_fit: 0.0,
+        };
+        let forecast = crate::rules::Rule::forecast(
+            "LOW_BATTERY_PREDICTED",
+            Severity::Warning,
+            (2, "battery_pct"),
+            (crate::rules::Op::Lt, 15.0),
+            spec,
+        );
+        let rules = crate::rules::RuleSet { rules: vec![forecast] };
         let final_twin = |stream: &[Reading]| {
             let mut twin = Twin::new("truck-1", &m);
             for r in stream {
+                rules.observe(&mut twin, r);
                 let _ = twin.apply(&m, r, 7);
             }
-            (twin.props, twin.event_time, twin.status)
+            let prediction = rules.predict(0, &twin);
+            (twin.props, twin.event_time, twin.status, twin.forecasts, format!("{prediction:?}"))
         };
         prop_assert_eq!(final_twin(&shuffled), final_twin(&sorted));
     }
