@@ -8,6 +8,9 @@
 //! `apache-avro` crate's generic reader (decode only, no merge, no store). Ratios > 1 mean the
 //! whole twinflow path is faster than that decode alone.
 //!
+//! The hot path runs twice: with the shipped model, and with the same model without its
+//! forecast rule (`LOW_BATTERY_PREDICTED`), so the forecast's cost is measured in the same run.
+//!
 //! Timers (offline, idle) with `TWINFLOW_BENCH_TIMER_TWINS` twins (default 1M): the cost of a
 //! look at the deadline index when nothing is due, against a scan of every twin (what a
 //! timer without an index would cost each second), and how fast due timers fire.
@@ -36,6 +39,10 @@ fn main() {
     let runs = env("TWINFLOW_BENCH_RUNS", 3);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let topology = support::vehicle_topology();
+    // The same model without its forecast rule: what the forecast costs, in the same run.
+    let mut unforecast = (*topology).clone();
+    (unforecast.rules.rules).retain(|r| r.forecast.is_none());
+    let unforecast = Arc::new(unforecast);
     let schema = apache_avro::Schema::parse_str(
         &std::fs::read_to_string(root.join("schemas/vehicle_telemetry.avsc")).unwrap(),
     )
@@ -57,6 +64,7 @@ fn main() {
             .take(twins + records);
         let (create, measured) = data.split_at(twins);
         let (mut base, mut decode, mut hot, mut cold) = (vec![], vec![], vec![], vec![]);
+        let mut hot_unforecast = vec![];
         for _ in 0..runs {
             let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
                 .build()
@@ -79,6 +87,7 @@ fn main() {
             decode.push(rate(measured.len(), t));
 
             hot.push(full_path(&topology, create, measured, twins));
+            hot_unforecast.push(full_path(&unforecast, create, measured, twins));
             cold.push(full_path(&topology, create, measured, 0));
         }
         let base = median(base);
@@ -94,6 +103,11 @@ fn main() {
             "full path, every twin cached (hot)",
             median(hot),
             "≥ 1000000",
+        );
+        row(
+            "full path hot, without the forecast rule",
+            median(hot_unforecast),
+            "",
         );
         row(
             "full path, every event reads and writes RocksDB",

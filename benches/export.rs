@@ -125,33 +125,6 @@ fn fill(bootstrap: &str, topic: &str, versions: &[(String, Vec<u8>, i64)]) -> us
     bytes
 }
 
-/// Reads the whole topic with a plain consumer; records/s.
-fn plain_consumer(bootstrap: &str, topic: &str, expected: usize) -> f64 {
-    let settings = [
-        ("fetch.wait.max.ms", "10"),
-        ("enable.partition.eof", "true"),
-    ];
-    let started = Instant::now();
-    let (consumer, _) = common::reader(bootstrap, &Default::default(), topic, &settings);
-    let (mut records, mut bytes) = (0, 0);
-    while records < expected {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "read {records} of {expected}"
-        );
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                records += 1;
-                bytes += m.payload().map_or(0, <[u8]>::len);
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-            Some(Err(e)) => panic!("reading: {e}"),
-        }
-    }
-    std::hint::black_box(bytes);
-    records as f64 / started.elapsed().as_secs_f64()
-}
-
 /// Exports everything into a fresh directory; rows/s and the Parquet bytes.
 fn export(
     config: &Config,
@@ -256,11 +229,14 @@ fn main() {
         let config = Config::from_toml(&text, std::iter::empty()).expect("config");
         // Alternate which goes first.
         let (p, (e, bytes)) = if run % 2 == 0 {
-            let p = plain_consumer(&bootstrap, &history.name, versions.len());
+            let p = common::consume_all(&bootstrap, &history.name, versions.len());
             (p, export(&config, &topology, &rt, versions.len()))
         } else {
             let e = export(&config, &topology, &rt, versions.len());
-            (plain_consumer(&bootstrap, &history.name, versions.len()), e)
+            (
+                common::consume_all(&bootstrap, &history.name, versions.len()),
+                e,
+            )
         };
         println!(
             "run {}: plain consumer {p:.0} records/s, export {e:.0} rows/s, ratio {:.2}",

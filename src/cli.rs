@@ -1,4 +1,4 @@
-//! The command line: `run`, `bridge`, `demo`, `simulate`, `export` and
+//! The command line: `run`, `bridge`, `demo`, `simulate`, `export`, `backtest` and
 //! `topology describe|apply`.
 
 use std::path::PathBuf;
@@ -133,6 +133,29 @@ pub enum Command {
         /// An empty or new directory.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Replay a time window of the telemetry topic through the live model and a candidate,
+    /// with a consumer of its own and no writes: per rule, raises, clears, time active and
+    /// flaps under each, and the assets whose alerts differ.
+    Backtest {
+        /// Configuration file (TOML): the brokers, the topics and the live model.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The candidate model file (same telemetry schema as the live one).
+        #[arg(long)]
+        model: PathBuf,
+        /// Readings that arrived at or after this time (RFC 3339 or epoch ms)...
+        #[arg(long, value_parser = parse_time)]
+        from: i64,
+        /// ...and before this one.
+        #[arg(long, value_parser = parse_time)]
+        to: i64,
+        /// A raise this soon after a clear of the same rule and asset counts as a flap.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        flap_within: Duration,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Show or create the topics.
     Topology {
@@ -387,6 +410,14 @@ impl Cli {
                 );
                 Ok(())
             }
+            Command::Backtest {
+                config,
+                model,
+                from,
+                to,
+                flap_within,
+                json,
+            } => backtest(&config, &model, (from, to), flap_within, json).await,
             Command::Topology {
                 action: TopologyAction::Describe { topology },
             } => {
@@ -410,4 +441,59 @@ impl Cli {
             }
         }
     }
+}
+
+/// `twinflow backtest`: loads both models, runs the replay off the runtime with a progress
+/// bar on stderr, and prints the report.
+async fn backtest(
+    config: &std::path::Path,
+    model: &std::path::Path,
+    (from, to): (i64, i64),
+    flap_within: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let config = Config::load(config)?;
+    let live = Topology::load(&config.topology)?;
+    let candidate = Topology::load(&crate::config::TopologyConfig {
+        topics: config.topology.topics.clone(),
+        model: model.to_owned(),
+    })?;
+    let registry = match (&config.schema_registry, live.topics.uses_registry()) {
+        (Some(r), true) => Some(crate::registry::Registry::new(r)?),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let report = tokio::task::spawn_blocking(move || {
+        let clients = crate::kafka::Clients::new(&config);
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "backtest {bar:40} {pos}/{len} readings, {per_sec}, {eta} left",
+            )
+            .expect("a valid template"),
+        );
+        let mut progress = |read: u64, total: u64| {
+            bar.set_length(total);
+            bar.set_position(read);
+        };
+        let mut b = crate::backtest::Backtest {
+            live: &live,
+            candidate: &candidate,
+            clients: &clients,
+            registry: registry.as_ref(),
+            from,
+            to,
+            flap_within: i64::try_from(flap_within.as_millis()).unwrap_or(i64::MAX),
+            progress: &mut progress,
+        };
+        let report = crate::backtest::backtest(&mut b, &runtime);
+        bar.finish_and_clear();
+        report
+    })
+    .await??;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }

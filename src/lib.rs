@@ -26,12 +26,15 @@
 //! - [`demo`]: `twinflow demo`, with the in-process Kafka-protocol cluster
 //!   ([`demo::embedded`]) and the fleet simulator ([`demo::sim`]) the demo, tests and
 //!   benchmarks use, apart from the service.
+//! - [`backtest`]: `twinflow backtest`, a window of telemetry through the live and a candidate
+//!   model, side by side.
 //! - [`cli`]: the command line.
 //! - [`error`]: the library error and its dispositions.
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod app;
+pub mod backtest;
 pub mod bridge;
 pub mod cli;
 pub mod clock;

@@ -2,7 +2,8 @@
 //! reporting: it must show the assets, the active alerts and live events from the stream;
 //! fall back to its plot while the tile server fails, and show a Leaflet map with its
 //! tiles once it serves; open a twin's detail on a click (properties, alerts, a chart of
-//! each numeric property over the last hour from the history endpoint); and let a user with
+//! each numeric property over the last hour from the history endpoint, why each rule is
+//! raised or not, with a forecast's prediction); run a what-if on it; and let a user with
 //! the write credential set a desired value on a twin. The screenshots are kept as test
 //! artefacts (their paths are printed).
 
@@ -148,6 +149,13 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
         p.send("page-reefer", now - (30 - i) * 60_000, &reading)
             .await;
     }
+    // Its battery drains fast over the last minute: a reading every three seconds, so that
+    // LOW_BATTERY_PREDICTED (a one-minute window) predicts the crossing of 15 %.
+    for k in 0..21_i64 {
+        let battery = [("battery_pct", 40.0 - k as f64)];
+        p.send("page-reefer", now - 60_000 + 3_000 * k, &battery)
+            .await;
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let twin: serde_json::Value = reqwest::get(format!("{base}/twins/page-reefer"))
@@ -156,12 +164,12 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
             .json()
             .await
             .unwrap_or_default();
-        if twin["version"] == 30 {
+        if twin["version"] == 51 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "page-reefer never reached version 30: {twin}"
+            "page-reefer never reached version 51: {twin}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -184,6 +192,8 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
         "temperature_c=4.5",
         "--write-token",
         WRITE,
+        "--whatif",
+        "temperature_c=5",
     ];
     let figures = check_page(&url, "fleet-page.png", &args).await;
     feeding.cancel();
@@ -202,7 +212,31 @@ async fn the_fleet_page_shows_assets_alerts_and_live_events() {
     // history, a point per reading.
     assert_eq!(
         figures["alert_codes"],
-        serde_json::json!(["TEMP_BREACH"]),
+        serde_json::json!(["TEMP_BREACH", "LOW_BATTERY_PREDICTED"]),
+        "{figures}"
+    );
+    // Why: TEMP_BREACH raised, the battery forecast raised on a predicted crossing.
+    let rules = &figures["rules"];
+    assert_eq!(rules["TEMP_BREACH"][0], "raised", "{figures}");
+    assert_eq!(
+        rules["LOW_BATTERY_PREDICTED"],
+        serde_json::json!(["raised", "crossing"]),
+        "{figures}"
+    );
+    // What if the reefer were at 5 °C for ten minutes: TEMP_BREACH would clear; the battery
+    // forecast would stay (no battery reading changes its window).
+    assert!(
+        (figures["whatif_events"].as_array().unwrap())
+            .contains(&serde_json::json!("TEMP_BREACH CLEARED")),
+        "{figures}"
+    );
+    let after: Vec<&str> = figures["whatif_final"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .collect();
+    assert!(
+        after.contains(&"LOW_BATTERY_PREDICTED") && !after.contains(&"TEMP_BREACH"),
         "{figures}"
     );
     let charts = &figures["charts"];

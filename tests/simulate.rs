@@ -19,23 +19,15 @@ use twinflow::config::TopologyConfig;
 
 const MINUTE: i64 = 60_000;
 
-/// The vehicle model with a forecast rule on the battery.
+/// The vehicle model with its forecast rule on the spans of a real fleet: a 15-minute
+/// window, a 40-minute horizon.
 fn forecasting() -> (tempfile::TempDir, TopologyConfig) {
     let dir = tempfile::tempdir().unwrap();
     let model = std::fs::read_to_string(root().join("topology/vehicle.toml")).unwrap();
     let schemas = format!("\"{}/", root().join("schemas").display());
-    let model = model.replace("\"../schemas/", &schemas)
-        + r#"
-[[rules]]
-code = "LOW_BATTERY_PREDICTED"
-kind = "forecast"
-severity = "WARNING"
-property = "battery_pct"
-op = "<"
-threshold = 15.0
-horizon = "40m"
-window = "15m"
-"#;
+    let model = (model.replace("\"../schemas/", &schemas))
+        .replace("horizon = \"3m\"", "horizon = \"40m\"")
+        .replace("window = \"1m\"", "window = \"15m\"");
     std::fs::write(dir.path().join("vehicle.toml"), model).unwrap();
     let paths = TopologyConfig {
         topics: root().join("topology/topics.toml"),

@@ -20,7 +20,7 @@ use twinflow::kafka::apply_topology;
 use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
 
-use crate::common::{self, NOIDA_CLIENT, Noida, vehicle_topology};
+use crate::common::{self, NOIDA_CLIENT, Noida, threshold_vehicle_topology};
 
 /// Event time of the simulations' first round, and the processing time of written twins.
 pub const START_MS: i64 = 1_790_000_000_000;
@@ -241,7 +241,7 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
             consumer: owned(&CONSUMER),
             producer: BTreeMap::new(),
         },
-        topology: vehicle_topology(),
+        topology: threshold_vehicle_topology(),
         store: StoreConfig {
             path: store.join("store"),
         },

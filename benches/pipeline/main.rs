@@ -34,7 +34,7 @@ mod throughput;
 
 use std::sync::Arc;
 
-use common::vehicle_topology;
+use common::threshold_vehicle_topology;
 use latency::Contender;
 use support::{env, median};
 use tokio::runtime::Runtime;
@@ -53,7 +53,8 @@ fn main() {
     let scenarios = std::env::var("TWINFLOW_BENCH_SCENARIOS")
         .unwrap_or_else(|_| "throughput,restore,latency".to_owned());
     let scenario = |name: &str| scenarios.split(',').any(|s| s.trim() == name);
-    let topology = Arc::new(Topology::load(&vehicle_topology()).expect("topology"));
+    // Without the forecast rule: the Quix Streams peer runs the threshold rules only.
+    let topology = Arc::new(Topology::load(&threshold_vehicle_topology()).expect("topology"));
     let rt = Runtime::new().expect("a Tokio runtime");
     let input = Fleet::new(
         FleetConfig {

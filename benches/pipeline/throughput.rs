@@ -132,6 +132,10 @@ fn quix_once(
         .current_dir(root)
         .env("TWINS_BOOTSTRAP", &broker.bootstrap)
         .env("TWINS_GROUP", &group)
+        .env(
+            "TWINS_TOPOLOGY",
+            crate::common::threshold_vehicle_topology().model,
+        )
         .env("TWINS_STATE_DIR", state.path())
         .env("TWINS_GUARANTEE", "at-least-once")
         .env(

@@ -119,7 +119,7 @@ pub fn export(e: &Export<'_>, runtime: &tokio::runtime::Handle) -> Result<Summar
     config.set("isolation.level", "read_committed");
     let reader = OutputReader::new(&config)?;
     let topic = history.name.as_str();
-    let window = window(&reader, topic, history.partitions, e.from, e.to)?;
+    let window = reader.window(topic, history.partitions, e.from, e.to)?;
     let total: i64 = window.iter().map(|(_, a, b)| b - a).sum();
     let mut ends: HashMap<i32, i64> = window.iter().map(|(p, _, end)| (*p, *end)).collect();
     let from: Vec<_> = (window.iter())
@@ -230,49 +230,6 @@ pub fn export(e: &Export<'_>, runtime: &tokio::runtime::Handle) -> Result<Summar
     summary.files.extend(alert_files);
     summary.alerts = alert_rows;
     Ok(summary)
-}
-
-/// Per partition of the window: `(partition, first offset, offset after the last)`.
-fn window(
-    reader: &OutputReader,
-    topic: &str,
-    partitions: i32,
-    from: i64,
-    to: i64,
-) -> Result<Vec<(i32, i64, i64)>> {
-    let timeout = Duration::from_secs(30);
-    let starts = reader.offsets_for_time(topic, partitions, from, timeout)?;
-    let ends = reader.offsets_for_time(topic, partitions, to, timeout)?;
-    let mut marks = Vec::new();
-    for p in 0..partitions {
-        let (low, high) = reader.watermarks(topic, p, timeout)?;
-        if low < high {
-            marks.push((p, low, high));
-        }
-    }
-    // "No offset at or after `from`" means every record is older, unless the broker does
-    // not look offsets up by time at all: then the partition's last record says otherwise.
-    let unknown: Vec<(i32, i64)> = (marks.iter())
-        .filter(|(p, _, _)| starts[*p as usize].is_none())
-        .map(|(p, _, high)| (*p, high - 1))
-        .collect();
-    let last = match unknown.is_empty() {
-        true => Default::default(),
-        false => reader.timestamps_at(topic, &unknown, timeout)?,
-    };
-    let mut out = Vec::new();
-    for (p, low, high) in marks {
-        let start = match starts[p as usize] {
-            Some(o) => o.max(low),
-            None if last.get(&p).is_some_and(|t| *t >= from) => low,
-            None => continue,
-        };
-        let end = ends[p as usize].map_or(high, |o| o.min(high));
-        if start < end {
-            out.push((p, start, end));
-        }
-    }
-    Ok(out)
 }
 
 /// Milliseconds in a day.

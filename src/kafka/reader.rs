@@ -110,6 +110,55 @@ impl OutputReader {
         super::cached_watermarks(&self.consumer, topic, partition)
     }
 
+    /// The offsets of the records of `topic` (partitions `0..partitions`) timestamped in
+    /// `[from, to)`, per partition that has any: `(partition, first offset, offset after the
+    /// last)`. A broker without a time index (the mock cluster) is asked for each
+    /// partition's last record's timestamp instead; a partition is then read from its start.
+    ///
+    /// # Errors
+    /// When the broker does not answer.
+    pub fn window(
+        &self,
+        topic: &str,
+        partitions: i32,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i32, i64, i64)>> {
+        let timeout = Duration::from_secs(30);
+        let starts = self.offsets_for_time(topic, partitions, from, timeout)?;
+        let ends = self.offsets_for_time(topic, partitions, to, timeout)?;
+        let mut marks = Vec::new();
+        for p in 0..partitions {
+            let (low, high) = self.watermarks(topic, p, timeout)?;
+            if low < high {
+                marks.push((p, low, high));
+            }
+        }
+        // "No offset at or after `from`" means every record is older, unless the broker does
+        // not look offsets up by time at all: then the partition's last record says otherwise.
+        let unknown: Vec<(i32, i64)> = (marks.iter())
+            .filter(|(p, _, _)| starts[*p as usize].is_none())
+            .map(|(p, _, high)| (*p, high - 1))
+            .collect();
+        let last = match unknown.is_empty() {
+            true => Default::default(),
+            false => self.timestamps_at(topic, &unknown, timeout)?,
+        };
+        let mut out = Vec::new();
+        for (p, low, high) in marks {
+            let start = match starts[p as usize] {
+                Some(o) => o.max(low),
+                None if last.get(&p).is_some_and(|t| *t >= from) => low,
+                None => continue,
+            };
+            let end = ends[p as usize].map_or(high, |o| o.min(high));
+            if start < end {
+                out.push((p, start, end));
+            }
+        }
+        Ok(out)
+    }
+
     /// Per partition `0..partitions` of `topic`, the first offset whose record's timestamp
     /// is at or after `at` (epoch ms), by the broker's time index; `None` where no record
     /// is that new (or the broker cannot say).

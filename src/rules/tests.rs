@@ -290,7 +290,10 @@ fn battery(values: &[f64]) -> (Twin, Vec<AlertEvent>) {
 
 /// Readings `(event time, battery)` of one truck through `rules`, each processed at its event
 /// time; the twin and the events.
-fn battery_at(readings: &[(i64, f64)], (model, rules): (Model, RuleSet)) -> (Twin, Vec<AlertEvent>) {
+fn battery_at(
+    readings: &[(i64, f64)],
+    (model, rules): (Model, RuleSet),
+) -> (Twin, Vec<AlertEvent>) {
     let core = crate::step::Core {
         model: &model,
         rules: &rules,

@@ -76,6 +76,40 @@ pub fn untimed_vehicle_topology() -> TopologyConfig {
     }
 }
 
+/// The vehicle model without its forecast rules (and the shipped topics beside it): the
+/// twin logic the benchmark's Quix Streams peer runs too.
+#[allow(dead_code)] // for the benchmarks
+pub fn threshold_vehicle_topology() -> TopologyConfig {
+    static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(root().join("topology/vehicle.toml")).unwrap();
+        let mut model: toml::Table = toml::from_str(&text).unwrap();
+        for schema in ["telemetry_schema", "twin_schema"] {
+            let relative = model[schema].as_str().unwrap().to_owned();
+            let absolute = root().join("topology").join(relative);
+            model.insert(schema.into(), absolute.display().to_string().into());
+        }
+        let rules = model["rules"].as_array_mut().unwrap();
+        rules.retain(|r| r.get("kind").and_then(|k| k.as_str()) != Some("forecast"));
+        std::fs::write(
+            dir.path().join("vehicle.toml"),
+            toml::to_string(&model).unwrap(),
+        )
+        .unwrap();
+        std::fs::copy(
+            root().join("topology/topics.toml"),
+            dir.path().join("topics.toml"),
+        )
+        .unwrap();
+        dir
+    });
+    TopologyConfig {
+        topics: dir.path().join("topics.toml"),
+        model: dir.path().join("vehicle.toml"),
+    }
+}
+
 /// An embedded cluster with the topology's topics, and a stopped pipeline on it.
 pub fn on_embedded(
     topology: TopologyConfig,
@@ -402,6 +436,35 @@ pub fn reader(
     }
     consumer.assign(&tpl).unwrap();
     (consumer, partitions)
+}
+
+/// Reads the whole of `topic` (`expected` records) with a plain consumer, from a fresh
+/// group-less assignment: the baseline of the benchmarks that read a topic. Records/s.
+#[allow(dead_code)] // for the benchmarks
+pub fn consume_all(bootstrap: &str, topic: &str, expected: usize) -> f64 {
+    let settings = [
+        ("fetch.wait.max.ms", "10"),
+        ("enable.partition.eof", "true"),
+    ];
+    let started = Instant::now();
+    let (consumer, _) = reader(bootstrap, &Default::default(), topic, &settings);
+    let (mut records, mut bytes) = (0, 0);
+    while records < expected {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "read {records} of {expected}"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                records += 1;
+                bytes += m.payload().map_or(0, <[u8]>::len);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => panic!("reading: {e}"),
+        }
+    }
+    std::hint::black_box(bytes);
+    records as f64 / started.elapsed().as_secs_f64()
 }
 
 pub fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {

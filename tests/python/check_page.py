@@ -133,6 +133,31 @@ def use_twin_panel(tools, args):
             break
         time.sleep(0.2)
     out = detail
+    # Why each rule is raised, pending or not (explain), forecasts with their prediction.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        out["rules"] = evaluate(tools, """Object.fromEntries([...document.querySelectorAll('#twin-rules tr[data-rule]')]
+          .map((r) => [r.dataset.rule, [r.dataset.state, r.dataset.prediction]]))""")
+        if out["rules"]:
+            break
+        time.sleep(0.2)
+    if args.whatif:
+        prop, value = args.whatif.split("=", 1)
+        evaluate(tools, f"""(() => {{
+          document.getElementById('whatif-property').value = {json.dumps(prop)};
+          document.getElementById('whatif-value').value = {json.dumps(value)};
+          document.getElementById('whatif-minutes').value = '10';
+          document.getElementById('whatif-run').click();
+        }})()""")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            final = evaluate(tools, "document.querySelector('#whatif-result li[data-final]')?.dataset.final ?? null")
+            if final is not None:
+                break
+            time.sleep(0.2)
+        out["whatif_final"] = final
+        out["whatif_events"] = evaluate(tools, """[...document.querySelectorAll('#whatif-result li[data-events]')]
+          .flatMap((l) => l.dataset.events.split(',')).filter((e) => e)""")
     if args.desired:
         prop, value = args.desired.split("=", 1)
         evaluate(tools, f"""(() => {{
@@ -168,6 +193,7 @@ def main():
     p.add_argument("--select", help="click this asset on the map")
     p.add_argument("--desired", help="PROPERTY=VALUE to set through the page's form")
     p.add_argument("--write-token", default="")
+    p.add_argument("--whatif", help="PROPERTY=VALUE to hold for ten minutes in the what-if panel")
     p.add_argument("--expect-map", choices=["map", "plot"],
                    help="map: Leaflet with loaded tiles; plot: the fallback without tiles")
     args = p.parse_args()

@@ -1,0 +1,485 @@
+//! `twinflow backtest`: replays a time window of the telemetry topic through the live model
+//! and a candidate model, side by side, with a consumer of its own (no group, no commits)
+//! and no writes, and says per rule how often each would have raised and cleared, how long
+//! its alerts were active, how often they flapped, and which assets' alerts differ.
+//!
+//! Each reading is decoded once and stepped through both models by the step production
+//! runs ([`crate::step`]), at its record's timestamp (its arrival, as processing time).
+//! Timers fire on each partition's own clock, at their deadlines, as records of that
+//! partition pass them; at the end every partition's clock moves to the window's end. Twins
+//! start empty at the window's start: an alert raised before it shows as raised by the
+//! first reading that still breaches.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use rdkafka::Offset;
+
+use crate::codec::rfc3339;
+use crate::error::{Error, Result};
+use crate::kafka::{OutputReader, Polled};
+use crate::registry::{Registry, decode_fetching};
+use crate::rules::{AlertEvent, AlertState};
+use crate::step::{Core, Timed};
+use crate::topology::Topology;
+use crate::twin::{Effects, Reading, Twin};
+
+/// A raise this soon after a clear of the same rule and asset is a flap.
+pub const DEFAULT_FLAP_WITHIN: i64 = 10 * 60_000;
+
+/// What to replay.
+pub struct Backtest<'a> {
+    /// The live topology: topics and the model running now.
+    pub live: &'a Topology,
+    /// The candidate model (same telemetry schema).
+    pub candidate: &'a Topology,
+    /// Kafka clients.
+    pub clients: &'a crate::kafka::Clients,
+    /// The registry, for Confluent-framed telemetry.
+    pub registry: Option<&'a Registry>,
+    /// Records whose timestamp is at or after this (epoch ms)...
+    pub from: i64,
+    /// ...and before this.
+    pub to: i64,
+    /// A raise within this of a clear is a flap (ms).
+    pub flap_within: i64,
+    /// Called now and then with (records read, records in the window).
+    pub progress: &'a mut dyn FnMut(u64, u64),
+}
+
+/// One rule's figures under one model.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RuleFigures {
+    /// RAISED events.
+    pub raises: u64,
+    /// CLEARED events.
+    pub clears: u64,
+    /// Total time its alerts were raised (processing time), within the window, seconds.
+    pub active_seconds: f64,
+    /// Raises within the flap span of a clear of the same asset.
+    pub flaps: u64,
+    /// Assets it raised on.
+    pub assets: u64,
+}
+
+/// What one model did with the window.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ModelFigures {
+    /// Per rule code, in the model's rule order.
+    pub rules: Vec<(String, RuleFigures)>,
+    /// Readings applied (twin changes by readings).
+    pub applied: u64,
+    /// Readings refused (late, future, invalid ...), by reason.
+    pub refused: std::collections::BTreeMap<String, u64>,
+    /// Timers that fired.
+    pub timers: u64,
+}
+
+/// What a backtest found.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    /// Telemetry records read in the window.
+    pub readings: u64,
+    /// Records that did not decode.
+    pub undecodable: u64,
+    /// The live model's figures.
+    pub live: ModelFigures,
+    /// The candidate's.
+    pub candidate: ModelFigures,
+    /// Assets whose alert events differ between the models, in id order.
+    pub differing_assets: Vec<String>,
+    /// Assets with alert events under either model.
+    pub assets: u64,
+    /// Seconds spent.
+    pub seconds: f64,
+}
+
+/// One model's replay state.
+struct Side<'a> {
+    core: Core<'a>,
+    twins: HashMap<Box<str>, Twin, foldhash::fast::RandomState>,
+    /// Per partition: (deadline, asset id) of the twins that have one.
+    timers: HashMap<i32, BTreeSet<(i64, Box<str>)>>,
+    /// Per rule: figures; per (rule, asset): raised at (processing time), last clear.
+    figures: Vec<RuleFigures>,
+    open: HashMap<(usize, Box<str>), i64, foldhash::fast::RandomState>,
+    cleared: HashMap<(usize, Box<str>), i64, foldhash::fast::RandomState>,
+    raised_on: HashMap<usize, BTreeSet<Box<str>>>,
+    /// Per asset: a hash of its alert events (code, state, event time), to compare models.
+    trail: HashMap<Box<str>, u64, foldhash::fast::RandomState>,
+    applied: u64,
+    refused: std::collections::BTreeMap<String, u64>,
+    timers_fired: u64,
+    fx: Effects,
+    alerts: Vec<AlertEvent>,
+}
+
+impl<'a> Side<'a> {
+    fn new(topology: &'a Topology) -> Side<'a> {
+        Side {
+            core: topology.core(),
+            twins: HashMap::default(),
+            timers: HashMap::new(),
+            figures: vec![RuleFigures::default(); topology.rules.rules.len()],
+            open: HashMap::default(),
+            cleared: HashMap::default(),
+            raised_on: HashMap::new(),
+            trail: HashMap::default(),
+            applied: 0,
+            refused: Default::default(),
+            timers_fired: 0,
+            fx: Effects::default(),
+            alerts: Vec::new(),
+        }
+    }
+
+    /// Fires the timers of `partition` due by `now`, each at its deadline.
+    fn fire(&mut self, partition: i32, now: i64, flap_within: i64) {
+        loop {
+            let Some(due) = self.timers.get_mut(&partition).and_then(|t| {
+                let first = t.first()?;
+                (first.0 <= now).then(|| t.pop_first()).flatten()
+            }) else {
+                return;
+            };
+            let (deadline, id) = due;
+            let Some(twin) = self.twins.get_mut(&id) else {
+                continue;
+            };
+            match self.core.model.deadline(twin) {
+                Some(actual) if actual > deadline => {
+                    // It moved later since it was filed.
+                    if let Some(t) = self.timers.get_mut(&partition) {
+                        t.insert((actual, id));
+                    }
+                    continue;
+                }
+                None => continue,
+                Some(_) => {}
+            }
+            let timed = self
+                .core
+                .timer(twin, deadline, &mut self.fx, &mut self.alerts);
+            match timed {
+                Timed::Unchanged => continue,
+                Timed::Fired => {
+                    self.timers_fired += 1;
+                    self.file(partition, &id);
+                }
+                Timed::Retire => {
+                    self.timers_fired += 1;
+                    let twin = self.twins.remove(&id).expect("looked up above");
+                    let mut twin = twin;
+                    let version = twin.version + 1;
+                    self.alerts.clear();
+                    (self.core.rules).clear_deleted(&mut twin, deadline, version, &mut self.alerts);
+                }
+            }
+            self.count(&id, deadline, flap_within);
+        }
+    }
+
+    /// Files the timer of the twin of `id`, if it has a deadline.
+    fn file(&mut self, partition: i32, id: &str) {
+        if let Some(deadline) = self.twins.get(id).and_then(|t| self.core.model.deadline(t)) {
+            let timers = self.timers.entry(partition).or_default();
+            timers.insert((deadline, id.into()));
+        }
+    }
+
+    /// Steps `reading` (of partition `partition`) at processing time `now`.
+    fn reading(&mut self, partition: i32, reading: &Reading, now: i64, flap_within: i64) {
+        self.fire(partition, now, flap_within);
+        let id = reading.asset_id.as_str();
+        if self.core.model.validate(reading).is_err() {
+            *self.refused.entry("invalid".into()).or_default() += 1;
+            return;
+        }
+        if !self.twins.contains_key(id) {
+            self.twins.insert(id.into(), Twin::new(id, self.core.model));
+        }
+        let twin = self.twins.get_mut(id).expect("inserted above");
+        let before = self.core.model.deadline(twin);
+        match (self.core).reading(twin, reading, now, &mut self.fx, &mut self.alerts) {
+            Err((reason, _)) => {
+                *self.refused.entry(reason.label().into()).or_default() += 1;
+                if twin.version == 0 {
+                    self.twins.remove(id);
+                }
+                return;
+            }
+            Ok(applied) => {
+                self.applied += u64::from(applied.merged);
+                if twin.version == 0 {
+                    self.twins.remove(id);
+                    return;
+                }
+            }
+        }
+        let after = self.core.model.deadline(&self.twins[id]);
+        if after.is_some_and(|a| before.is_none_or(|b| a < b)) {
+            self.file(partition, id);
+        }
+        self.count(id, now, flap_within);
+    }
+
+    /// Counts the alert events of the last step of `id` at processing time `now`.
+    fn count(&mut self, id: &str, now: i64, flap_within: i64) {
+        for event in &self.alerts {
+            let key = (event.rule, Box::<str>::from(id));
+            let figures = &mut self.figures[event.rule];
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(&self.trail.get(id).copied().unwrap_or(0).to_le_bytes());
+            h.update(self.core.rules.rules[event.rule].code.as_bytes());
+            h.update(&[event.state as u8]);
+            h.update(&event.raised_at.to_le_bytes());
+            self.trail.insert(id.into(), h.digest());
+            match event.state {
+                AlertState::Raised => {
+                    figures.raises += 1;
+                    if self
+                        .cleared
+                        .get(&key)
+                        .is_some_and(|c| now - c <= flap_within)
+                    {
+                        figures.flaps += 1;
+                    }
+                    (self.raised_on.entry(event.rule).or_default()).insert(id.into());
+                    self.open.insert(key, now);
+                }
+                AlertState::Cleared => {
+                    figures.clears += 1;
+                    if let Some(at) = self.open.remove(&key) {
+                        figures.active_seconds += (now - at).max(0) as f64 / 1000.0;
+                    }
+                    self.cleared.insert(key, now);
+                }
+                AlertState::Acknowledged => {}
+            }
+        }
+    }
+
+    /// Ends the window at `to`: fires what is due, and counts the alerts still raised as
+    /// active until then.
+    fn finish(
+        mut self,
+        to: i64,
+        flap_within: i64,
+    ) -> (
+        ModelFigures,
+        HashMap<Box<str>, u64, foldhash::fast::RandomState>,
+    ) {
+        let partitions: Vec<i32> = self.timers.keys().copied().collect();
+        for p in partitions {
+            self.fire(p, to, flap_within);
+        }
+        for ((rule, _), at) in &self.open {
+            self.figures[*rule].active_seconds += (to - at).max(0) as f64 / 1000.0;
+        }
+        for (rule, assets) in &self.raised_on {
+            self.figures[*rule].assets = assets.len() as u64;
+        }
+        let rules = (self.core.rules.rules.iter())
+            .map(|r| r.code.clone())
+            .zip(self.figures)
+            .collect();
+        let figures = ModelFigures {
+            rules,
+            applied: self.applied,
+            refused: self.refused,
+            timers: self.timers_fired,
+        };
+        (figures, self.trail)
+    }
+}
+
+/// Runs the backtest; see the module documentation. Blocking: run it off the async runtime
+/// (`runtime` serves the registry's fetches).
+///
+/// # Errors
+/// `Config` when the window is empty or the candidate reads another telemetry schema;
+/// Kafka errors.
+pub fn backtest(b: &mut Backtest<'_>, runtime: &tokio::runtime::Handle) -> Result<Report> {
+    if b.from >= b.to {
+        return Err(Error::Config(format!(
+            "--from {} must be before --to {}",
+            rfc3339(b.from),
+            rfc3339(b.to)
+        )));
+    }
+    if b.live.codec.schema_texts().0 != b.candidate.codec.schema_texts().0 {
+        return Err(Error::Config(
+            "the candidate model must read the live model's telemetry schema".into(),
+        ));
+    }
+    let started = Instant::now();
+    let topics = &b.live.topics;
+    let topic = topics.telemetry.name.as_str();
+    let format = topics.telemetry_format();
+    let mut config = b.clients.reader("twinflow-backtest", true);
+    config.set("isolation.level", "read_committed");
+    let reader = OutputReader::new(&config)?;
+    let window = reader.window(topic, topics.telemetry.partitions, b.from, b.to)?;
+    let total: i64 = window.iter().map(|(_, a, z)| z - a).sum();
+    let mut ends: HashMap<i32, i64> = window.iter().map(|(p, _, end)| (*p, *end)).collect();
+    let from: Vec<_> = (window.iter())
+        .map(|(p, start, _)| (topic, *p, Offset::Offset(*start)))
+        .collect();
+    reader.assign(&from)?;
+    let (mut live, mut candidate) = (Side::new(b.live), Side::new(b.candidate));
+    let mut report = Report::default();
+    let mut reading = Reading::default();
+    let mut read = 0u64;
+    while !ends.is_empty() {
+        let m = match reader.poll(Duration::from_millis(200))? {
+            Polled::Idle => continue,
+            Polled::End(p) => {
+                ends.remove(&p);
+                continue;
+            }
+            Polled::Record(m) => m,
+        };
+        let partition = m.partition();
+        let Some(&end) = ends.get(&partition) else {
+            continue;
+        };
+        if m.offset() >= end {
+            ends.remove(&partition);
+            continue;
+        }
+        if m.offset() + 1 >= end {
+            ends.remove(&partition);
+        }
+        read += 1;
+        if read % 8192 == 0 {
+            (b.progress)(read, total as u64);
+        }
+        let now = m.timestamp().unwrap_or(i64::MIN);
+        if now < b.from || now >= b.to {
+            continue;
+        }
+        report.readings += 1;
+        let Some(value) = m.value() else {
+            report.undecodable += 1;
+            continue;
+        };
+        let codec = &b.live.codec;
+        let decoded = decode_fetching(b.registry, codec, runtime, |c| {
+            c.decode_reading(format, value, &mut reading)
+        });
+        if decoded.is_err() || m.key() != Some(reading.asset_id.as_bytes()) {
+            report.undecodable += 1;
+            continue;
+        }
+        live.reading(partition, &reading, now, b.flap_within);
+        candidate.reading(partition, &reading, now, b.flap_within);
+    }
+    reader.close_in_background();
+    (b.progress)(read, total as u64);
+    let (live, live_trail) = live.finish(b.to, b.flap_within);
+    let (candidate, candidate_trail) = candidate.finish(b.to, b.flap_within);
+    let mut assets: BTreeSet<&str> = live_trail.keys().map(|k| &**k).collect();
+    assets.extend(candidate_trail.keys().map(|k| &**k));
+    report.differing_assets = (assets.iter())
+        .filter(|a| live_trail.get(**a) != candidate_trail.get(**a))
+        .map(|a| a.to_string())
+        .collect();
+    report.assets = assets.len() as u64;
+    report.live = live;
+    report.candidate = candidate;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+impl Report {
+    /// The report as text: a table of the rules of either model, then the assets whose
+    /// alerts differ (the first 20).
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} readings in {:.1} s ({:.0}/s), {} undecodable; {} assets with alerts",
+            self.readings,
+            self.seconds,
+            self.readings as f64 / self.seconds.max(1e-9),
+            self.undecodable,
+            self.assets
+        );
+        let _ = writeln!(
+            out,
+            "| rule | raises live | raises candidate | clears live | clears candidate | active h live | active h candidate | flaps live | flaps candidate | assets live | assets candidate |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut codes: Vec<&str> = self.live.rules.iter().map(|(c, _)| c.as_str()).collect();
+        for (c, _) in &self.candidate.rules {
+            if !codes.contains(&c.as_str()) {
+                codes.push(c);
+            }
+        }
+        let find = |m: &ModelFigures, code: &str| {
+            m.rules
+                .iter()
+                .find(|(c, _)| c == code)
+                .map(|(_, f)| f.clone())
+        };
+        for code in codes {
+            let (l, c) = (find(&self.live, code), find(&self.candidate, code));
+            let cell = |f: &Option<RuleFigures>, v: &dyn Fn(&RuleFigures) -> String| {
+                f.as_ref().map_or_else(|| "-".to_owned(), v)
+            };
+            let raises = |f: &RuleFigures| f.raises.to_string();
+            let clears = |f: &RuleFigures| f.clears.to_string();
+            let hours = |f: &RuleFigures| format!("{:.1}", f.active_seconds / 3600.0);
+            let flaps = |f: &RuleFigures| f.flaps.to_string();
+            let assets = |f: &RuleFigures| f.assets.to_string();
+            let _ = writeln!(
+                out,
+                "| {code} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                cell(&l, &raises),
+                cell(&c, &raises),
+                cell(&l, &clears),
+                cell(&c, &clears),
+                cell(&l, &hours),
+                cell(&c, &hours),
+                cell(&l, &flaps),
+                cell(&c, &flaps),
+                cell(&l, &assets),
+                cell(&c, &assets),
+            );
+        }
+        let refused = |m: &ModelFigures| {
+            (m.refused.iter())
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "readings applied: live {}, candidate {}; refused: live [{}], candidate [{}]; timers fired: live {}, candidate {}",
+            self.live.applied,
+            self.candidate.applied,
+            refused(&self.live),
+            refused(&self.candidate),
+            self.live.timers,
+            self.candidate.timers
+        );
+        let shown: Vec<&str> = self
+            .differing_assets
+            .iter()
+            .take(20)
+            .map(String::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "{} assets whose alerts differ{}{}",
+            self.differing_assets.len(),
+            if shown.is_empty() { "" } else { ": " },
+            shown.join(", ")
+        );
+        out
+    }
+}
