@@ -70,7 +70,7 @@ fn main() {
     let requests = env("TWINFLOW_BENCH_REQUESTS", 2_000);
     let runs = env("TWINFLOW_BENCH_RUNS", 3).max(1);
     let mut live = Topology::load(&common::vehicle_topology()).expect("topology");
-    live.topics.telemetry.partitions = 16;
+    live.topics.telemetry.partitions = env("TWINFLOW_BENCH_PARTITIONS", 16) as i32;
     let mut candidate = live.clone();
     for rule in &mut candidate.rules.rules {
         if rule.code == "LOW_BATTERY" {

@@ -11,6 +11,7 @@
 //! first reading that still breaches.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Offset;
@@ -23,6 +24,12 @@ use crate::rules::{AlertEvent, AlertState};
 use crate::step::{Core, Timed};
 use crate::topology::Topology;
 use crate::twin::{Effects, Reading, Twin};
+
+/// Readings handed to the candidate's thread at a time.
+const BATCH: usize = 1024;
+
+/// A decoded reading with its partition and processing time.
+type Stepped = (i32, i64, Reading);
 
 /// A raise this soon after a clear of the same rule and asset is a flap.
 pub const DEFAULT_FLAP_WITHIN: i64 = 10 * 60_000;
@@ -98,8 +105,8 @@ pub struct Report {
 struct Side<'a> {
     core: Core<'a>,
     twins: HashMap<Box<str>, Twin, foldhash::fast::RandomState>,
-    /// Per partition: (deadline, asset id) of the twins that have one.
-    timers: HashMap<i32, BTreeSet<(i64, Box<str>)>>,
+    /// Per partition (by number): (deadline, asset id) of the twins that have one.
+    timers: Vec<BTreeSet<(i64, Box<str>)>>,
     /// Per rule: figures; per (rule, asset): raised at (processing time), last clear.
     figures: Vec<RuleFigures>,
     open: HashMap<(usize, Box<str>), i64, foldhash::fast::RandomState>,
@@ -119,7 +126,7 @@ impl<'a> Side<'a> {
         Side {
             core: topology.core(),
             twins: HashMap::default(),
-            timers: HashMap::new(),
+            timers: Vec::new(),
             figures: vec![RuleFigures::default(); topology.rules.rules.len()],
             open: HashMap::default(),
             cleared: HashMap::default(),
@@ -135,56 +142,59 @@ impl<'a> Side<'a> {
 
     /// Fires the timers of `partition` due by `now`, each at its deadline.
     fn fire(&mut self, partition: i32, now: i64, flap_within: i64) {
+        let core = self.core;
         loop {
-            let Some(due) = self.timers.get_mut(&partition).and_then(|t| {
-                let first = t.first()?;
-                (first.0 <= now).then(|| t.pop_first()).flatten()
-            }) else {
+            let Some(timers) = self.timers.get_mut(partition as usize) else {
                 return;
             };
-            let (deadline, id) = due;
+            let Some((deadline, id)) = timers
+                .first()
+                .filter(|t| t.0 <= now)
+                .is_some()
+                .then(|| timers.pop_first())
+                .flatten()
+            else {
+                return;
+            };
             let Some(twin) = self.twins.get_mut(&id) else {
                 continue;
             };
-            match self.core.model.deadline(twin) {
+            match core.model.deadline(twin) {
                 Some(actual) if actual > deadline => {
                     // It moved later since it was filed.
-                    if let Some(t) = self.timers.get_mut(&partition) {
-                        t.insert((actual, id));
-                    }
+                    timers.insert((actual, id));
                     continue;
                 }
                 None => continue,
                 Some(_) => {}
             }
-            let timed = self
-                .core
-                .timer(twin, deadline, &mut self.fx, &mut self.alerts);
-            match timed {
+            match core.timer(twin, deadline, &mut self.fx, &mut self.alerts) {
                 Timed::Unchanged => continue,
                 Timed::Fired => {
                     self.timers_fired += 1;
-                    self.file(partition, &id);
+                    if let Some(next) = core.model.deadline(twin) {
+                        self.file(partition, next, &id);
+                    }
                 }
                 Timed::Retire => {
                     self.timers_fired += 1;
-                    let twin = self.twins.remove(&id).expect("looked up above");
-                    let mut twin = twin;
+                    let mut twin = self.twins.remove(&id).expect("looked up above");
                     let version = twin.version + 1;
                     self.alerts.clear();
-                    (self.core.rules).clear_deleted(&mut twin, deadline, version, &mut self.alerts);
+                    (core.rules).clear_deleted(&mut twin, deadline, version, &mut self.alerts);
                 }
             }
             self.count(&id, deadline, flap_within);
         }
     }
 
-    /// Files the timer of the twin of `id`, if it has a deadline.
-    fn file(&mut self, partition: i32, id: &str) {
-        if let Some(deadline) = self.twins.get(id).and_then(|t| self.core.model.deadline(t)) {
-            let timers = self.timers.entry(partition).or_default();
-            timers.insert((deadline, id.into()));
+    /// Files a timer of the twin of `id` at `deadline`.
+    fn file(&mut self, partition: i32, deadline: i64, id: &str) {
+        let at = partition as usize;
+        if self.timers.len() <= at {
+            self.timers.resize_with(at + 1, BTreeSet::new);
         }
+        self.timers[at].insert((deadline, id.into()));
     }
 
     /// Steps `reading` (of partition `partition`) at processing time `now`.
@@ -200,25 +210,19 @@ impl<'a> Side<'a> {
         }
         let twin = self.twins.get_mut(id).expect("inserted above");
         let before = self.core.model.deadline(twin);
-        match (self.core).reading(twin, reading, now, &mut self.fx, &mut self.alerts) {
-            Err((reason, _)) => {
-                *self.refused.entry(reason.label().into()).or_default() += 1;
-                if twin.version == 0 {
-                    self.twins.remove(id);
-                }
-                return;
-            }
-            Ok(applied) => {
-                self.applied += u64::from(applied.merged);
-                if twin.version == 0 {
-                    self.twins.remove(id);
-                    return;
-                }
-            }
+        let applied = (self.core).reading(twin, reading, now, &mut self.fx, &mut self.alerts);
+        let after = self.core.model.deadline(twin);
+        let version = twin.version;
+        match applied {
+            Err((reason, _)) => *self.refused.entry(reason.label().into()).or_default() += 1,
+            Ok(applied) => self.applied += u64::from(applied.merged),
         }
-        let after = self.core.model.deadline(&self.twins[id]);
-        if after.is_some_and(|a| before.is_none_or(|b| a < b)) {
-            self.file(partition, id);
+        if version == 0 {
+            self.twins.remove(id); // refused before it ever changed: no twin
+            return;
+        }
+        if let Some(after) = after.filter(|a| before.is_none_or(|b| *a < b)) {
+            self.file(partition, after, id);
         }
         self.count(id, now, flap_within);
     }
@@ -269,9 +273,8 @@ impl<'a> Side<'a> {
         ModelFigures,
         HashMap<Box<str>, u64, foldhash::fast::RandomState>,
     ) {
-        let partitions: Vec<i32> = self.timers.keys().copied().collect();
-        for p in partitions {
-            self.fire(p, to, flap_within);
+        for p in 0..self.timers.len() {
+            self.fire(p as i32, to, flap_within);
         }
         for ((rule, _), at) in &self.open {
             self.figures[*rule].active_seconds += (to - at).max(0) as f64 / 1000.0;
@@ -326,58 +329,92 @@ pub fn backtest(b: &mut Backtest<'_>, runtime: &tokio::runtime::Handle) -> Resul
         .map(|(p, start, _)| (topic, *p, Offset::Offset(*start)))
         .collect();
     reader.assign(&from)?;
-    let (mut live, mut candidate) = (Side::new(b.live), Side::new(b.candidate));
     let mut report = Report::default();
-    let mut reading = Reading::default();
-    let mut read = 0u64;
-    while !ends.is_empty() {
-        let m = match reader.poll(Duration::from_millis(200))? {
-            Polled::Idle => continue,
-            Polled::End(p) => {
-                ends.remove(&p);
+    let flap_within = b.flap_within;
+    // Each model steps on a thread of its own, fed batches of the readings this thread
+    // polled and decoded (once): the two replays share no state.
+    let (live, candidate) = std::thread::scope(|scope| -> Result<_> {
+        let mut feeds = Vec::new();
+        let mut replays = Vec::new();
+        for model in [b.live, b.candidate] {
+            let (feed, received) = std::sync::mpsc::sync_channel::<Arc<Vec<Stepped>>>(8);
+            let to = b.to;
+            replays.push(scope.spawn(move || {
+                let mut side = Side::new(model);
+                for batch in received {
+                    for (partition, now, reading) in batch.iter() {
+                        side.reading(*partition, reading, *now, flap_within);
+                    }
+                }
+                side.finish(to, flap_within)
+            }));
+            feeds.push(feed);
+        }
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut reading = Reading::default();
+        let mut read = 0u64;
+        while !ends.is_empty() {
+            let m = match reader.poll(Duration::from_millis(200))? {
+                Polled::Idle => continue,
+                Polled::End(p) => {
+                    ends.remove(&p);
+                    continue;
+                }
+                Polled::Record(m) => m,
+            };
+            let partition = m.partition();
+            let Some(&end) = ends.get(&partition) else {
+                continue;
+            };
+            if m.offset() >= end {
+                ends.remove(&partition);
                 continue;
             }
-            Polled::Record(m) => m,
-        };
-        let partition = m.partition();
-        let Some(&end) = ends.get(&partition) else {
-            continue;
-        };
-        if m.offset() >= end {
-            ends.remove(&partition);
-            continue;
+            if m.offset() + 1 >= end {
+                ends.remove(&partition);
+            }
+            read += 1;
+            if read % 8192 == 0 {
+                (b.progress)(read, total as u64);
+            }
+            let now = m.timestamp().unwrap_or(i64::MIN);
+            if now < b.from || now >= b.to {
+                continue;
+            }
+            report.readings += 1;
+            let Some(value) = m.value() else {
+                report.undecodable += 1;
+                continue;
+            };
+            let codec = &b.live.codec;
+            let decoded = decode_fetching(b.registry, codec, runtime, |c| {
+                c.decode_reading(format, value, &mut reading)
+            });
+            if decoded.is_err() || m.key() != Some(reading.asset_id.as_bytes()) {
+                report.undecodable += 1;
+                continue;
+            }
+            batch.push((partition, now, reading.clone()));
+            if batch.len() == BATCH {
+                let full = Arc::new(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)));
+                // Sending fails only when a replay's thread ended: it panicked.
+                if feeds.iter().any(|f| f.send(full.clone()).is_err()) {
+                    break;
+                }
+            }
         }
-        if m.offset() + 1 >= end {
-            ends.remove(&partition);
+        let last = Arc::new(batch);
+        for feed in feeds {
+            let _ = feed.send(last.clone());
         }
-        read += 1;
-        if read % 8192 == 0 {
-            (b.progress)(read, total as u64);
-        }
-        let now = m.timestamp().unwrap_or(i64::MIN);
-        if now < b.from || now >= b.to {
-            continue;
-        }
-        report.readings += 1;
-        let Some(value) = m.value() else {
-            report.undecodable += 1;
-            continue;
-        };
-        let codec = &b.live.codec;
-        let decoded = decode_fetching(b.registry, codec, runtime, |c| {
-            c.decode_reading(format, value, &mut reading)
-        });
-        if decoded.is_err() || m.key() != Some(reading.asset_id.as_bytes()) {
-            report.undecodable += 1;
-            continue;
-        }
-        live.reading(partition, &reading, now, b.flap_within);
-        candidate.reading(partition, &reading, now, b.flap_within);
-    }
-    reader.close_in_background();
-    (b.progress)(read, total as u64);
-    let (live, live_trail) = live.finish(b.to, b.flap_within);
-    let (candidate, candidate_trail) = candidate.finish(b.to, b.flap_within);
+        reader.close_in_background();
+        (b.progress)(read, total as u64);
+        let mut done = (replays.into_iter()).map(|r| r.join().expect("a replay does not panic"));
+        let live = done.next().expect("two replays");
+        let candidate = done.next().expect("two replays");
+        Ok((live, candidate))
+    })?;
+    let ((live, live_trail), (candidate, candidate_trail)) = (live, candidate);
     let mut assets: BTreeSet<&str> = live_trail.keys().map(|k| &**k).collect();
     assets.extend(candidate_trail.keys().map(|k| &**k));
     report.differing_assets = (assets.iter())
