@@ -363,6 +363,24 @@ fn span(text: &str) -> Option<i64> {
     Some(n * ms)
 }
 
+/// A span in milliseconds as [`span`] reads it, in the largest unit that divides it: `90s`,
+/// `15m`, `1500ms`.
+pub(crate) fn span_text(ms: i64) -> String {
+    let ms = ms.max(0);
+    let unit = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ]
+    .into_iter()
+    .find(|(size, _)| ms > 0 && ms % size == 0);
+    match unit {
+        Some((size, name)) => format!("{}{name}", ms / size),
+        None => format!("{ms}ms"),
+    }
+}
+
 /// What the forecast rules of `rules` predict for `twin`, as JSON: `{code, prediction,
 /// points}` with `prediction` one of `unknown`, `clear`, `breached` or `crossing`, and for a
 /// crossing `breach_at`, `time_to_breach_seconds`, `slope_per_minute` and `fit`. With
@@ -405,15 +423,14 @@ pub(crate) fn predictions(
 
 /// A rule as JSON, with the model file's names: `code`, `kind`, `severity`, `property`,
 /// `op`, `threshold`, `clear_threshold`, `for`, and a forecast's `horizon`,
-/// `clear_horizon`, `window`, `min_samples`, `min_span` and `min_fit`; spans as `40m`.
+/// `clear_horizon`, `window`, `min_samples`, `min_span` and `min_fit`; spans as `40m` (as
+/// a simulation's overrides take them).
 pub(crate) fn rule_json(
     rule: &crate::rules::Rule,
     model: &crate::twin::Model,
 ) -> serde_json::Value {
     use crate::rules::RuleKind;
-    let span = |ms: i64| {
-        humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64)).to_string()
-    };
+    let span = span_text;
     let kind = match rule.kind {
         RuleKind::Threshold => "threshold",
         RuleKind::Forecast => "forecast",

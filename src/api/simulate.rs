@@ -57,8 +57,9 @@ pub(super) struct Request {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 enum Step {
-    /// A reading in the JSON input format (`event_time` defaults to the simulated clock;
-    /// `asset_id`, if given, must be the twin's).
+    /// A reading in the JSON input format (`event_time` defaults to the simulated clock, or
+    /// just after the twin's newest reading if that is later; `asset_id`, if given, must be
+    /// the twin's).
     Reading(serde_json::Map<String, serde_json::Value>),
     /// Moves the simulated clock on, e.g. `10m`; the timers due on the way fire.
     Advance(String),
@@ -214,9 +215,13 @@ impl Run<'_> {
             }
             Some(_) => {}
         }
-        object
-            .entry("event_time")
-            .or_insert_with(|| self.now.into());
+        // By default the device reports at the simulated clock, or just after the twin's
+        // newest reading when that is later (a device whose clock runs ahead).
+        let at = match self.twin.version {
+            0 => self.now,
+            _ => self.now.max(self.twin.event_time.saturating_add(1)),
+        };
+        object.entry("event_time").or_insert_with(|| at.into());
         let mut reading = Reading::default();
         if let Err((reason, why)) = super::ingest::check(self.topology, &object, &mut reading) {
             self.out.push(refused(step, self.now, reason.label(), &why));

@@ -489,7 +489,11 @@ impl RuleSet {
         out: &mut Vec<AlertEvent>,
     ) {
         let rule = &self.rules[index];
-        if !change.changed(rule.property) {
+        // A pending rule is looked at again when its property's reading is newer, whether or
+        // not its value changed: a value that stays over the threshold must raise once it
+        // has held for `for`.
+        let pending = twin.pending.iter().any(|p| p.code == rule.code);
+        if !change.changed(rule.property) && !pending {
             return;
         }
         let Some(prop) = twin.props[rule.property].as_ref() else {

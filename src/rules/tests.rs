@@ -170,6 +170,19 @@ fn minimum_duration_raises_only_once_the_condition_has_held() {
     );
 }
 
+/// A value that stays the same over the threshold raises once it has held for `for`: the
+/// readings repeat it, so no reading changes the value.
+#[test]
+fn a_steady_value_over_the_threshold_raises_after_its_minimum_duration() {
+    let (model, mut rules) = setup();
+    rules.rules[0].min_duration = Some(30_000);
+    let readings: Vec<(i64, usize, f64)> = (0..5).map(|i| (i * 10_000, 0, 9.5)).collect();
+    let (twin, events) = run_with(&model, &rules, &readings);
+    let states: Vec<_> = events.iter().map(|e| (e.state, e.event_time)).collect();
+    assert_eq!(states, [(AlertState::Raised, 30_000)]);
+    assert!(twin.pending.is_empty());
+}
+
 #[test]
 fn offline_raises_when_the_status_turns_offline_and_clears_with_the_next_reading() {
     let (mut model, mut rules) = setup();
