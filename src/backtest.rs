@@ -321,6 +321,7 @@ pub fn backtest(b: &mut Backtest<'_>, runtime: &tokio::runtime::Handle) -> Resul
     let format = topics.telemetry_format();
     let mut config = b.clients.reader("twinflow-backtest", true);
     config.set("isolation.level", "read_committed");
+    crate::kafka::window_reader(&mut config);
     let reader = OutputReader::new(&config)?;
     let window = reader.window(topic, topics.telemetry.partitions, b.from, b.to)?;
     let total: i64 = window.iter().map(|(_, a, z)| z - a).sum();

@@ -117,6 +117,7 @@ pub fn export(e: &Export<'_>, runtime: &tokio::runtime::Handle) -> Result<Summar
 
     let mut config = e.clients.reader("twinflow-export", true);
     config.set("isolation.level", "read_committed");
+    crate::kafka::window_reader(&mut config);
     let reader = OutputReader::new(&config)?;
     let topic = history.name.as_str();
     let window = reader.window(topic, history.partitions, e.from, e.to)?;

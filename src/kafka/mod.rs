@@ -22,5 +22,5 @@ pub use consumer::{
 };
 pub use headers::MessageHeaders;
 pub use producer::{DEFAULT_MAX_RECORD_BYTES, Deliveries, OutputProducer};
-pub use reader::{OutputReader, OutputRecord, Polled};
+pub use reader::{OutputReader, OutputRecord, Polled, window_reader};
 pub use writer::RecordWriter;
