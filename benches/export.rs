@@ -12,7 +12,8 @@
 //!
 //! The mock cluster keeps about 5 MiB per partition, so the history topic gets 16 partitions
 //! here (the export reads as many as the topology says); it has no time index, so the
-//! export reads each partition from its start, as it does on such a broker. (On noida-db a
+//! export finds the window's ends by a binary search over timestamps, as it does on such a
+//! broker (here the window is the whole topic). (On noida-db a
 //! consumer of 300,000 of these records now and then waited for minutes: it answers a fetch
 //! with the whole backlog.)
 //!
