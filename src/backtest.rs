@@ -12,13 +12,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use rdkafka::Offset;
+use std::time::Instant;
 
 use crate::codec::rfc3339;
 use crate::error::{Error, Result};
-use crate::kafka::{OutputReader, Polled};
+use crate::kafka::OutputReader;
 use crate::registry::{Registry, decode_fetching};
 use crate::rules::{AlertEvent, AlertState};
 use crate::step::{Core, Timed};
@@ -325,11 +323,7 @@ pub fn backtest(b: &mut Backtest<'_>, runtime: &tokio::runtime::Handle) -> Resul
     let reader = OutputReader::new(&config)?;
     let window = reader.window(topic, topics.telemetry.partitions, b.from, b.to)?;
     let total: i64 = window.iter().map(|(_, a, z)| z - a).sum();
-    let mut ends: HashMap<i32, i64> = window.iter().map(|(p, _, end)| (*p, *end)).collect();
-    let from: Vec<_> = (window.iter())
-        .map(|(p, start, _)| (topic, *p, Offset::Offset(*start)))
-        .collect();
-    reader.assign(&from)?;
+    let mut ends = reader.read_window(topic, &window)?;
     let mut report = Report::default();
     let flap_within = b.flap_within;
     // Each model steps on a thread of its own, fed batches of the readings this thread
@@ -354,26 +348,8 @@ pub fn backtest(b: &mut Backtest<'_>, runtime: &tokio::runtime::Handle) -> Resul
         let mut batch = Vec::with_capacity(BATCH);
         let mut reading = Reading::default();
         let mut read = 0u64;
-        while !ends.is_empty() {
-            let m = match reader.poll(Duration::from_millis(200))? {
-                Polled::Idle => continue,
-                Polled::End(p) => {
-                    ends.remove(&p);
-                    continue;
-                }
-                Polled::Record(m) => m,
-            };
+        while let Some(m) = reader.next_in(&mut ends)? {
             let partition = m.partition();
-            let Some(&end) = ends.get(&partition) else {
-                continue;
-            };
-            if m.offset() >= end {
-                ends.remove(&partition);
-                continue;
-            }
-            if m.offset() + 1 >= end {
-                ends.remove(&partition);
-            }
             read += 1;
             if read % 8192 == 0 {
                 (b.progress)(read, total as u64);

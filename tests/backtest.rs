@@ -111,18 +111,7 @@ async fn a_backtest_compares_the_live_model_with_a_candidate_and_writes_nothing(
         );
     assert_ne!(candidate, shipped.replace("\"../schemas/", &schemas));
     std::fs::write(dir.path().join("candidate.toml"), candidate).unwrap();
-    let paths = vehicle_topology();
-    let config = dir.path().join("twinflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbootstrap_servers = \"{bootstrap}\"\n[topology]\ntopics = \"{}\"\nmodel = \"{}\"\n[store]\npath = \"{}\"\n",
-            paths.topics.display(),
-            paths.model.display(),
-            dir.path().join("store").display(),
-        ),
-    )
-    .unwrap();
+    let config = common::config_file(dir.path(), &bootstrap, &vehicle_topology());
     let (from, to) = (t0, t0 + 60 * MINUTE);
     let run = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_twinflow"))

@@ -137,19 +137,11 @@ async fn an_exported_window_is_the_history_and_joins_without_leakage() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("twinflow.toml");
-    let topology = untimed_vehicle_topology();
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbootstrap_servers = \"{}\"\n[topology]\ntopics = \"{}\"\nmodel = \"{}\"\n[store]\npath = \"{}\"\n",
-            kafka.bootstrap_servers(),
-            topology.topics.display(),
-            topology.model.display(),
-            dir.path().join("store").display(),
-        ),
-    )
-    .unwrap();
+    let config = common::config_file(
+        dir.path(),
+        &kafka.bootstrap_servers(),
+        &untimed_vehicle_topology(),
+    );
     let out = dir.path().join("export");
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_twinflow"))
         .args(["export", "--config"])

@@ -8,28 +8,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as AV;
-use common::{TestPipeline, on_embedded, root, text};
+use common::{TestPipeline, on_embedded, text};
 use rdkafka::Message;
-use twinflow::config::TopologyConfig;
 
 const MINUTE: i64 = 60_000;
-
-/// The vehicle model with its forecast rule on the spans of a real fleet: a 15-minute
-/// window, a 40-minute horizon.
-fn forecasting() -> (tempfile::TempDir, TopologyConfig) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = std::fs::read_to_string(root().join("topology/vehicle.toml")).unwrap();
-    let schemas = format!("\"{}/", root().join("schemas").display());
-    let model = (model.replace("\"../schemas/", &schemas))
-        .replace("horizon = \"3m\"", "horizon = \"40m\"")
-        .replace("window = \"1m\"", "window = \"15m\"");
-    std::fs::write(dir.path().join("vehicle.toml"), model).unwrap();
-    let paths = TopologyConfig {
-        topics: root().join("topology/topics.toml"),
-        model: dir.path().join("vehicle.toml"),
-    };
-    (dir, paths)
-}
 
 /// Waits until the alert topic holds an event of `code` in `state`; all events so far.
 fn until_alert(
@@ -52,7 +34,7 @@ fn until_alert(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_draining_battery_is_forecast_survives_a_restore_and_ends_breached() {
-    let (_dir, paths) = forecasting();
+    let paths = common::fleet_forecast_topology();
     let (kafka, mut p) = on_embedded(paths.clone());
     p.start();
     // 1 %/min from 60 %, a reading a minute: 15 % is crossed 45 minutes in.

@@ -10,31 +10,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{TestPipeline, header, on_embedded, root};
+use common::{TestPipeline, header, on_embedded};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{Value, json};
 use twinflow::codec::rfc3339;
-use twinflow::config::TopologyConfig;
 
 const MINUTE: i64 = 60_000;
-
-/// The vehicle model with its forecast rule on the spans of a real fleet: a 15-minute
-/// window, a 40-minute horizon.
-fn forecasting() -> (tempfile::TempDir, TopologyConfig) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = std::fs::read_to_string(root().join("topology/vehicle.toml")).unwrap();
-    let schemas = format!("\"{}/", root().join("schemas").display());
-    let model = (model.replace("\"../schemas/", &schemas))
-        .replace("horizon = \"3m\"", "horizon = \"40m\"")
-        .replace("window = \"1m\"", "window = \"15m\"");
-    std::fs::write(dir.path().join("vehicle.toml"), model).unwrap();
-    let paths = TopologyConfig {
-        topics: root().join("topology/topics.toml"),
-        model: dir.path().join("vehicle.toml"),
-    };
-    (dir, paths)
-}
 
 /// The end offset of every partition of every topic.
 fn ends(p: &TestPipeline) -> BTreeMap<(String, i32), i64> {
@@ -141,7 +123,7 @@ fn scenario() -> Vec<(i64, Vec<(&'static str, f64)>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
-    let (_dir, paths) = forecasting();
+    let paths = common::fleet_forecast_topology();
     let (_kafka, mut p) = on_embedded(paths);
     p.start();
     let api = Api {
@@ -396,7 +378,7 @@ async fn until_explained(api: &Api, id: &str, rule: &str, check: impl Fn(&Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn explain_says_why_an_alert_is_raised_held_by_hysteresis_cleared_or_refused() {
-    let (_dir, paths) = forecasting();
+    let paths = common::fleet_forecast_topology();
     let (_kafka, mut p) = on_embedded(paths);
     p.start();
     let api = Api {

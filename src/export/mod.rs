@@ -31,12 +31,11 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
-use rdkafka::Offset;
 
 use crate::codec::rfc3339;
 use crate::error::{Error, Result};
 use crate::headers;
-use crate::kafka::{Clients, OutputReader, Polled};
+use crate::kafka::{Clients, OutputReader};
 use crate::registry::{Registry, decode_fetching};
 use crate::rules::DELETED;
 use crate::topology::Topology;
@@ -122,36 +121,14 @@ pub fn export(e: &Export<'_>, runtime: &tokio::runtime::Handle) -> Result<Summar
     let topic = history.name.as_str();
     let window = reader.window(topic, history.partitions, e.from, e.to)?;
     let total: i64 = window.iter().map(|(_, a, b)| b - a).sum();
-    let mut ends: HashMap<i32, i64> = window.iter().map(|(p, _, end)| (*p, *end)).collect();
-    let from: Vec<_> = (window.iter())
-        .map(|(p, start, _)| (topic, *p, Offset::Offset(*start)))
-        .collect();
-    reader.assign(&from)?;
+    let mut ends = reader.read_window(topic, &window)?;
     let started = Instant::now();
     let mut printed = Instant::now();
     let mut read = 0i64;
     let codec = &e.topology.codec;
     // Rows not yet written, by UTC day number.
     let mut buffers: HashMap<i64, Columns> = HashMap::new();
-    while !ends.is_empty() {
-        let m = match reader.poll(Duration::from_millis(200))? {
-            Polled::Idle => continue,
-            Polled::End(p) => {
-                ends.remove(&p);
-                continue;
-            }
-            Polled::Record(m) => m,
-        };
-        let Some(&end) = ends.get(&m.partition()) else {
-            continue;
-        };
-        if m.offset() >= end {
-            ends.remove(&m.partition());
-            continue;
-        }
-        if m.offset() + 1 >= end {
-            ends.remove(&m.partition());
-        }
+    while let Some(m) = reader.next_in(&mut ends)? {
         read += 1;
         summary.records += 1;
         if let Some(every) = e.progress

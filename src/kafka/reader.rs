@@ -184,6 +184,57 @@ impl OutputReader {
         Ok(out)
     }
 
+    /// Reads the `window` of `topic` (as [`OutputReader::window`] gives it): assigns its
+    /// partitions at their first offsets and returns what [`OutputReader::next_in`] walks.
+    ///
+    /// # Errors
+    /// When the client refuses the assignment.
+    pub fn read_window(
+        &self,
+        topic: &str,
+        window: &[(i32, i64, i64)],
+    ) -> Result<std::collections::HashMap<i32, i64>> {
+        let from: Vec<_> = (window.iter())
+            .map(|(p, start, _)| (topic, *p, Offset::Offset(*start)))
+            .collect();
+        self.assign(&from)?;
+        Ok(window.iter().map(|(p, _, end)| (*p, *end)).collect())
+    }
+
+    /// The next record of the window whose partitions' ends are `ends` (from
+    /// [`OutputReader::read_window`]; a partition leaves it once read to its end), or `None`
+    /// when every partition is read.
+    ///
+    /// # Errors
+    /// As [`OutputReader::poll`].
+    pub fn next_in(
+        &self,
+        ends: &mut std::collections::HashMap<i32, i64>,
+    ) -> Result<Option<OutputRecord<'_>>> {
+        while !ends.is_empty() {
+            let m = match self.poll(Duration::from_millis(200))? {
+                Polled::Idle => continue,
+                Polled::End(p) => {
+                    ends.remove(&p);
+                    continue;
+                }
+                Polled::Record(m) => m,
+            };
+            let Some(&end) = ends.get(&m.partition()) else {
+                continue;
+            };
+            if m.offset() >= end {
+                ends.remove(&m.partition());
+                continue;
+            }
+            if m.offset() + 1 >= end {
+                ends.remove(&m.partition());
+            }
+            return Ok(Some(m));
+        }
+        Ok(None)
+    }
+
     /// Per `(partition, low, high)` of `topic` (timestamps growing with the offset), the
     /// first offset in `low..high` whose record's timestamp is at or after `at`, or `high`:
     /// a binary search, one fetch per step for all partitions together.

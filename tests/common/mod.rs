@@ -110,6 +110,45 @@ pub fn threshold_vehicle_topology() -> TopologyConfig {
     }
 }
 
+/// The vehicle model with its forecast rule (LOW_BATTERY_PREDICTED) on the spans of a real
+/// fleet: a 15-minute window, a 40-minute horizon.
+#[allow(dead_code)] // not every test forecasts
+pub fn fleet_forecast_topology() -> TopologyConfig {
+    static DIR: std::sync::OnceLock<TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = std::fs::read_to_string(root().join("topology/vehicle.toml")).unwrap();
+        let schemas = format!("\"{}/", root().join("schemas").display());
+        let model = (model.replace("\"../schemas/", &schemas))
+            .replace("horizon = \"3m\"", "horizon = \"40m\"")
+            .replace("window = \"1m\"", "window = \"15m\"");
+        std::fs::write(dir.path().join("vehicle.toml"), model).unwrap();
+        dir
+    });
+    TopologyConfig {
+        topics: root().join("topology/topics.toml"),
+        model: dir.path().join("vehicle.toml"),
+    }
+}
+
+/// A configuration file in `dir` for the binary's commands (`export`, `backtest`): the
+/// brokers at `bootstrap`, the `topology`, a store in `dir`.
+#[allow(dead_code)] // for the tests that run the binary
+pub fn config_file(dir: &Path, bootstrap: &str, topology: &TopologyConfig) -> PathBuf {
+    let config = dir.join("twinflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbootstrap_servers = \"{bootstrap}\"\n[topology]\ntopics = \"{}\"\nmodel = \"{}\"\n[store]\npath = \"{}\"\n",
+            topology.topics.display(),
+            topology.model.display(),
+            dir.join("store").display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// An embedded cluster with the topology's topics, and a stopped pipeline on it.
 pub fn on_embedded(
     topology: TopologyConfig,
