@@ -155,26 +155,32 @@ impl App {
         let listener =
             tokio::net::TcpListener::from_std(listener).context("starting the HTTP endpoint")?;
         let http_stop = CancellationToken::new();
+        let view_enabled = view_config.enabled;
         let view = FleetView::open(
             shared.store.view(),
             shared.topology.clone(),
             shared.metrics.clone(),
             view_config,
         );
-        let viewer = {
-            let view = view.clone();
-            let client = shared.clients.reader("twinflow-view", false);
-            let (registry, runtime) = (shared.registry.clone(), tokio::runtime::Handle::current());
-            let coordinator = coordinator.clone();
-            Worker::start("fleet view", move |stop| {
-                view.run(client, registry, runtime, stop, || coordinator.ready());
-            })?
+        let viewer = match view_enabled {
+            true => {
+                let view = view.clone();
+                let client = shared.clients.reader("twinflow-view", false);
+                let (registry, runtime) =
+                    (shared.registry.clone(), tokio::runtime::Handle::current());
+                let coordinator = coordinator.clone();
+                Some(Worker::start("fleet view", move |stop| {
+                    view.run(client, registry, runtime, stop, || coordinator.ready());
+                })?)
+            }
+            false => None,
         };
         let state = ApiState {
             health: coordinator.clone(),
             metrics: shared.metrics.clone(),
             store: shared.store.clone(),
             view,
+            view_enabled,
             token: http.token.as_ref().map(|t| t.0.clone()),
             writers: Arc::new(
                 http.writers
@@ -215,7 +221,9 @@ impl App {
             Ok(joined) => joined.context("joining the HTTP endpoint")??,
             Err(_) => http_abort.abort(),
         }
-        viewer.stop().await?;
+        if let Some(viewer) = viewer {
+            viewer.stop().await?;
+        }
         // The poller committed and closed everything; stop the periodic commits.
         committing.cancel();
         committer_task.await.context("joining the committer")?;

@@ -54,6 +54,11 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ViewConfig {
+    /// Whether this instance keeps the fleet view. An instance that serves no twin API
+    /// (processing only) saves the view's reading of the changelog and its store writes;
+    /// its twin API then answers 503, and `/metrics`, `/healthz`, `/readyz` and
+    /// `POST /ingest` go on.
+    pub enabled: bool,
     /// Versions of each twin kept for `GET /twins/{id}/history` and `?as_of=` (0: none).
     /// A version costs about the twin's encoded size on disk (LZ4 in RocksDB).
     pub history_versions: u64,
@@ -66,6 +71,7 @@ pub struct ViewConfig {
 impl Default for ViewConfig {
     fn default() -> Self {
         ViewConfig {
+            enabled: true,
             history_versions: 1000,
             history_retention: Duration::from_secs(7 * 24 * 3600),
         }

@@ -409,3 +409,42 @@ async fn the_stream_brings_changes_within_a_second_survives_bursts_and_drops_a_s
     .await;
     p.stop().await;
 }
+
+/// A processing-only instance (`[view] enabled = false`) processes and serves its operations
+/// endpoints, keeps no fleet view, and says so on the twin API (503); an instance with the
+/// view on the same cluster answers for the twins it processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processing_only_instance_keeps_no_view_and_says_so() {
+    let (kafka, mut p) = on_embedded(vehicle_topology());
+    p.view.enabled = false;
+    p.start();
+    let t0 = p.now();
+    for i in 0..5_i64 {
+        p.send(&format!("van-{i}"), t0 - 1000 + i, &[("speed_kmh", 40.0)])
+            .await;
+    }
+    p.wait_consumed(5).await;
+    assert_eq!(p.changelog(5).len(), 5, "the twins reach the changelog");
+    for path in ["/twins/van-0", "/twins?limit=5", "/alerts", "/fleet", "/"] {
+        let (status, body) = get(&p, path).await;
+        assert_eq!(status, 503, "{path}: {body}");
+    }
+    assert_eq!(get(&p, "/healthz").await.0, 200);
+    let metrics = reqwest::get(format!("http://{}/metrics", p.http.unwrap()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("twinflow_view_twins 0"),
+        "no view: {metrics}"
+    );
+
+    let mut q = TestPipeline::new(&kafka.bootstrap_servers(), vehicle_topology(), &[]);
+    q.group = format!("{}-viewer", p.group);
+    q.start();
+    until_all(&[&q], "/fleet", |f| f["twins"] == 5).await;
+    p.stop().await;
+    q.stop().await;
+}

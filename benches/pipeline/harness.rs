@@ -256,7 +256,11 @@ pub fn config(bootstrap: &str, group: &str, guarantee: Guarantee, store: &Path) 
         },
         schema_registry: None,
         ingest: Default::default(),
-        view: Default::default(),
+        // TWINFLOW_BENCH_VIEW=off: a processing-only instance (`[view] enabled = false`).
+        view: twinflow::config::ViewConfig {
+            enabled: std::env::var("TWINFLOW_BENCH_VIEW").map_or(true, |v| v != "off"),
+            ..Default::default()
+        },
     }
 }
 

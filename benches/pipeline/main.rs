@@ -21,7 +21,8 @@
 //! `TWINFLOW_BENCH_RECORDS`, `TWINFLOW_BENCH_ASSETS`, `TWINFLOW_BENCH_TWINS`,
 //! `TWINFLOW_BENCH_LATENCY_SECS`, `TWINFLOW_BENCH_RUNS`; `TWINFLOW_BENCH_QUIX=0` leaves the
 //! peer out; `TWINFLOW_BENCH_SCENARIOS` picks some of `throughput,restore,latency` (latency
-//! without throughput offers `TWINFLOW_BENCH_LATENCY_RATE` records/s, default 40000).
+//! without throughput offers `TWINFLOW_BENCH_LATENCY_RATE` records/s, default 40000);
+//! `TWINFLOW_BENCH_VIEW=off` runs twinflow as a processing-only instance (no fleet view).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;

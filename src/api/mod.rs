@@ -98,6 +98,8 @@ pub struct ApiState {
     /// For its size on `/metrics`.
     pub(crate) store: Store,
     pub(crate) view: Arc<FleetView>,
+    /// Whether the view runs (`[view] enabled`): without it the twin API answers 503.
+    pub(crate) view_enabled: bool,
     pub(crate) token: Option<String>,
     /// Write credentials: token and name.
     pub(crate) writers: Arc<Vec<(String, String)>>,
@@ -215,6 +217,12 @@ async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> R
             .map(|(_, name)| name.clone())
     };
     let path = request.uri().path();
+    if !s.view_enabled && needs_view(path) {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this instance keeps no fleet view ([view] enabled = false): ask an instance that serves the twin API",
+        );
+    }
     let write = (request.method() == Method::PATCH
         && path.starts_with("/twins/")
         && path.ends_with("/desired"))
@@ -254,6 +262,16 @@ async fn guard(State(s): State<ApiState>, mut request: Request, next: Next) -> R
         }
     }
     next.run(request).await
+}
+
+/// Whether answering `path` takes the fleet view: the twin API and the page, not the
+/// operations endpoints, the OpenAPI document or ingestion.
+fn needs_view(path: &str) -> bool {
+    path == "/"
+        || path == "/fleet"
+        || path == "/alerts"
+        || path == "/twins"
+        || path.starts_with("/twins/")
 }
 
 fn unauthorized(message: &str) -> Response {
