@@ -723,10 +723,23 @@ impl FleetView {
         }
     }
 
-    /// Notes the dead letter `m` of `asset_id`: only its headers are read.
+    /// Notes the dead letter `m` of `asset_id`: only its headers are read, each cut to
+    /// 1 KiB (anyone who can write the topic writes its headers). A key longer than any
+    /// asset id, or a twin the view cannot decode, is no asset's refusal to keep.
     fn refused(&self, asset_id: String, m: &crate::kafka::OutputRecord<'_>) -> Result<()> {
         use crate::headers as h;
-        let text = |name: &str| m.text(name).unwrap_or_default();
+        if asset_id.len() > crate::twin::MAX_ASSET_ID_BYTES {
+            return Ok(());
+        }
+        let text = |name: &str| {
+            let mut text = m.text(name).unwrap_or_default();
+            let mut end = text.len().min(1024);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text
+        };
         let mut refusal = Refusal {
             reason: text(h::ERROR_REASON),
             stage: text(h::ERROR_STAGE),
@@ -737,8 +750,8 @@ impl FleetView {
             twin_version: 0,
         };
         if let Some(bytes) = self.store.twin(&asset_id)? {
-            let twin = self.topology.codec.decode_twin(&bytes)?;
-            refusal.twin_version = twin.version;
+            let twin = self.topology.codec.decode_twin(&bytes).ok();
+            refusal.twin_version = twin.map_or(0, |t| t.version);
         }
         let mut refusals = self.refusals.lock().expect("refusals lock");
         refusals.insert(asset_id, refusal);

@@ -95,17 +95,23 @@ impl Api {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
-    /// Waits until the view has version `version` of `id`.
-    async fn until_version(&self, id: &str, version: i64) -> Value {
+    /// Waits until `GET path` answers 200 with a body `check` accepts; the body.
+    async fn until(&self, path: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, twin) = self.get(&format!("/twins/{id}")).await;
-            if twin["version"] == version {
-                return twin;
+            let (status, body) = self.get(path).await;
+            if status == 200 && check(&body) {
+                return body;
             }
-            assert!(Instant::now() < deadline, "never version {version}: {twin}");
+            assert!(Instant::now() < deadline, "{path} never: {body:#}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until the view has version `version` of `id`.
+    async fn until_version(&self, id: &str, version: i64) -> Value {
+        self.until(&format!("/twins/{id}"), |t| t["version"] == version)
+            .await
     }
 }
 
@@ -123,13 +129,7 @@ fn scenario() -> Vec<(i64, Vec<(&'static str, f64)>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
-    let paths = common::fleet_forecast_topology();
-    let (_kafka, mut p) = on_embedded(paths);
-    p.start();
-    let api = Api {
-        base: format!("http://{}", p.http.unwrap()),
-        client: reqwest::Client::new(),
-    };
+    let (_kafka, mut p, api) = started();
     // A truck whose battery drained 1 %/min for the last 15 minutes.
     let now = p.now();
     for m in 0..16 {
@@ -146,6 +146,19 @@ async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
         .await;
     }
     let before = api.until_version("truck-1", 16).await;
+    // The counters are published after the commit, the alerts last of them: wait for the
+    // batch's forecast, so that the snapshot below is settled.
+    p.wait_consumed(16).await;
+    let raised = [("rule", "LOW_BATTERY_PREDICTED"), ("state", "RAISED")];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p
+        .metrics()
+        .counter("twinflow_alerts_emitted_total", &raised)
+        < 1
+    {
+        assert!(Instant::now() < deadline, "the forecast never raised");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (ends_before, metrics_before) = (ends(&p), pipeline_metrics(&p));
 
     let mut steps: Vec<Value> = scenario()
@@ -365,26 +378,24 @@ async fn a_simulation_writes_nothing_and_says_what_the_pipeline_then_writes() {
 
 /// Waits until `check` holds for the explanation of `rule` on `id`; returns the whole answer.
 async fn until_explained(api: &Api, id: &str, rule: &str, check: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, answer) = api.get(&format!("/twins/{id}/explain?rule={rule}")).await;
-        if status == 200 && check(&answer) {
-            return answer;
-        }
-        assert!(Instant::now() < deadline, "never: {answer:#}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    api.until(&format!("/twins/{id}/explain?rule={rule}"), check)
+        .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn explain_says_why_an_alert_is_raised_held_by_hysteresis_cleared_or_refused() {
-    let paths = common::fleet_forecast_topology();
-    let (_kafka, mut p) = on_embedded(paths);
+/// An instance on the real-fleet forecast model, started, with its API.
+fn started() -> (twinflow::demo::embedded::EmbeddedKafka, TestPipeline, Api) {
+    let (kafka, mut p) = on_embedded(common::fleet_forecast_topology());
     p.start();
     let api = Api {
         base: format!("http://{}", p.http.unwrap()),
         client: reqwest::Client::new(),
     };
+    (kafka, p, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_says_why_an_alert_is_raised_held_by_hysteresis_cleared_or_refused() {
+    let (_kafka, mut p, api) = started();
     let now = p.now();
     p.send(
         "truck-2",

@@ -162,7 +162,9 @@ fn explain(rules: &RuleSet, index: usize, model: &Model, twin: &Twin, now: i64) 
                 ("pending", Some(v)) => {
                     let since = pending.expect("pending").since;
                     let duration = rule.min_duration.unwrap_or(0);
-                    let left = (since + duration - twin.event_time).max(0);
+                    let left = (since.saturating_add(duration))
+                        .saturating_sub(twin.event_time)
+                        .max(0);
                     out["pending"] = json!({
                         "since": rfc3339(since), "remaining_seconds": left as f64 / 1000.0,
                     });

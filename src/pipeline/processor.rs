@@ -288,10 +288,9 @@ impl Processor {
             );
             return Ok(());
         }
-        let topology = self.topology.clone();
+        let core = self.topology.core();
         let twin = self.cache.get_mut(id).expect("loaded above");
-        let deadline = topology.model.deadline(twin);
-        let core = topology.core();
+        let deadline = core.model.deadline(twin);
         let applied = core.reading(twin, reading, now, &mut self.effects, &mut self.alerts);
         let applied = match applied {
             Ok(applied) => applied,
