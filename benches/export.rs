@@ -166,7 +166,12 @@ fn view_bytes(versions: &[(String, Vec<u8>, i64)]) -> f64 {
     for chunk in versions.chunks(10_000) {
         let twins: Vec<_> = chunk
             .iter()
-            .map(|(id, v, _)| (id.clone(), 0, Some(v.clone())))
+            .map(|(id, v, _)| twinflow::store::ViewedTwin {
+                asset_id: id.clone(),
+                partition: 0,
+                twin: Some(v.clone()),
+                timer: None,
+            })
             .collect();
         let kept: Vec<_> = chunk
             .iter()
@@ -176,7 +181,13 @@ fn view_bytes(versions: &[(String, Vec<u8>, i64)]) -> f64 {
                 Some(*v)
             })
             .collect();
-        view.write(&twins, &kept, 1000, &[(0, 0)]).expect("written");
+        let position = twinflow::store::ViewPosition {
+            partition: 0,
+            next: 0,
+            checkpoints: None,
+        };
+        view.write(&twins, &kept, 1000, &[position])
+            .expect("written");
     }
     store.flush().expect("flushed");
     // Less the newest twin per asset (kept once more under its own key).

@@ -82,6 +82,7 @@ impl App {
             clients,
             failure: Failure::default(),
             registry,
+            view: config.view.enabled,
         });
         let committer = Arc::new(Committer::new(shared.clone()));
         let coordinator = Arc::new(Coordinator::new(

@@ -2,7 +2,8 @@
 //!
 //! - Changelog records carry [`SOURCE_OFFSET`]: the input offset the change came from (for a
 //!   timer, the partition's position − 1). A restore applies only records from input before
-//!   where processing resumes; latency tools match it with the input record.
+//!   where processing resumes; latency tools match it with the input record. A twin with a
+//!   timer carries its [`DEADLINE`].
 //! - Dead letters carry the original key, value and headers, plus why ([`ERROR_REASON`],
 //!   [`ERROR_STAGE`], [`ERROR_MESSAGE`]), where from ([`SOURCE_TOPIC`], [`SOURCE_PARTITION`],
 //!   [`SOURCE_OFFSET`]), and what of the original they could not carry
@@ -17,6 +18,12 @@ pub const SOURCE_TOPIC: &str = "twinflow.source.topic";
 pub const SOURCE_PARTITION: &str = "twinflow.source.partition";
 /// Input offset of the record (decimal).
 pub const SOURCE_OFFSET: &str = "twinflow.source.offset";
+/// On a changelog twin of a model with timers: when the twin's status next changes by
+/// itself, epoch milliseconds (decimal), or [`NO_DEADLINE`]. A restore files the timer
+/// from it without decoding the twin (and decodes a record without it).
+pub const DEADLINE: &str = "twinflow.deadline";
+/// The value of [`DEADLINE`] for a twin whose status changes by no timer now.
+pub const NO_DEADLINE: &str = "none";
 /// Why a record was dead-lettered: a `metrics::DeadLetterReason` label.
 pub const ERROR_REASON: &str = "twinflow.error.reason";
 /// Where processing stopped: `decode`, `validate`, `time`, `ack` or `internal`.

@@ -126,6 +126,11 @@ pub struct Metrics {
     /// Time to make one commit durable (deliveries or transaction, then the store).
     pub commit_seconds: Histogram,
     restored: IntCounterVec,
+    promotions: IntCounterVec,
+    /// Twins promoted from the fleet view into the pipeline's store by takeovers.
+    pub promoted_twins: IntCounter,
+    /// Of the assets promoted, those taken back to the version before an unfinished tail.
+    pub reverted_twins: IntCounter,
     restore_remaining: IntGaugeVec,
     restore_seconds: prometheus::GaugeVec,
     /// Partitions being restored from the changelog right now.
@@ -373,6 +378,34 @@ impl Metrics {
                 "Changelog records applied to the store by restores.",
                 &["partition"],
             ),
+            promotions: counter(
+                r,
+                "twinflow_restore_promotions_total",
+                "Restores by whether the partition's twins came from the fleet view \
+                 (promoted) or why not (view_off, not_indexed, store_ahead, unfinished_tail).",
+                &["outcome"],
+            ),
+            promoted_twins: {
+                let c = IntCounter::new(
+                    "twinflow_restore_promoted_twins_total",
+                    "Twins copied from the fleet view into the store by takeovers.",
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(c.clone()))
+                    .expect("each family registers once");
+                c
+            },
+            reverted_twins: {
+                let c = IntCounter::new(
+                    "twinflow_restore_reverted_twins_total",
+                    "Assets a takeover took back to the version before a crashed owner's \
+                     unfinished tail, which the replay writes again.",
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(c.clone()))
+                    .expect("each family registers once");
+                c
+            },
             restore_remaining: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -491,6 +524,11 @@ impl Metrics {
     /// The counter of panics in work of `kind` (`reading`, `ack`, `timer`).
     pub fn panics(&self, kind: &str) -> IntCounter {
         self.panics.with_label_values(&[kind])
+    }
+
+    /// Counts a restore that promoted the fleet view's twins (`promoted`) or why it did not.
+    pub fn promotion(&self, outcome: &str) {
+        self.promotions.with_label_values(&[outcome]).inc();
     }
 
     /// Handles for one partition's restore: records applied, records remaining, duration.

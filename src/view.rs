@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::kafka::{OutputReader, Polled};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, decode_fetching};
-use crate::store::{ViewStore, ViewedTwin};
+use crate::store::{Checkpoints, ViewPosition, ViewStore, ViewedTwin};
 use crate::topology::Topology;
 use crate::twin::{Status, Twin};
 
@@ -571,8 +571,16 @@ impl FleetView {
         let changelog = topics.changelog.name.as_str();
         let mut from = Vec::new();
         let mut targets = HashMap::new();
+        // Per partition, the checkpoints of the partitions the view indexes: those it has
+        // read from their first record with the index.
+        let mut sources: HashMap<i32, Checkpoints> = HashMap::new();
         for p in 0..topics.changelog.partitions {
             let at = self.store.position(p)?;
+            match (at, self.store.checkpoints(p)?) {
+                (None, _) => _ = sources.insert(p, Checkpoints::default()),
+                (Some(_), Some(checkpoints)) => _ = sources.insert(p, checkpoints),
+                (Some(_), None) => {}
+            }
             from.push((changelog, p, at.map_or(Offset::Beginning, Offset::Offset)));
             let (_, high) = reader.watermarks(changelog, p, Duration::from_secs(10))?;
             targets.insert(p, high);
@@ -588,20 +596,34 @@ impl FleetView {
         let codec = &self.topology.codec;
         let mut positions: HashMap<i32, i64> = HashMap::new();
         let mut pending: Vec<ViewedTwin> = Vec::new();
+        let refuse = self.topology.model.time.refuse_deleted_for.is_some();
         while !stop.load(Ordering::SeqCst) {
             let idle = match reader.poll(Duration::from_millis(50)) {
                 Ok(Polled::Record(m)) => {
                     let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
                     if m.topic() == changelog {
                         positions.insert(m.partition(), m.offset() + 1);
-                        if let Some(id) = key {
+                        if let Some(checkpoints) = sources.get_mut(&m.partition()) {
+                            checkpoints.advance(m.offset() + 1, m.source_offset());
+                        }
+                        if let Some(asset_id) = key {
                             let twin = match m.value() {
                                 Some(v) => Some(decode_fetching(registry, codec, runtime, |c| {
                                     c.stored_twin(v).map(|t| t.into_owned())
                                 })?),
                                 None => None,
                             };
-                            pending.push((id, m.partition(), twin));
+                            // A twin's deadline is filled in when it is decoded.
+                            let timer = match twin {
+                                Some(_) => None,
+                                None => m.number(crate::headers::DELETED_AT).filter(|_| refuse),
+                            };
+                            pending.push(ViewedTwin {
+                                asset_id,
+                                partition: m.partition(),
+                                twin,
+                                timer,
+                            });
                         }
                     } else if m.topic() == topics.dead_letter.name {
                         if let Some(id) = key {
@@ -635,8 +657,14 @@ impl FleetView {
             }
             let apply = pending.len() >= VIEW_BATCH || (idle && !positions.is_empty());
             if apply {
+                let positions: Vec<ViewPosition> = (positions.drain())
+                    .map(|(partition, next)| ViewPosition {
+                        partition,
+                        next,
+                        checkpoints: sources.get(&partition).cloned(),
+                    })
+                    .collect();
                 self.apply(std::mem::take(&mut pending), &positions)?;
-                positions.clear();
             }
             if (apply || idle) && !self.caught_up() {
                 let reached = targets.iter().all(|(p, high)| {
@@ -649,14 +677,16 @@ impl FleetView {
     }
 
     /// Writes a batch of changelog twins, updates the counts and publishes the changes.
-    fn apply(&self, changes: Vec<ViewedTwin>, positions: &HashMap<i32, i64>) -> Result<()> {
+    fn apply(&self, mut changes: Vec<ViewedTwin>, positions: &[ViewPosition]) -> Result<()> {
         let codec = &self.topology.codec;
         let live = self.live();
         let mut latest: HashMap<&str, Option<&Vec<u8>>> = HashMap::new();
         let mut versions = Vec::with_capacity(changes.len());
+        let mut deadlines = Vec::with_capacity(changes.len());
         let mut diff = Counts::default();
         let mut removed = Counts::default();
-        for (id, _, twin) in &changes {
+        for change in &changes {
+            let (id, twin) = (&change.asset_id, &change.twin);
             let before = match latest.get(id.as_str()) {
                 Some(b) => b.and_then(|b| codec.decode_twin(b).ok()),
                 None => self
@@ -669,6 +699,7 @@ impl FleetView {
             }
             let after = twin.as_ref().and_then(|b| codec.decode_twin(b).ok());
             versions.push(after.as_ref().and_then(|a| u64::try_from(a.version).ok()));
+            deadlines.push(after.as_ref().and_then(|a| self.topology.model.deadline(a)));
             if let Some(a) = &after {
                 diff.add(a, 1);
                 if live {
@@ -686,13 +717,13 @@ impl FleetView {
             }
             latest.insert(id, twin.as_ref());
         }
-        let positions: Vec<(i32, i64)> = positions.iter().map(|(p, n)| (*p, *n)).collect();
-        self.store.write(
-            &changes,
-            &versions,
-            self.config.history_versions,
-            &positions,
-        )?;
+        for (change, deadline) in changes.iter_mut().zip(deadlines) {
+            if change.twin.is_some() {
+                change.timer = deadline;
+            }
+        }
+        self.store
+            .write(&changes, &versions, self.config.history_versions, positions)?;
         let mut counts = self.counts.lock().expect("counts lock");
         merge(&mut counts, &diff, 1);
         merge(&mut counts, &removed, -1);

@@ -11,7 +11,7 @@ use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::{ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList};
 
 use crate::error::Result;
-use crate::headers::SOURCE_OFFSET;
+use crate::headers::{DEADLINE, NO_DEADLINE, SOURCE_OFFSET};
 
 /// What a poll brought.
 pub enum Polled<'a> {
@@ -60,6 +60,21 @@ impl OutputRecord<'_> {
     /// The input offset it came from (its `twinflow.source.offset` header).
     pub fn source_offset(&self) -> Option<i64> {
         self.number(SOURCE_OFFSET)
+    }
+
+    /// The twin's timer deadline its `twinflow.deadline` header carries: `Some(None)` for
+    /// none, `None` without the header (or with one that says neither).
+    pub fn deadline(&self) -> Option<Option<i64>> {
+        let value = self
+            .0
+            .headers()?
+            .iter()
+            .find(|h| h.key == DEADLINE)?
+            .value?;
+        if value == NO_DEADLINE.as_bytes() {
+            return Some(None);
+        }
+        Some(Some(std::str::from_utf8(value).ok()?.parse().ok()?))
     }
 
     /// The text of header `name` (invalid UTF-8 replaced), if it has one.

@@ -61,6 +61,9 @@ pub struct Shared {
     pub failure: Failure,
     /// The schema registry, when a topic uses the Confluent wire format.
     pub registry: Option<Arc<Registry>>,
+    /// Whether the instance's fleet view runs: a restore then first promotes the view's
+    /// copy of the partition's twins.
+    pub view: bool,
 }
 
 /// The first fatal error of an instance, and a token cancelled when it happens.

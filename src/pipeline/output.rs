@@ -2,8 +2,9 @@
 //! output's topic, partition and headers.
 //!
 //! - A changelog record goes to the changelog partition of the input's number, keyed by
-//!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from (and a
-//!   deleted twin's tombstone with the `twinflow.deleted.*` headers).
+//!   asset id, with [`headers::SOURCE_OFFSET`] naming the input record it came from,
+//!   [`headers::DEADLINE`] when the model has timers (and a deleted twin's tombstone with the
+//!   `twinflow.deleted.*` headers).
 //! - An alert event goes to the alert topic, keyed by asset id (the producer's partitioner
 //!   picks the partition), with no headers.
 //! - A command and a command event go to their topics, keyed by asset id (the producer's
@@ -50,6 +51,9 @@ pub struct Output {
     /// The record's timestamp (epoch ms): a changelog record's is its twin's `updated_at`,
     /// so the history can be read by processing time; others get the producer's clock.
     pub timestamp: Option<i64>,
+    /// A changelog twin's timer deadline (epoch ms) or `Some(None)` for none, when the
+    /// model has timers; `None` writes no deadline header.
+    pub deadline: Option<Option<i64>>,
 }
 
 /// An output record as the producer takes it.
@@ -95,6 +99,7 @@ impl Outputs {
             payload: p,
             headers,
             timestamp: None,
+            deadline: None,
         });
     }
 
@@ -117,19 +122,21 @@ impl Outputs {
             payload: Some(payload),
             headers: Vec::new(),
             timestamp: None,
+            deadline: None,
         });
     }
 
     /// Pushes a changelog record: the twin of `key` (its value framed by the header if
     /// given), or with no value a tombstone, with `headers`, stamped `at` (the twin's
-    /// `updated_at`, or the deletion's time).
+    /// `updated_at`, or the deletion's time), carrying the twin's timer `deadline` (see
+    /// [`Output::deadline`]).
     pub fn push_twin(
         &mut self,
         source: i64,
         key: &[u8],
         value: Option<(Option<[u8; 5]>, &[u8])>,
         headers: Vec<OutputHeader>,
-        at: i64,
+        (at, deadline): (i64, Option<Option<i64>>),
     ) {
         let k = self.append(key);
         let payload = value.map(|(framing, value)| self.framed(framing, value));
@@ -140,6 +147,7 @@ impl Outputs {
             payload,
             headers,
             timestamp: Some(at),
+            deadline,
         });
     }
 
@@ -167,7 +175,7 @@ impl Outputs {
     }
 
     /// Where and how record `o` of input partition `partition` goes; `scratch` holds the
-    /// text of a header made here.
+    /// text of the headers made here.
     pub fn route<'a>(
         &'a self,
         o: &'a Output,
@@ -180,7 +188,17 @@ impl Outputs {
             Target::Changelog => {
                 scratch.clear();
                 let _ = write!(scratch, "{}", o.source);
-                let mut headers = vec![(headers::SOURCE_OFFSET, Some(scratch.as_bytes()))];
+                let split = scratch.len();
+                match o.deadline {
+                    Some(Some(deadline)) => _ = write!(scratch, "{deadline}"),
+                    Some(None) => scratch.push_str(headers::NO_DEADLINE),
+                    None => {}
+                }
+                let (source, deadline) = scratch.as_bytes().split_at(split);
+                let mut headers = vec![(headers::SOURCE_OFFSET, Some(source))];
+                if o.deadline.is_some() {
+                    headers.push((headers::DEADLINE, Some(deadline)));
+                }
                 headers.extend(o.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
                 (&topics.changelog.name, Some(partition), headers)
             }

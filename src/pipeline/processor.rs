@@ -494,7 +494,7 @@ impl Processor {
             header(headers::DELETED_AT, now.to_string()),
             header(headers::DELETED_VERSION, version.to_string()),
         ];
-        (batch.outputs).push_twin(source, id.as_bytes(), None, tombstone, now);
+        (batch.outputs).push_twin(source, id.as_bytes(), None, tombstone, (now, None));
         self.emit_alerts(id, source, batch);
         self.emit_commands(id, version, source, batch);
         batch.counts.deletions[kind as usize] += 1;
@@ -676,7 +676,8 @@ impl Processor {
         // The index keeps an entry at or before each twin's deadline. Most readings move the
         // deadline later; the old entry then stays, and when it comes due the twin files it
         // again (`fire_timers`). So a reading costs one store write, not three.
-        if let Some(next) = topology.model.deadline(twin)
+        let deadline = topology.model.deadline(twin);
+        if let Some(next) = deadline
             && indexed.is_none_or(|at| next < at)
         {
             batch.store.put_deadline(next, id);
@@ -688,7 +689,11 @@ impl Processor {
         batch.store.put_twin(id, &self.scratch);
         let framing = topology.codec.changelog_header();
         let value = Some((framing, &self.scratch[..]));
-        (batch.outputs).push_twin(source, id.as_bytes(), value, Vec::new(), twin.updated_at);
+        let stamp = (
+            twin.updated_at,
+            topology.model.has_timers().then_some(deadline),
+        );
+        (batch.outputs).push_twin(source, id.as_bytes(), value, Vec::new(), stamp);
         let version = twin.version;
         self.emit_alerts(id, source, batch);
         self.emit_commands(id, version, source, batch);

@@ -22,9 +22,18 @@
 //! | 0x0A | `0A · partition u32 · asset_id utf-8` | the twin was deleted at this        |
 //! |      |                                       | processing time, i64 BE: readings   |
 //! |      |                                       | of it are refused for a while       |
+//! | 0x0B | `0B · partition u32 · asset_id utf-8` | fleet view: the asset's viewed twin |
+//! |      |                                       | is in this changelog partition: 0,  |
+//! |      |                                       | then its deadline i64 BE if it has  |
+//! |      |                                       | one; or 1 and the deletion's time   |
+//! | 0x0C | `0C · partition u32`                  | fleet view: checkpoints, pairs of   |
+//! |      |                                       | next offset and the highest source  |
+//! |      |                                       | offset before it, i64 BE each       |
 //!
-//! The fleet view (kinds 0x06 to 0x09) is a read replica of the whole changelog for the HTTP
-//! API (see `crate::view`), apart from the owned state: nothing in the pipeline reads it.
+//! The fleet view (kinds 0x06 to 0x09, 0x0B, 0x0C) is a read replica of the whole changelog
+//! for the HTTP API (see `crate::view`), apart from the owned state. The pipeline reads it
+//! only to promote a partition's twins when the partition is assigned
+//! ([`PartitionStore::promote`]).
 //!
 //! Kind bytes are never reused; retired kinds stay listed here.
 //!
@@ -38,6 +47,7 @@
 //! Writes skip fsync: a machine crash may lose the newest commits, and their positions with
 //! them, so replay and restore recompute them.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -55,6 +65,11 @@ const KIND_VIEW_POSITION: u8 = 0x07;
 const KIND_VIEW_PARTITION: u8 = 0x08;
 const KIND_VIEW_HISTORY: u8 = 0x09;
 const KIND_DELETED: u8 = 0x0A;
+const KIND_VIEW_INDEX: u8 = 0x0B;
+const KIND_VIEW_SOURCES: u8 = 0x0C;
+
+/// Twins per write of a promotion.
+const PROMOTE_BATCH: usize = 10_000;
 
 /// A twin's versions are trimmed to the kept number once every this many versions (one
 /// range delete each time, not one per version).
@@ -347,19 +362,190 @@ impl PartitionStore {
         opts.set_sync(false);
         Ok(self.db.write_opt(batch.batch, &opts)?)
     }
+
+    /// Writes a batch atomically without the write-ahead log: a crash before the next
+    /// [`PartitionStore::flush`] may lose it, with its positions (a restore writes this way,
+    /// and flushes before the partition is processed).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn commit_unlogged(&self, batch: StoreBatch) -> Result<()> {
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        Ok(self.db.write_opt(batch.batch, &opts)?)
+    }
+
+    /// Writes the memtables to disk, so that writes without the log are durable.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails.
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.db.flush()?)
+    }
+
+    /// Replaces the partition's twins, timers and deletion notes by the fleet view's copy
+    /// of them, as of one snapshot of the view, when the view reflects more of the
+    /// changelog than the store. Deletion notes that ended by `now` (`refuse_for` after the
+    /// deletion) are left out.
+    ///
+    /// The copy must hold only work whose input is before `resume` (where processing
+    /// resumes): a crashed at-least-once owner leaves an unfinished tail, changelog records
+    /// of later input, which the replay writes again. The view's checkpoints give the last
+    /// changelog offset `t` before that tail; when it is before the view's position,
+    /// `revert` is asked, with the changelog range from `t` to the view's position and a
+    /// lookup of the versions the view keeps (asset, version), for the twin each asset
+    /// changed in that range had at `t` (`None`: it had none), with its deadline; it
+    /// answers `None` when it cannot tell. The copy then reflects the changelog up to `t`,
+    /// and the restore goes on from there.
+    ///
+    /// Written without the log, in batches: the first removes the partition's changelog
+    /// position, the last sets the copy's, so a crash in between leaves a store that
+    /// restores the whole changelog. Flush before processing.
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails, `Error::CorruptStore` for a bad view key; what
+    /// `revert` returns.
+    pub fn promote(
+        &self,
+        resume: i64,
+        now: i64,
+        refuse_for: Option<i64>,
+        revert: impl FnOnce(
+            Range<i64>,
+            &dyn Fn(&str, u64) -> Result<Option<Vec<u8>>>,
+        ) -> Result<Option<Reverted>>,
+    ) -> Result<std::result::Result<Promotion, NoPromotion>> {
+        let snapshot = self.db.snapshot();
+        let k = key(KIND_VIEW_POSITION, self.partition, b"");
+        let viewed = snapshot.get(&k)?.map(|v| position(&k, &v)).transpose()?;
+        let k = key(KIND_VIEW_SOURCES, self.partition, b"");
+        let checkpoints = snapshot
+            .get(&k)?
+            .map(|v| Checkpoints::decode(&k, &v))
+            .transpose()?;
+        let (Some(viewed), Some(checkpoints)) = (viewed, checkpoints) else {
+            return Ok(Err(NoPromotion::NotIndexed));
+        };
+        let Some(clean) = checkpoints.clean_before(resume) else {
+            return Ok(Err(NoPromotion::UnfinishedTail));
+        };
+        let k = key(KIND_CHANGELOG, self.partition, b"");
+        let stored = snapshot.get(&k)?.map(|v| position(&k, &v)).transpose()?;
+        if stored.is_some_and(|c| c >= clean) {
+            return Ok(Err(NoPromotion::StoreAhead));
+        }
+        let mut reverted = Reverted::new();
+        if clean < viewed {
+            let version = |id: &str, version: u64| -> Result<Option<Vec<u8>>> {
+                Ok(snapshot.get(history_key(id, version))?)
+            };
+            match revert(clean..viewed, &version)? {
+                Some(r) => reverted = r,
+                None => return Ok(Err(NoPromotion::TailNotKept)),
+            }
+        }
+        let mut batch = self.batch();
+        for kind in [KIND_TWIN, KIND_DEADLINE, KIND_DELETED] {
+            let (from, to) = (
+                key(kind, self.partition, b""),
+                key(kind, self.partition + 1, b""),
+            );
+            batch.batch.delete_range(from, to);
+        }
+        batch.batch.delete(key(KIND_CHANGELOG, self.partition, b""));
+        let mut twins = 0u64;
+        for (id, twin) in &reverted {
+            if let Some((twin, deadline)) = twin {
+                batch.put_twin(id, twin);
+                if let Some(at) = deadline {
+                    batch.put_deadline(*at, id);
+                }
+                twins += 1;
+            }
+        }
+        let prefix = key(KIND_VIEW_INDEX, self.partition, b"");
+        let mut chunk: Vec<(String, Vec<u8>)> = Vec::with_capacity(PROMOTE_BATCH);
+        let mut read = rocksdb::ReadOptions::default();
+        read.set_iterate_upper_bound(key(KIND_VIEW_INDEX, self.partition + 1, b""));
+        for item in snapshot.iterator_opt(IteratorMode::From(&prefix, Direction::Forward), read) {
+            let (k, v) = item?;
+            let id = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| Error::CorruptStore(format!("view index key {k:?}")))?;
+            if reverted.contains_key(id) {
+                continue;
+            }
+            let at = v
+                .get(1..9)
+                .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
+            match (v.first(), at) {
+                (Some(0), _) => chunk.push((id.to_owned(), v.into_vec())),
+                (Some(1), Some(at)) => {
+                    if let Some(refuse) = refuse_for
+                        && at.saturating_add(refuse) > now
+                    {
+                        batch.put_deleted(id, at);
+                        batch.put_deadline(at.saturating_add(refuse), id);
+                    }
+                }
+                _ => return Err(Error::CorruptStore(format!("view index value {v:?}"))),
+            }
+            if chunk.len() == PROMOTE_BATCH {
+                twins += self.promote_chunk(&snapshot, &mut chunk, &mut batch)?;
+                self.commit_unlogged(std::mem::replace(&mut batch, self.batch()))?;
+            }
+        }
+        twins += self.promote_chunk(&snapshot, &mut chunk, &mut batch)?;
+        batch.set_changelog_next(clean);
+        self.commit_unlogged(batch)?;
+        Ok(Ok(Promotion {
+            twins,
+            reverted: reverted.len() as u64,
+            changelog_next: clean,
+        }))
+    }
+
+    /// Adds the viewed twins of `chunk` (ids and index values) that are still in this
+    /// partition to `batch`, with their timers; empties `chunk`.
+    fn promote_chunk(
+        &self,
+        snapshot: &rocksdb::Snapshot<'_>,
+        chunk: &mut Vec<(String, Vec<u8>)>,
+        batch: &mut StoreBatch,
+    ) -> Result<u64> {
+        let partitions = snapshot.multi_get(
+            chunk
+                .iter()
+                .map(|(id, _)| view_key(KIND_VIEW_PARTITION, id)),
+        );
+        let twins = snapshot.multi_get(chunk.iter().map(|(id, _)| view_key(KIND_VIEW_TWIN, id)));
+        let mut promoted = 0;
+        for (((id, index), partition), twin) in chunk.iter().zip(partitions).zip(twins) {
+            // An asset whose twin moved to another partition leaves its entry here behind.
+            let here = partition?.is_some_and(|p| *p == (self.partition as i32).to_be_bytes());
+            if let (true, Some(twin)) = (here, twin?) {
+                batch.put_twin(id, &twin);
+                if let Some(at) = index.get(1..9) {
+                    batch.put_deadline(i64::from_be_bytes(at.try_into().expect("8 bytes")), id);
+                }
+                promoted += 1;
+            }
+        }
+        chunk.clear();
+        Ok(promoted)
+    }
 }
 
 /// A stored position (i64 big-endian).
 fn offset(db: &DB, k: Vec<u8>) -> Result<Option<i64>> {
-    match db.get(&k)? {
-        None => Ok(None),
-        Some(v) => {
-            let bytes: [u8; 8] = v.as_slice().try_into().map_err(|_| {
-                Error::CorruptStore(format!("position {k:?} has {} bytes", v.len()))
-            })?;
-            Ok(Some(i64::from_be_bytes(bytes)))
-        }
-    }
+    db.get(&k)?.map(|v| position(&k, &v)).transpose()
+}
+
+/// The position stored under `k`.
+fn position(k: &[u8], v: &[u8]) -> Result<i64> {
+    let bytes: [u8; 8] = v
+        .try_into()
+        .map_err(|_| Error::CorruptStore(format!("position {k:?} has {} bytes", v.len())))?;
+    Ok(i64::from_be_bytes(bytes))
 }
 
 /// Up to `limit` entries under `prefix` whose id (the rest of the key) sorts after `after`.
@@ -400,9 +586,126 @@ fn view_key(kind: u8, asset_id: &str) -> Vec<u8> {
     k
 }
 
-/// A viewed twin to write: the asset, its changelog partition, and the twin (`None`: a
-/// tombstone).
-pub type ViewedTwin = (String, i32, Option<Vec<u8>>);
+/// A viewed changelog record to write.
+pub struct ViewedTwin {
+    /// The asset.
+    pub asset_id: String,
+    /// Its changelog partition.
+    pub partition: i32,
+    /// The twin datum; `None`: a tombstone.
+    pub twin: Option<Vec<u8>>,
+    /// For a twin, its timer deadline; for a tombstone, the deletion's time if the model
+    /// refuses deleted ids: what a new owner of the partition files from it.
+    pub timer: Option<i64>,
+}
+
+/// Where a promotion of a partition's twins from the fleet view stands.
+pub struct Promotion {
+    /// Twins copied.
+    pub twins: u64,
+    /// Of the assets, those taken back to an older version the view kept, since their
+    /// newest came from an unfinished tail.
+    pub reverted: u64,
+    /// The changelog offset the copied twins reflect: the restore goes on from it.
+    pub changelog_next: i64,
+}
+
+/// Why the fleet view cannot give a partition's twins.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoPromotion {
+    /// The view has not read the partition, or not all of it since it began to index it.
+    NotIndexed,
+    /// The store reflects as much of the changelog as the view, or more.
+    StoreAhead,
+    /// The view applied records of input at or after where processing resumes (an
+    /// unfinished tail a crashed at-least-once owner wrote, which the replay writes again),
+    /// and its checkpoints do not reach back before them.
+    UnfinishedTail,
+    /// The twins an unfinished tail changed cannot be taken back: the view keeps no
+    /// version of them from before it, or the tail deletes a twin.
+    TailNotKept,
+}
+
+/// The twins of assets an unfinished tail changed, as they were before it (`None`: the
+/// asset had no twin), with their deadlines.
+pub type Reverted = std::collections::HashMap<String, Option<(Vec<u8>, Option<i64>)>>;
+
+/// Records between two of the fleet view's checkpoints of a changelog partition.
+const CHECKPOINT_SPACING: i64 = 1000;
+/// Checkpoints kept per changelog partition: they reach at least this many times
+/// [`CHECKPOINT_SPACING`] records back.
+const CHECKPOINTS_KEPT: usize = 256;
+
+/// How far the fleet view has read a changelog partition, and what input the records it
+/// applied came from: `(next offset, highest source offset of the records before it)`,
+/// oldest first, at least [`CHECKPOINT_SPACING`] records apart but for the last, which is
+/// where the view stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Checkpoints(Vec<(i64, i64)>);
+
+impl Checkpoints {
+    /// Notes that the view read the record before `next`, from input offset `source`.
+    pub fn advance(&mut self, next: i64, source: Option<i64>) {
+        let highest = self
+            .0
+            .last()
+            .map_or(-1, |(_, h)| *h)
+            .max(source.unwrap_or(-1));
+        let n = self.0.len();
+        if n >= 2 && self.0[n - 1].0 - self.0[n - 2].0 < CHECKPOINT_SPACING {
+            self.0[n - 1] = (next, highest);
+        } else {
+            self.0.push((next, highest));
+            if self.0.len() > CHECKPOINTS_KEPT {
+                self.0.remove(0);
+            }
+        }
+    }
+
+    /// The newest checkpoint before which every record the view applied came from input
+    /// before `resume`.
+    pub fn clean_before(&self, resume: i64) -> Option<i64> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(_, h)| *h < resume)
+            .map(|(n, _)| *n)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        self.0
+            .iter()
+            .flat_map(|(n, h)| n.to_be_bytes().into_iter().chain(h.to_be_bytes()))
+            .collect()
+    }
+
+    fn decode(k: &[u8], v: &[u8]) -> Result<Checkpoints> {
+        if v.len() % 16 != 0 {
+            return Err(Error::CorruptStore(format!(
+                "checkpoints {k:?} have {} bytes",
+                v.len()
+            )));
+        }
+        let number = |b: &[u8]| i64::from_be_bytes(b.try_into().expect("8 bytes"));
+        Ok(Checkpoints(
+            v.chunks(16)
+                .map(|c| (number(&c[..8]), number(&c[8..])))
+                .collect(),
+        ))
+    }
+}
+
+impl NoPromotion {
+    /// A label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            NoPromotion::NotIndexed => "not_indexed",
+            NoPromotion::StoreAhead => "store_ahead",
+            NoPromotion::UnfinishedTail => "unfinished_tail",
+            NoPromotion::TailNotKept => "tail_not_kept",
+        }
+    }
+}
 
 /// The history key of `version` of `asset_id` (an id is at most 512 bytes, so its length
 /// fits the u16 that keeps one asset's versions apart from another's).
@@ -451,6 +754,19 @@ impl ViewStore {
         offset(&self.db, key(KIND_VIEW_POSITION, partition as u32, b""))
     }
 
+    /// The view's checkpoints of `partition`, if it has indexed the partition since its
+    /// first record (see [`PartitionStore::promote`]).
+    ///
+    /// # Errors
+    /// `Error::Store` when RocksDB fails, `Error::CorruptStore` for a bad value.
+    pub fn checkpoints(&self, partition: i32) -> Result<Option<Checkpoints>> {
+        let k = key(KIND_VIEW_SOURCES, partition as u32, b"");
+        self.db
+            .get(&k)?
+            .map(|v| Checkpoints::decode(&k, &v))
+            .transpose()
+    }
+
     /// Versions of `asset_id`'s twin from `start` (inclusive; `None`: the oldest, or the
     /// newest when `descending`), in version order or its reverse, as `(version, twin)`.
     pub fn history(
@@ -497,11 +813,12 @@ impl ViewStore {
         twins: &[ViewedTwin],
         versions: &[Option<u64>],
         keep: u64,
-        positions: &[(i32, i64)],
+        positions: &[ViewPosition],
     ) -> Result<()> {
         let mut batch = WriteBatch::default();
-        for ((id, _, twin), version) in twins.iter().zip(versions) {
-            match (twin, version) {
+        for (viewed, version) in twins.iter().zip(versions) {
+            let id = &viewed.asset_id;
+            match (&viewed.twin, version) {
                 (Some(t), Some(v)) if keep > 0 => {
                     batch.put(history_key(id, *v), t);
                     if v % HISTORY_TRIM_EVERY == 0 && *v > keep {
@@ -512,29 +829,59 @@ impl ViewStore {
                 _ => {}
             }
         }
-        for (id, partition, twin) in twins {
+        for viewed in twins {
+            let (id, partition) = (&viewed.asset_id, viewed.partition);
             let (twin_key, partition_key) = (
                 view_key(KIND_VIEW_TWIN, id),
                 view_key(KIND_VIEW_PARTITION, id),
             );
-            match twin {
+            let index_key = key(KIND_VIEW_INDEX, partition as u32, id.as_bytes());
+            let mut index = Vec::with_capacity(9);
+            match &viewed.twin {
                 Some(t) => {
                     batch.put(twin_key, t);
                     batch.put(partition_key, partition.to_be_bytes());
+                    index.push(0);
                 }
                 None => {
                     batch.delete(twin_key);
                     batch.delete(partition_key);
+                    index.push(1);
                 }
             }
+            match viewed.timer {
+                Some(at) => index.extend_from_slice(&at.to_be_bytes()),
+                None if viewed.twin.is_none() => {
+                    batch.delete(index_key);
+                    continue;
+                }
+                None => {}
+            }
+            batch.put(index_key, index);
         }
-        for (p, next) in positions {
-            batch.put(key(KIND_VIEW_POSITION, *p as u32, b""), next.to_be_bytes());
+        for p in positions {
+            let at = key(KIND_VIEW_POSITION, p.partition as u32, b"");
+            batch.put(at, p.next.to_be_bytes());
+            if let Some(checkpoints) = &p.checkpoints {
+                let at = key(KIND_VIEW_SOURCES, p.partition as u32, b"");
+                batch.put(at, checkpoints.encode());
+            }
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(false);
         Ok(self.db.write_opt(batch, &opts)?)
     }
+}
+
+/// How far the fleet view has read a changelog partition, written with its twins.
+pub struct ViewPosition {
+    /// The changelog partition.
+    pub partition: i32,
+    /// The next offset to read.
+    pub next: i64,
+    /// Its checkpoints, when the view indexes the partition (it has since its first
+    /// record).
+    pub checkpoints: Option<Checkpoints>,
 }
 
 /// Twins and a position to write together.
@@ -709,6 +1056,197 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(next, ["c1", "d1"]);
+    }
+
+    /// Writes viewed changes as the fleet view does, read up to `next` of partition 0 with
+    /// `checkpoints`.
+    fn view_write(
+        store: &Store,
+        changes: Vec<ViewedTwin>,
+        next: i64,
+        checkpoints: Option<Checkpoints>,
+    ) {
+        let versions: Vec<_> = changes
+            .iter()
+            .map(|c| c.twin.as_ref().map(|t| t.len() as u64))
+            .collect();
+        let position = ViewPosition {
+            partition: 0,
+            next,
+            checkpoints,
+        };
+        store
+            .view()
+            .write(&changes, &versions, 100, &[position])
+            .unwrap();
+    }
+
+    fn viewed(id: &str, partition: i32, twin: Option<&str>, timer: Option<i64>) -> ViewedTwin {
+        ViewedTwin {
+            asset_id: id.to_owned(),
+            partition,
+            twin: twin.map(|t| t.as_bytes().to_vec()),
+            timer,
+        }
+    }
+
+    /// A view that read changelog offsets 0 to 39 of input offsets 0 to 8 (8 from 20 on).
+    fn read_forty() -> Checkpoints {
+        let mut c = Checkpoints::default();
+        for o in 0..40 {
+            c.advance(o + 1, Some(o.min(8)));
+        }
+        c
+    }
+
+    fn no_revert(
+        _: Range<i64>,
+        _: &dyn Fn(&str, u64) -> Result<Option<Vec<u8>>>,
+    ) -> Result<Option<Reverted>> {
+        panic!("nothing to revert")
+    }
+
+    #[test]
+    fn a_partition_takes_the_fleet_views_twins_timers_and_deletion_notes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = store.partition(0);
+        // What the store had of the partition from an earlier ownership.
+        let mut b = p.batch();
+        b.put_twin("gone", b"old");
+        b.put_twin("a", b"a-old");
+        b.put_deadline(5, "gone");
+        b.set_changelog_next(0);
+        p.commit(b).unwrap();
+        assert_eq!(
+            p.promote(10, 0, None, no_revert).unwrap().err(),
+            Some(NoPromotion::NotIndexed)
+        );
+
+        view_write(
+            &store,
+            vec![
+                viewed("a", 0, Some("a-1"), Some(100)),
+                viewed("b", 0, Some("b-1"), None),
+                viewed("moved", 0, Some("m-1"), None),
+                viewed("gone", 0, None, None),
+                viewed("refused", 0, None, Some(1_000)),
+                viewed("expired", 0, None, Some(10)),
+                viewed("other", 1, Some("o-1"), None),
+                viewed("a", 0, Some("a-22"), Some(200)),
+                viewed("moved", 1, Some("m-2"), None),
+            ],
+            40,
+            Some(read_forty()),
+        );
+        assert_eq!(
+            p.promote(0, 0, None, no_revert).unwrap().err(),
+            Some(NoPromotion::UnfinishedTail),
+            "every record the view applied is of input at or after 0"
+        );
+        let promoted = (p.promote(9, 500, Some(100), no_revert).unwrap()).expect("promoted");
+        assert_eq!((promoted.twins, promoted.changelog_next), (2, 40));
+        assert_eq!(p.changelog_next().unwrap(), Some(40));
+        let twins: Vec<_> = p.scan(None, 10).unwrap();
+        let twins: Vec<(&str, &[u8])> = twins.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        assert_eq!(twins, [("a", &b"a-22"[..]), ("b", &b"b-1"[..])]);
+        assert_eq!(
+            p.due(None, i64::MAX, 10).unwrap(),
+            [(200, "a".to_owned()), (1_100, "refused".to_owned())],
+            "the newest twin's timer, and the live deletion note's end; the old entry is gone"
+        );
+        assert_eq!(p.deleted_at("refused").unwrap(), Some(1_000));
+        assert_eq!(
+            p.deleted_at("expired").unwrap(),
+            None,
+            "its refusal ended at 110"
+        );
+        assert_eq!(
+            store.partition(1).twin("moved").unwrap(),
+            None,
+            "views are not state"
+        );
+        assert_eq!(
+            p.promote(9, 500, Some(100), no_revert).unwrap().err(),
+            Some(NoPromotion::StoreAhead)
+        );
+    }
+
+    #[test]
+    fn an_unfinished_tail_is_taken_back_to_the_versions_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let p = store.partition(0);
+        // Versions are the twins' lengths here: "a-1" is version 3, "a-22" version 4.
+        view_write(
+            &store,
+            vec![
+                viewed("a", 0, Some("a-1"), Some(100)),
+                viewed("b", 0, Some("b-1"), None),
+                viewed("a", 0, Some("a-22"), Some(200)),
+                viewed("new", 0, Some("n"), None),
+            ],
+            40,
+            Some(read_forty()),
+        );
+        // Processing resumes at input 8: the view's records from changelog offset 20 on
+        // (input 8) are an unfinished tail; its first checkpoint, offset 1, is before it.
+        let cannot = |range: Range<i64>, _: &dyn Fn(&str, u64) -> Result<Option<Vec<u8>>>| {
+            assert_eq!(range, 1..40);
+            Ok(None)
+        };
+        assert_eq!(
+            p.promote(8, 0, None, cannot).unwrap().err(),
+            Some(NoPromotion::TailNotKept)
+        );
+        let revert = |_: Range<i64>, version: &dyn Fn(&str, u64) -> Result<Option<Vec<u8>>>| {
+            // The range changed "a" from version 4 and created "new".
+            let a = version("a", 3)?.expect("kept");
+            assert_eq!(version("a", 2)?, None);
+            Ok(Some(Reverted::from([
+                ("a".to_owned(), Some((a, Some(100)))),
+                ("new".to_owned(), None),
+            ])))
+        };
+        let promoted = p.promote(8, 0, None, revert).unwrap().expect("promoted");
+        assert_eq!(
+            (promoted.twins, promoted.reverted, promoted.changelog_next),
+            (2, 2, 1)
+        );
+        let twins: Vec<_> = p.scan(None, 10).unwrap();
+        let twins: Vec<(&str, &[u8])> = twins.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+        assert_eq!(twins, [("a", &b"a-1"[..]), ("b", &b"b-1"[..])]);
+        assert_eq!(p.due(None, i64::MAX, 10).unwrap(), [(100, "a".to_owned())]);
+    }
+
+    #[test]
+    fn checkpoints_are_spaced_bounded_and_find_the_last_clean_one() {
+        let mut c = Checkpoints::default();
+        assert_eq!(c.clean_before(i64::MAX), None, "nothing read");
+        for o in 0..(CHECKPOINT_SPACING * 300) {
+            c.advance(o + 1, Some(o / 10));
+        }
+        assert_eq!(c.0.len(), CHECKPOINTS_KEPT);
+        let kept = &c.0[..c.0.len() - 1];
+        assert!(
+            kept.windows(2)
+                .all(|w| w[1].0 - w[0].0 >= CHECKPOINT_SPACING)
+        );
+        assert_eq!(
+            c.0.last(),
+            Some(&(CHECKPOINT_SPACING * 300, CHECKPOINT_SPACING * 30 - 1))
+        );
+        let resume = CHECKPOINT_SPACING * 29;
+        let clean = c.clean_before(resume).unwrap();
+        assert!(c.0.iter().all(|(n, h)| *n <= clean || *h >= resume));
+        assert!(clean > resume * 10 - CHECKPOINT_SPACING * 2, "{clean}");
+        assert_eq!(c.clean_before(0), None, "older than any checkpoint kept");
+        let k = b"k";
+        assert_eq!(Checkpoints::decode(k, &c.encode()).unwrap(), c);
+        assert!(Checkpoints::decode(k, &[0; 15]).is_err());
+        // A record without a source offset leaves the highest as it is.
+        c.advance(CHECKPOINT_SPACING * 300 + 1, None);
+        assert_eq!(c.0.last().unwrap().1, CHECKPOINT_SPACING * 30 - 1);
     }
 
     #[test]
