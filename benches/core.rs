@@ -15,9 +15,17 @@
 //! look at the deadline index when nothing is due, against a scan of every twin (what a
 //! timer without an index would cost each second), and how fast due timers fire.
 //!
+//! Takeover with `TWINFLOW_BENCH_TAKEOVER_TWINS` twins (default 1M) in 12 partitions, all in
+//! the fleet view: promoting every partition's twins from the view into the pipeline's store
+//! (`PartitionStore::promote`, then the flush before processing), what a warm instance does
+//! when it is assigned partitions; the baseline, in the same run, is what a changelog
+//! restore writes to the store for the same twins (each twin and its timer, batches of 10k
+//! without the log, one flush), without the reading and decoding that a restore also does.
+//!
 //! `cargo bench --bench core` (full: 1M measured readings, median of 3 runs); sizes from
 //! `TWINFLOW_BENCH_RECORDS`, `TWINFLOW_BENCH_TWINS` (100k), `TWINFLOW_BENCH_TWINS_LARGE` (1M),
-//! `TWINFLOW_BENCH_TIMER_TWINS` (1M) and `TWINFLOW_BENCH_RUNS`.
+//! `TWINFLOW_BENCH_TIMER_TWINS` (1M), `TWINFLOW_BENCH_TAKEOVER_TWINS` (1M) and
+//! `TWINFLOW_BENCH_RUNS`.
 
 mod support;
 
@@ -141,6 +149,142 @@ fn main() {
         "| fire due timers (offline: twin, changelog, alert) | {:>9.0} /s | |",
         timers.fire_rate
     );
+
+    let takeover_twins = env("TWINFLOW_BENCH_TAKEOVER_TWINS", 1_000_000);
+    let t = takeover(&topology, takeover_twins, runs);
+    println!();
+    println!(
+        "takeover: {takeover_twins} twins in {PARTITIONS} partitions, all in the fleet view, each partition promoted in turn, median of {runs}"
+    );
+    println!(
+        "| operation                                              | twins/s    | seconds, all | vs the restore's writes | target |"
+    );
+    println!(
+        "|--------------------------------------------------------|-----------:|-------------:|------------------------:|-------:|"
+    );
+    println!(
+        "| a restore's store writes of the same twins (baseline)  | {:>10.0} | {:>12.3} | 1.00 | |",
+        t.restore_rate,
+        takeover_twins as f64 / t.restore_rate
+    );
+    println!(
+        "| promote from the fleet view, then flush                | {:>10.0} | {:>12.3} | {:.2} | < 1 s for 1M |",
+        t.promote_rate,
+        takeover_twins as f64 / t.promote_rate,
+        t.promote_rate / t.restore_rate
+    );
+}
+
+/// Partitions of the takeover figures.
+const PARTITIONS: i32 = 12;
+
+struct TakeoverFigures {
+    promote_rate: f64,
+    restore_rate: f64,
+}
+
+/// `twins` real twins (one reading each, so each has a timer) in the fleet view over
+/// [`PARTITIONS`] partitions; then every partition promoted, and the same twins written as a
+/// restore writes them, each timed to its flush.
+fn takeover(topology: &Arc<Topology>, twins: usize, runs: usize) -> TakeoverFigures {
+    use twinflow::store::{Checkpoints, ViewPosition, ViewedTwin};
+    let now = 1_790_000_000_000;
+    let config = FleetConfig {
+        assets: twins,
+        seed: 4,
+        malformed: 0.0,
+        start_ms: now - 1000,
+        interval_ms: 1000,
+    };
+    let data = Fleet::new(config, topology).expect("fleet").take(twins);
+    let made = tempfile::tempdir().unwrap();
+    let source = Store::open(made.path()).unwrap();
+    let mut processor = Processor::new(topology.clone(), source.partition(0), 10_000);
+    process_all(&mut processor, &source, &data, 0, now);
+    let mut all: Vec<(String, Vec<u8>, Option<i64>)> = Vec::with_capacity(twins);
+    let mut after = None;
+    loop {
+        let page = source.partition(0).scan(after.as_deref(), 10_000).unwrap();
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (id, bytes) in page {
+            let twin = topology.codec.decode_twin(&bytes).unwrap();
+            all.push((id, bytes, topology.model.deadline(&twin)));
+        }
+    }
+    let partition = |i: usize| i as i32 % PARTITIONS;
+    let (mut promote, mut restore) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // The fleet view, as its thread writes it: batches of changes with positions.
+        let mut checkpoints = vec![Checkpoints::default(); PARTITIONS as usize];
+        let mut next = vec![0i64; PARTITIONS as usize];
+        for (c, chunk) in all.chunks(BATCH).enumerate() {
+            let changes: Vec<ViewedTwin> = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, (id, twin, deadline))| {
+                    let p = partition(c * BATCH + j) as usize;
+                    next[p] += 1;
+                    checkpoints[p].advance(next[p], Some(next[p] - 1));
+                    ViewedTwin {
+                        asset_id: id.clone(),
+                        partition: p as i32,
+                        twin: Some(twin.clone()),
+                        timer: *deadline,
+                    }
+                })
+                .collect();
+            let positions: Vec<ViewPosition> = (0..PARTITIONS)
+                .map(|p| ViewPosition {
+                    partition: p,
+                    next: next[p as usize],
+                    checkpoints: Some(checkpoints[p as usize].clone()),
+                })
+                .collect();
+            let versions = vec![None; changes.len()];
+            store.view().write(&changes, &versions, 0, &positions).unwrap();
+        }
+        store.flush().unwrap();
+
+        let t = Instant::now();
+        let mut promoted = 0;
+        for p in 0..PARTITIONS {
+            let revert = |_: std::ops::Range<i64>, _: &dyn Fn(&str, u64) -> _| unreachable!();
+            let done = store.partition(p).promote(i64::MAX, now, None, revert);
+            promoted += done.unwrap().expect("promoted").twins;
+        }
+        store.flush().unwrap();
+        promote.push(promoted as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(promoted as usize, all.len(), "every twin promoted");
+
+        let t = Instant::now();
+        for p in 0..PARTITIONS {
+            let target = store.partition(100 + p);
+            let mut batch = target.batch();
+            let mine = all.iter().enumerate().filter(|(i, _)| partition(*i) == p);
+            for (n, (_, (id, twin, deadline))) in mine.enumerate() {
+                batch.put_twin(id, twin);
+                if let Some(at) = deadline {
+                    batch.put_deadline(*at, id);
+                }
+                if (n + 1) % 10_000 == 0 {
+                    target
+                        .commit_unlogged(std::mem::replace(&mut batch, target.batch()))
+                        .unwrap();
+                }
+            }
+            batch.set_changelog_next(next[p as usize]);
+            target.commit_unlogged(batch).unwrap();
+        }
+        store.flush().unwrap();
+        restore.push(all.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    TakeoverFigures {
+        promote_rate: median(promote),
+        restore_rate: median(restore),
+    }
 }
 
 /// Records in a batch between two store commits, as a worker's default batch.
