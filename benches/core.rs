@@ -18,9 +18,10 @@
 //! Takeover with `TWINFLOW_BENCH_TAKEOVER_TWINS` twins (default 1M) in 12 partitions, all in
 //! the fleet view: promoting every partition's twins from the view into the pipeline's store
 //! (`PartitionStore::promote`, then the flush before processing), what a warm instance does
-//! when it is assigned partitions; the baseline, in the same run, is what a changelog
-//! restore writes to the store for the same twins (each twin and its timer, batches of 10k
-//! without the log, one flush), without the reading and decoding that a restore also does.
+//! when it is assigned partitions, a thread per partition as the workers do; the baseline,
+//! in the same run, is what a changelog restore writes to the store for the same twins
+//! (each twin and its timer, batches of 10k without the log, one flush, a thread per
+//! partition), without the reading and decoding that a restore also does.
 //!
 //! `cargo bench --bench core` (full: 1M measured readings, median of 3 runs); sizes from
 //! `TWINFLOW_BENCH_RECORDS`, `TWINFLOW_BENCH_TWINS` (100k), `TWINFLOW_BENCH_TWINS_LARGE` (1M),
@@ -154,7 +155,7 @@ fn main() {
     let t = takeover(&topology, takeover_twins, runs);
     println!();
     println!(
-        "takeover: {takeover_twins} twins in {PARTITIONS} partitions, all in the fleet view, each partition promoted in turn, median of {runs}"
+        "takeover: {takeover_twins} twins in {PARTITIONS} partitions, all in the fleet view, a thread per partition, median of {runs}"
     );
     println!(
         "| operation                                              | twins/s    | seconds, all | vs the restore's writes | target |"
@@ -244,40 +245,58 @@ fn takeover(topology: &Arc<Topology>, twins: usize, runs: usize) -> TakeoverFigu
                 })
                 .collect();
             let versions = vec![None; changes.len()];
-            store.view().write(&changes, &versions, 0, &positions).unwrap();
+            store
+                .view()
+                .write(&changes, &versions, 0, &positions)
+                .unwrap();
         }
         store.flush().unwrap();
 
+        // A thread per partition, as the workers of the partitions a rebalance moves each
+        // restore on a blocking thread of their own.
         let t = Instant::now();
-        let mut promoted = 0;
-        for p in 0..PARTITIONS {
-            let revert = |_: std::ops::Range<i64>, _: &dyn Fn(&str, u64) -> _| unreachable!();
-            let done = store.partition(p).promote(i64::MAX, now, None, revert);
-            promoted += done.unwrap().expect("promoted").twins;
-        }
+        let promoted: u64 = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..PARTITIONS)
+                .map(|p| {
+                    let store = &store;
+                    scope.spawn(move || {
+                        let revert =
+                            |_: std::ops::Range<i64>, _: &dyn Fn(&str, u64) -> _| unreachable!();
+                        let done = store.partition(p).promote(i64::MAX, now, None, revert);
+                        done.unwrap().expect("promoted").twins
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
         store.flush().unwrap();
         promote.push(promoted as f64 / t.elapsed().as_secs_f64());
         assert_eq!(promoted as usize, all.len(), "every twin promoted");
 
         let t = Instant::now();
-        for p in 0..PARTITIONS {
-            let target = store.partition(100 + p);
-            let mut batch = target.batch();
-            let mine = all.iter().enumerate().filter(|(i, _)| partition(*i) == p);
-            for (n, (_, (id, twin, deadline))) in mine.enumerate() {
-                batch.put_twin(id, twin);
-                if let Some(at) = deadline {
-                    batch.put_deadline(*at, id);
-                }
-                if (n + 1) % 10_000 == 0 {
-                    target
-                        .commit_unlogged(std::mem::replace(&mut batch, target.batch()))
-                        .unwrap();
-                }
+        std::thread::scope(|scope| {
+            for p in 0..PARTITIONS {
+                let (store, all, next) = (&store, &all, &next);
+                scope.spawn(move || {
+                    let target = store.partition(100 + p);
+                    let mut batch = target.batch();
+                    let mine = all.iter().enumerate().filter(|(i, _)| partition(*i) == p);
+                    for (n, (_, (id, twin, deadline))) in mine.enumerate() {
+                        batch.put_twin(id, twin);
+                        if let Some(at) = deadline {
+                            batch.put_deadline(*at, id);
+                        }
+                        if (n + 1) % 10_000 == 0 {
+                            target
+                                .commit_unlogged(std::mem::replace(&mut batch, target.batch()))
+                                .unwrap();
+                        }
+                    }
+                    batch.set_changelog_next(next[p as usize]);
+                    target.commit_unlogged(batch).unwrap();
+                });
             }
-            batch.set_changelog_next(next[p as usize]);
-            target.commit_unlogged(batch).unwrap();
-        }
+        });
         store.flush().unwrap();
         restore.push(all.len() as f64 / t.elapsed().as_secs_f64());
     }

@@ -22,10 +22,11 @@
 //! | 0x0A | `0A · partition u32 · asset_id utf-8` | the twin was deleted at this        |
 //! |      |                                       | processing time, i64 BE: readings   |
 //! |      |                                       | of it are refused for a while       |
-//! | 0x0B | `0B · partition u32 · asset_id utf-8` | fleet view: the asset's viewed twin |
-//! |      |                                       | is in this changelog partition: 0,  |
-//! |      |                                       | then its deadline i64 BE if it has  |
-//! |      |                                       | one; or 1 and the deletion's time   |
+//! | 0x0B | `0B · partition u32 · asset_id utf-8` | fleet view: the partition's newest  |
+//! |      |                                       | changelog record of the asset: 0,   |
+//! |      |                                       | its deadline i64 BE (i64::MIN for   |
+//! |      |                                       | none), the twin datum; or 1 and a   |
+//! |      |                                       | tombstone's deletion time           |
 //! | 0x0C | `0C · partition u32`                  | fleet view: checkpoints, pairs of   |
 //! |      |                                       | next offset and the highest source  |
 //! |      |                                       | offset before it, i64 BE each       |
@@ -68,8 +69,8 @@ const KIND_DELETED: u8 = 0x0A;
 const KIND_VIEW_INDEX: u8 = 0x0B;
 const KIND_VIEW_SOURCES: u8 = 0x0C;
 
-/// Twins per write of a promotion.
-const PROMOTE_BATCH: usize = 10_000;
+/// The deadline a view index entry holds for a twin without a timer.
+const NO_TIMER: i64 = i64::MIN;
 
 /// A twin's versions are trimmed to the kept number once every this many versions (one
 /// range delete each time, not one per version).
@@ -444,94 +445,165 @@ impl PartitionStore {
                 None => return Ok(Err(NoPromotion::TailNotKept)),
             }
         }
-        let mut batch = self.batch();
+        // First what the store had of the partition goes, with its changelog position, so
+        // that a crash before the end leaves a store that restores the whole changelog. A
+        // range is deleted only where it holds something: taking files in over a range
+        // deletion still in the memtable costs a flush.
+        let mut clear = self.batch();
         for kind in [KIND_TWIN, KIND_DEADLINE, KIND_DELETED] {
             let (from, to) = (
                 key(kind, self.partition, b""),
                 key(kind, self.partition + 1, b""),
             );
-            batch.batch.delete_range(from, to);
-        }
-        batch.batch.delete(key(KIND_CHANGELOG, self.partition, b""));
-        let mut twins = 0u64;
-        for (id, twin) in &reverted {
-            if let Some((twin, deadline)) = twin {
-                batch.put_twin(id, twin);
-                if let Some(at) = deadline {
-                    batch.put_deadline(*at, id);
-                }
-                twins += 1;
+            let mut read = rocksdb::ReadOptions::default();
+            read.set_iterate_upper_bound(to.clone());
+            let mut held = self
+                .db
+                .iterator_opt(IteratorMode::From(&from, Direction::Forward), read);
+            if held.next().transpose()?.is_some() {
+                clear.batch.delete_range(from, to);
             }
         }
+        clear.batch.delete(key(KIND_CHANGELOG, self.partition, b""));
+        self.commit(clear)?;
+
+        // Then the view's twins, deletion notes and timers go straight into table files in
+        // key order (the index is in asset order, as the twin and note keys), which RocksDB
+        // takes in whole: no memtable, no log, no flush.
+        let files = Files::new(&self.db, self.partition)?;
+        let (mut twin_file, mut note_file) = (files.writer(), files.writer());
+        let mut timers: Vec<Vec<u8>> = Vec::new();
+        let mut twins = 0u64;
         let prefix = key(KIND_VIEW_INDEX, self.partition, b"");
-        let mut chunk: Vec<(String, Vec<u8>)> = Vec::with_capacity(PROMOTE_BATCH);
         let mut read = rocksdb::ReadOptions::default();
         read.set_iterate_upper_bound(key(KIND_VIEW_INDEX, self.partition + 1, b""));
         for item in snapshot.iterator_opt(IteratorMode::From(&prefix, Direction::Forward), read) {
             let (k, v) = item?;
             let id = std::str::from_utf8(&k[prefix.len()..])
                 .map_err(|_| Error::CorruptStore(format!("view index key {k:?}")))?;
-            if reverted.contains_key(id) {
-                continue;
-            }
             let at = v
                 .get(1..9)
                 .map(|b| i64::from_be_bytes(b.try_into().expect("8 bytes")));
-            match (v.first(), at) {
-                (Some(0), _) => chunk.push((id.to_owned(), v.into_vec())),
-                (Some(1), Some(at)) => {
+            let (twin, deadline) = match (reverted.get(id), v.first(), at) {
+                (Some(None), _, _) => continue,
+                (Some(Some((twin, deadline))), _, _) => (&twin[..], *deadline),
+                (None, Some(0), Some(deadline)) => {
+                    (&v[9..], (deadline != NO_TIMER).then_some(deadline))
+                }
+                (None, Some(1), Some(at)) => {
                     if let Some(refuse) = refuse_for
                         && at.saturating_add(refuse) > now
                     {
-                        batch.put_deleted(id, at);
-                        batch.put_deadline(at.saturating_add(refuse), id);
+                        let note = key(KIND_DELETED, self.partition, id.as_bytes());
+                        note_file.put(note, at.to_be_bytes())?;
+                        timers.push(deadline_key(self.partition, at.saturating_add(refuse), id));
                     }
+                    continue;
                 }
-                _ => return Err(Error::CorruptStore(format!("view index value {v:?}"))),
+                _ => return Err(Error::CorruptStore(format!("view index key {k:?}"))),
+            };
+            twin_file.put(key(KIND_TWIN, self.partition, id.as_bytes()), twin)?;
+            if let Some(at) = deadline {
+                timers.push(deadline_key(self.partition, at, id));
             }
-            if chunk.len() == PROMOTE_BATCH {
-                twins += self.promote_chunk(&snapshot, &mut chunk, &mut batch)?;
-                self.commit_unlogged(std::mem::replace(&mut batch, self.batch()))?;
-            }
+            twins += 1;
         }
-        twins += self.promote_chunk(&snapshot, &mut chunk, &mut batch)?;
-        batch.set_changelog_next(clean);
-        self.commit_unlogged(batch)?;
+        timers.sort_unstable();
+        timers.dedup();
+        let mut timer_file = files.writer();
+        for timer in timers {
+            timer_file.put(timer, [])?;
+        }
+        files.ingest([twin_file, note_file, timer_file])?;
+
+        let mut done = self.batch();
+        done.set_changelog_next(clean);
+        self.commit(done)?;
         Ok(Ok(Promotion {
             twins,
             reverted: reverted.len() as u64,
             changelog_next: clean,
         }))
     }
+}
 
-    /// Adds the viewed twins of `chunk` (ids and index values) that are still in this
-    /// partition to `batch`, with their timers; empties `chunk`.
-    fn promote_chunk(
-        &self,
-        snapshot: &rocksdb::Snapshot<'_>,
-        chunk: &mut Vec<(String, Vec<u8>)>,
-        batch: &mut StoreBatch,
-    ) -> Result<u64> {
-        let partitions = snapshot.multi_get(
-            chunk
-                .iter()
-                .map(|(id, _)| view_key(KIND_VIEW_PARTITION, id)),
-        );
-        let twins = snapshot.multi_get(chunk.iter().map(|(id, _)| view_key(KIND_VIEW_TWIN, id)));
-        let mut promoted = 0;
-        for (((id, index), partition), twin) in chunk.iter().zip(partitions).zip(twins) {
-            // An asset whose twin moved to another partition leaves its entry here behind.
-            let here = partition?.is_some_and(|p| *p == (self.partition as i32).to_be_bytes());
-            if let (true, Some(twin)) = (here, twin?) {
-                batch.put_twin(id, &twin);
-                if let Some(at) = index.get(1..9) {
-                    batch.put_deadline(i64::from_be_bytes(at.try_into().expect("8 bytes")), id);
-                }
-                promoted += 1;
+/// The table files a promotion writes in a directory of the database's own, and takes in.
+struct Files {
+    db: Arc<DB>,
+    dir: std::path::PathBuf,
+    options: Options,
+    made: std::cell::Cell<usize>,
+}
+
+/// One table file being written: opened at its first entry (an empty file cannot be taken
+/// in).
+struct TableFile<'f> {
+    files: &'f Files,
+    writer: Option<(rocksdb::SstFileWriter<'f>, std::path::PathBuf)>,
+}
+
+impl Files {
+    fn new(db: &Arc<DB>, partition: u32) -> Result<Files> {
+        let dir = db.path().join(format!("promote-{partition}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Store(format!("creating {}: {e}", dir.display())))?;
+        // Uncompressed: compressing is most of the cost of writing them, and compaction
+        // compresses them later, off the takeover's path.
+        let mut options = Options::default();
+        options.set_compression_type(rocksdb::DBCompressionType::None);
+        Ok(Files {
+            db: db.clone(),
+            dir,
+            options,
+            made: std::cell::Cell::new(0),
+        })
+    }
+
+    fn writer(&self) -> TableFile<'_> {
+        TableFile {
+            files: self,
+            writer: None,
+        }
+    }
+
+    /// Finishes the files that have entries and has the database take them in (moved).
+    fn ingest<const N: usize>(&self, files: [TableFile<'_>; N]) -> Result<()> {
+        let mut paths = Vec::new();
+        for file in files {
+            if let Some((mut writer, path)) = file.writer {
+                writer.finish()?;
+                paths.push(path);
             }
         }
-        chunk.clear();
-        Ok(promoted)
+        if !paths.is_empty() {
+            let mut opts = rocksdb::IngestExternalFileOptions::default();
+            opts.set_move_files(true);
+            self.db.ingest_external_file_opts(&opts, paths)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TableFile<'_> {
+    /// Adds an entry; keys must come in increasing order.
+    fn put(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
+        if self.writer.is_none() {
+            let n = self.files.made.get();
+            self.files.made.set(n + 1);
+            let path = self.files.dir.join(format!("{n}.sst"));
+            let writer = rocksdb::SstFileWriter::create(&self.files.options);
+            writer.open(&path)?;
+            self.writer = Some((writer, path));
+        }
+        let (writer, _) = self.writer.as_mut().expect("opened above");
+        Ok(writer.put(key, value)?)
     }
 }
 
@@ -835,29 +907,28 @@ impl ViewStore {
                 view_key(KIND_VIEW_TWIN, id),
                 view_key(KIND_VIEW_PARTITION, id),
             );
+            // The partition's index mirrors its compacted changelog: each key's newest twin
+            // (with its deadline, `NO_TIMER` for none), or a tombstone's deletion time.
             let index_key = key(KIND_VIEW_INDEX, partition as u32, id.as_bytes());
-            let mut index = Vec::with_capacity(9);
-            match &viewed.twin {
-                Some(t) => {
+            match (&viewed.twin, viewed.timer) {
+                (Some(t), timer) => {
                     batch.put(twin_key, t);
                     batch.put(partition_key, partition.to_be_bytes());
+                    let mut index = Vec::with_capacity(9 + t.len());
                     index.push(0);
+                    index.extend_from_slice(&timer.unwrap_or(NO_TIMER).to_be_bytes());
+                    index.extend_from_slice(t);
+                    batch.put(index_key, index);
                 }
-                None => {
+                (None, timer) => {
                     batch.delete(twin_key);
                     batch.delete(partition_key);
-                    index.push(1);
+                    match timer {
+                        Some(at) => batch.put(index_key, [&[1u8][..], &at.to_be_bytes()].concat()),
+                        None => batch.delete(index_key),
+                    }
                 }
             }
-            match viewed.timer {
-                Some(at) => index.extend_from_slice(&at.to_be_bytes()),
-                None if viewed.twin.is_none() => {
-                    batch.delete(index_key);
-                    continue;
-                }
-                None => {}
-            }
-            batch.put(index_key, index);
         }
         for p in positions {
             let at = key(KIND_VIEW_POSITION, p.partition as u32, b"");
@@ -1145,11 +1216,20 @@ mod tests {
             "every record the view applied is of input at or after 0"
         );
         let promoted = (p.promote(9, 500, Some(100), no_revert).unwrap()).expect("promoted");
-        assert_eq!((promoted.twins, promoted.changelog_next), (2, 40));
+        assert_eq!((promoted.twins, promoted.changelog_next), (3, 40));
         assert_eq!(p.changelog_next().unwrap(), Some(40));
         let twins: Vec<_> = p.scan(None, 10).unwrap();
         let twins: Vec<(&str, &[u8])> = twins.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-        assert_eq!(twins, [("a", &b"a-22"[..]), ("b", &b"b-1"[..])]);
+        // As a restore of the partition's changelog would have them: "moved" too, whose
+        // newest record in this partition is its first twin.
+        assert_eq!(
+            twins,
+            [
+                ("a", &b"a-22"[..]),
+                ("b", &b"b-1"[..]),
+                ("moved", &b"m-1"[..])
+            ]
+        );
         assert_eq!(
             p.due(None, i64::MAX, 10).unwrap(),
             [(200, "a".to_owned()), (1_100, "refused".to_owned())],
