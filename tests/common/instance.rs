@@ -147,6 +147,15 @@ impl Instance {
     }
 }
 
+/// A test that fails leaves no instance behind: it would go on reconnecting to its broker's
+/// port and write into whatever cluster a later test starts there.
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Whether every input record was applied by one of `instances`: for each partition of
 /// `topic`, some instance's position reached the partition's end.
 pub fn caught_up(client: &ClientConfig, instances: &[&Instance], topic: &str) -> bool {
