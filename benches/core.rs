@@ -17,7 +17,7 @@
 //!
 //! Takeover with `TWINFLOW_BENCH_TAKEOVER_TWINS` twins (default 1M) in 12 partitions, all in
 //! the fleet view: promoting every partition's twins from the view into the pipeline's store
-//! (`PartitionStore::promote`, then the flush before processing), what a warm instance does
+//! (`PartitionStore::promote`, and a flush as the end mark), what a warm instance does
 //! when it is assigned partitions, a thread per partition as the workers do; the baseline,
 //! in the same run, is what a changelog restore writes to the store for the same twins
 //! (each twin and its timer, batches of 10k without the log, one flush, a thread per

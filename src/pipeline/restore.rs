@@ -39,16 +39,13 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
     let topic = &shared.topology.topics.changelog.name;
     let store = shared.store.partition(partition);
     let started = Instant::now();
-    let promoted = promote(shared, &store, resume)?;
+    promote(shared, &store, resume)?;
     let from = store.changelog_next()?;
     let reader = OutputReader::new(&shared.clients.reader("twinflow-restore", true))?;
     let (low, high) = reader.watermarks(topic, partition, Duration::from_secs(30))?;
     let start = from.unwrap_or(low).max(low);
     if start >= high {
         reader.close_in_background();
-        if promoted {
-            store.flush()?;
-        }
         return Ok(0);
     }
     let (applied, remaining, seconds) = shared.metrics.restore(partition);
@@ -145,10 +142,10 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
         batch.set_changelog_next(high);
         store.commit_unlogged(batch)?;
         applied.inc_by(in_batch);
+        // Written without the log: durable before the partition is processed (whose
+        // commits use the log), so a crash never keeps a commit whose restore it lost.
+        store.flush()?;
     }
-    // Written without the log: durable before the partition is processed (whose commits
-    // use the log), so a crash never keeps a commit whose restore it lost.
-    store.flush()?;
     remaining.set(0);
     reader.close_in_background();
     let elapsed = started.elapsed().as_secs_f64();
@@ -166,11 +163,11 @@ pub fn restore(shared: &Shared, partition: i32, resume: i64) -> Result<u64> {
 
 /// Replaces the partition's twins by the fleet view's copy when it is usable (see
 /// [`PartitionStore::promote`]), so that the restore reads only the changelog after the
-/// view's position. Returns whether it wrote.
-fn promote(shared: &Shared, store: &PartitionStore, resume: i64) -> Result<bool> {
+/// view's position.
+fn promote(shared: &Shared, store: &PartitionStore, resume: i64) -> Result<()> {
     if !shared.view {
         shared.metrics.promotion("view_off");
-        return Ok(false);
+        return Ok(());
     }
     let started = Instant::now();
     let refuse = shared.topology.model.time.refuse_deleted_for;
@@ -190,7 +187,6 @@ fn promote(shared: &Shared, store: &PartitionStore, resume: i64) -> Result<bool>
                 seconds = started.elapsed().as_secs_f64(),
                 "Promoted the fleet view's twins of the partition."
             );
-            Ok(true)
         }
         Err(why) => {
             shared.metrics.promotion(why.label());
@@ -200,9 +196,9 @@ fn promote(shared: &Shared, store: &PartitionStore, resume: i64) -> Result<bool>
                 resume,
                 "The fleet view's twins are not promoted; restoring from the changelog."
             );
-            Ok(false)
         }
     }
+    Ok(())
 }
 
 /// The twins of the assets that changelog `range` of `partition` changes, as they were

@@ -399,9 +399,9 @@ impl PartitionStore {
     /// answers `None` when it cannot tell. The copy then reflects the changelog up to `t`,
     /// and the restore goes on from there.
     ///
-    /// Written without the log, in batches: the first removes the partition's changelog
-    /// position, the last sets the copy's, so a crash in between leaves a store that
-    /// restores the whole changelog. Flush before processing.
+    /// Written in three steps, each durable: the partition's old state and changelog
+    /// position go, table files with the copy are taken in, the copy's position is set; so a
+    /// crash in between leaves a store that restores the whole changelog.
     ///
     /// # Errors
     /// `Error::Store` when RocksDB fails, `Error::CorruptStore` for a bad view key; what
