@@ -28,7 +28,6 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::Message;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use support::{env, median};

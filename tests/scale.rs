@@ -18,8 +18,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::instance::{Instance, Settings, caught_up, committed_offsets, feed, read_all};
-use common::{assert_delivery_invariants, now_ms, processed_once, untimed_vehicle_topology};
+use common::instance::{
+    Instance, Settings, caught_up, committed_offsets, feed, log_micros, micros, read_all,
+};
+use common::{
+    ProcessedOnce, assert_delivery_invariants, now_ms, processed_once, untimed_vehicle_topology,
+};
 use rdkafka::ClientConfig;
 use twinflow::demo::embedded::EmbeddedKafka;
 use twinflow::demo::sim::{Fleet, FleetConfig};
@@ -29,25 +33,14 @@ const RECORDS: usize = 60_000;
 
 #[test]
 fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let bootstrap = kafka.bootstrap_servers();
-    let topology = Arc::new(Topology::load(&untimed_vehicle_topology()).unwrap());
-    for spec in topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &bootstrap);
-
-    let fleet = FleetConfig {
-        assets: 300,
-        seed: 5,
-        malformed: 0.01,
-        start_ms: 1_790_000_000_000,
-        interval_ms: 5000,
-    };
-    let input = Fleet::new(fleet, &topology).unwrap().take(RECORDS);
-    let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = processed_once(&topology, &pairs, now_ms());
+    let Scene {
+        kafka: _kafka,
+        bootstrap,
+        topology,
+        client,
+        input,
+        expected,
+    } = Scene::start(5, RECORDS);
     assert!(
         expected.alerts.len() > 20,
         "the input raises and clears alerts"
@@ -56,19 +49,7 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
     // About 6k readings/s for 10 s, while instances come and go.
     let feeder = feed(&client, "telemetry", &input, 300, Duration::from_millis(50));
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        bootstrap: &bootstrap,
-        group: "scale",
-        guarantee: "at_least_once",
-        librdkafka: &[],
-        processing: &[],
-        env: &[],
-        consumer: &[
-            ("fetch.wait.max.ms", "10"),
-            ("session.timeout.ms", "2000"),
-            ("heartbeat.interval.ms", "300"),
-        ],
-    };
+    let settings = settings(&bootstrap, "scale");
     let mut a = Instance::spawn(dir.path(), "a", &settings);
     let b = Instance::spawn(dir.path(), "b", &settings);
     wait("two instances divide the partitions and process", || {
@@ -166,41 +147,19 @@ fn instances_divide_partitions_and_take_over_a_killed_ones_state() {
 /// are those of the input processed once.
 #[test]
 fn a_warm_instance_takes_partitions_over_from_its_fleet_view() {
-    let kafka = EmbeddedKafka::start(1).unwrap();
-    let bootstrap = kafka.bootstrap_servers();
-    let topology = Arc::new(Topology::load(&untimed_vehicle_topology()).unwrap());
-    for spec in topology.topics.all() {
-        kafka.create_topic(&spec.name, spec.partitions).unwrap();
-    }
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &bootstrap);
-    let fleet = FleetConfig {
-        assets: 300,
-        seed: 6,
-        malformed: 0.01,
-        start_ms: 1_790_000_000_000,
-        interval_ms: 5000,
-    };
-    let input = Fleet::new(fleet, &topology).unwrap().take(RECORDS * 2);
-    let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let expected = processed_once(&topology, &pairs, now_ms());
+    let Scene {
+        kafka: _kafka,
+        bootstrap,
+        topology,
+        client,
+        input,
+        expected,
+    } = Scene::start(6, RECORDS * 2);
 
     // About 6k readings/s for 20 s.
     let feeder = feed(&client, "telemetry", &input, 300, Duration::from_millis(50));
     let dir = tempfile::tempdir().unwrap();
-    let settings = Settings {
-        bootstrap: &bootstrap,
-        group: "promote",
-        guarantee: "at_least_once",
-        librdkafka: &[],
-        processing: &[],
-        env: &[],
-        consumer: &[
-            ("fetch.wait.max.ms", "10"),
-            ("session.timeout.ms", "2000"),
-            ("heartbeat.interval.ms", "300"),
-        ],
-    };
+    let settings = settings(&bootstrap, "promote");
     let warm = |i: &Instance| i.consumed() > 0 && i.metric("twinflow_view_twins") >= 100.0;
     let mut a = Instance::spawn(dir.path(), "a", &settings);
     let mut b = Instance::spawn(dir.path(), "b", &settings);
@@ -279,6 +238,65 @@ fn a_warm_instance_takes_partitions_over_from_its_fleet_view() {
         alerts.len(),
         expected.alerts.len()
     );
+}
+
+/// An embedded cluster with the topology's topics, `records` readings of 300 vehicles
+/// (simulated from `seed`, 1 % malformed) to feed it, and what they yield processed once.
+struct Scene {
+    kafka: EmbeddedKafka,
+    bootstrap: String,
+    topology: Arc<Topology>,
+    client: ClientConfig,
+    input: Vec<(Vec<u8>, Vec<u8>)>,
+    expected: ProcessedOnce,
+}
+
+impl Scene {
+    fn start(seed: u64, records: usize) -> Scene {
+        let kafka = EmbeddedKafka::start(1).unwrap();
+        let bootstrap = kafka.bootstrap_servers();
+        let topology = Arc::new(Topology::load(&untimed_vehicle_topology()).unwrap());
+        for spec in topology.topics.all() {
+            kafka.create_topic(&spec.name, spec.partitions).unwrap();
+        }
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &bootstrap);
+        let fleet = FleetConfig {
+            assets: 300,
+            seed,
+            malformed: 0.01,
+            start_ms: 1_790_000_000_000,
+            interval_ms: 5000,
+        };
+        let input = Fleet::new(fleet, &topology).unwrap().take(records);
+        let pairs: Vec<(&[u8], &[u8])> = input.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let expected = processed_once(&topology, &pairs, now_ms());
+        Scene {
+            kafka,
+            bootstrap,
+            topology,
+            client,
+            input,
+            expected,
+        }
+    }
+}
+
+/// At-least-once instances of `group` that notice a killed member within about 2 s.
+fn settings<'a>(bootstrap: &'a str, group: &'a str) -> Settings<'a> {
+    Settings {
+        bootstrap,
+        group,
+        guarantee: "at_least_once",
+        librdkafka: &[],
+        processing: &[],
+        env: &[],
+        consumer: &[
+            ("fetch.wait.max.ms", "10"),
+            ("session.timeout.ms", "2000"),
+            ("heartbeat.interval.ms", "300"),
+        ],
+    }
 }
 
 /// The outcomes of an instance's restores, as its metrics list them.
@@ -392,7 +410,7 @@ fn ownership(log: &str, end: i64) -> Vec<(i32, i64, i64)> {
             .nth(1)
             .and_then(|r| r.split(' ').next()?.parse().ok())
             .expect("the line names its partition");
-        let at = parse_time(line.split(' ').next().unwrap());
+        let at = log_micros(line.split(' ').next().unwrap());
         if started {
             open.insert(partition, at);
         } else if let Some(from) = open.remove(&partition) {
@@ -403,34 +421,11 @@ fn ownership(log: &str, end: i64) -> Vec<(i32, i64, i64)> {
     spans
 }
 
-fn micros(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as i64
-}
-
-/// Microseconds since the epoch of a log timestamp such as `2026-11-22T04:48:26.393637Z`.
-fn parse_time(s: &str) -> i64 {
-    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
-    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
-    // Days from the civil date (proleptic Gregorian), after H. Hinnant.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let seconds = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
-    let fraction = &s[20..s.len() - 1];
-    let micros = format!("{fraction:0<6}")[..6].parse::<i64>().unwrap();
-    seconds * 1_000_000 + micros
-}
-
 #[test]
 fn log_timestamps_parse_to_the_epoch() {
-    assert_eq!(parse_time("1970-01-01T00:00:00.000001Z"), 1);
+    assert_eq!(log_micros("1970-01-01T00:00:00.000001Z"), 1);
     assert_eq!(
-        parse_time("2026-11-22T04:48:26.393637Z"),
+        log_micros("2026-11-22T04:48:26.393637Z"),
         micros(SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_322_906_393_637))
     );
 }

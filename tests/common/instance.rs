@@ -257,3 +257,28 @@ pub fn feed(
         producer.flush(Duration::from_secs(60)).unwrap();
     })
 }
+
+/// Microseconds since the epoch of `t`.
+pub fn micros(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+/// Microseconds since the epoch of a log line's timestamp, such as
+/// `2026-11-22T04:48:26.393637Z`.
+pub fn log_micros(s: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from the civil date (proleptic Gregorian), after H. Hinnant.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19);
+    let fraction = &s[20..s.len() - 1];
+    let micros = format!("{fraction:0<6}")[..6].parse::<i64>().unwrap();
+    seconds * 1_000_000 + micros
+}
