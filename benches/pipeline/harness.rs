@@ -15,7 +15,9 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use twinflow::App;
-use twinflow::config::{Config, Guarantee, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig};
+use twinflow::config::{
+    Config, Guarantee, HttpConfig, KafkaConfig, ProcessingConfig, StoreConfig, TopologyConfig,
+};
 use twinflow::kafka::apply_topology;
 use twinflow::metrics::Metrics;
 use twinflow::topology::Topology;
@@ -228,6 +230,41 @@ pub fn reached(positions: &TopicPartitionList, topic: &str, ends: &[i64]) -> boo
                 Some(Offset::Offset(o)) if o >= *end
             )
     })
+}
+
+/// The benchmark's topology (`threshold_vehicle_topology`) with JSON telemetry: one object
+/// per reading with the telemetry schema's field names.
+pub fn json_topology() -> TopologyConfig {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let avro = threshold_vehicle_topology();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a directory");
+        let topics = std::fs::read_to_string(&avro.topics).expect("the topics file");
+        let json = topics.replacen("format = \"avro\"", "format = \"json\"", 1);
+        assert_ne!(json, topics, "the telemetry topic declares its format");
+        std::fs::write(dir.path().join("topics.toml"), json).expect("written");
+        dir
+    });
+    TopologyConfig {
+        topics: dir.path().join("topics.toml"),
+        model: avro.model,
+    }
+}
+
+/// CPU seconds (user and system) a process has used so far: this one, or `pid`.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = pid.map_or("/proc/self/stat".to_owned(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).expect("the process's stat");
+    // The fields after the command name (in parentheses, which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks of 1/100 s (Linux's USER_HZ).
+    let rest = &stat[stat.rfind(')').expect("a command name") + 2..];
+    let ticks: Vec<f64> = rest
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|t| t.parse().expect("clock ticks"))
+        .collect();
+    (ticks[0] + ticks[1]) / 100.0
 }
 
 /// The instance's configuration: defaults, but for the broker workaround and the consumer

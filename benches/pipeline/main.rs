@@ -8,7 +8,12 @@
 //!    telemetry topic drain through the rdkafka passthrough (the baseline: consume, produce
 //!    the same bytes, commit every 100 ms after the output is acknowledged), through twinflow
 //!    at-least-once and exactly-once (100 ms commits), and through the Quix Streams peer in
-//!    `benches/quix/` when its environment is set up (`bash benches/quix/setup`).
+//!    `benches/quix/` when its environment is set up (`bash benches/quix/setup`). **On JSON
+//!    input** (scenario `json`): the same readings as JSON objects through the passthrough,
+//!    twinflow at-least-once (its "json" telemetry format) and the peer reading and writing
+//!    JSON, its fastest path. Beside records/s, each contender's CPU seconds per million
+//!    readings, start-up included: this process's for the passthrough and twinflow, the
+//!    peer's Python process's for it.
 //! 2. **Restore** (`restore.rs`): an empty store restores a changelog of one record per twin,
 //!    next to a plain consumer reading the same topic; then a restart on the intact store,
 //!    timed until `GET /readyz` answers 200; and the twin API's latency on the restored fleet.
@@ -20,7 +25,7 @@
 //! restore, 20 s of latency per contender, three runs). Sizes come from the environment:
 //! `TWINFLOW_BENCH_RECORDS`, `TWINFLOW_BENCH_ASSETS`, `TWINFLOW_BENCH_TWINS`,
 //! `TWINFLOW_BENCH_LATENCY_SECS`, `TWINFLOW_BENCH_RUNS`; `TWINFLOW_BENCH_QUIX=0` leaves the
-//! peer out; `TWINFLOW_BENCH_SCENARIOS` picks some of `throughput,restore,latency` (latency
+//! peer out; `TWINFLOW_BENCH_SCENARIOS` picks some of `throughput,json,restore,latency` (latency
 //! without throughput offers `TWINFLOW_BENCH_LATENCY_RATE` records/s, default 40000);
 //! `TWINFLOW_BENCH_VIEW=off` runs twinflow as a processing-only instance (no fleet view).
 
@@ -38,10 +43,13 @@ use std::sync::Arc;
 use common::threshold_vehicle_topology;
 use latency::Contender;
 use support::{env, median};
+use throughput::{Drain, Input};
 use tokio::runtime::Runtime;
+use twinflow::codec::Format;
 use twinflow::config::Guarantee;
 use twinflow::demo::sim::{Fleet, FleetConfig};
 use twinflow::topology::Topology;
+use twinflow::twin::Reading;
 
 use crate::harness::{COMMIT_INTERVAL, START_MS, noida_version};
 
@@ -52,7 +60,7 @@ fn main() {
     let latency_secs = env("TWINFLOW_BENCH_LATENCY_SECS", 20) as f64;
     let runs = env("TWINFLOW_BENCH_RUNS", 3).max(1);
     let scenarios = std::env::var("TWINFLOW_BENCH_SCENARIOS")
-        .unwrap_or_else(|_| "throughput,restore,latency".to_owned());
+        .unwrap_or_else(|_| "throughput,json,restore,latency".to_owned());
     let scenario = |name: &str| scenarios.split(',').any(|s| s.trim() == name);
     // Without the forecast rule: the Quix Streams peer runs the threshold rules only.
     let topology = Arc::new(Topology::load(&threshold_vehicle_topology()).expect("topology"));
@@ -79,87 +87,50 @@ fn main() {
         noida_version()
     );
 
-    // Throughput.
-    let (mut pass, mut alo, mut eos, mut quix) = (vec![], vec![], vec![], vec![]);
-    for run in (0..runs).filter(|_| scenario("throughput")) {
-        pass.push(throughput::passthrough(&rt, &topology, &input, run));
-        alo.push(throughput::twinflow(
-            &rt,
-            &topology,
-            &input,
-            Guarantee::AtLeastOnce,
-            run,
-        ));
-        eos.push(throughput::twinflow(
-            &rt,
-            &topology,
-            &input,
-            Guarantee::ExactlyOnce,
-            run,
-        ));
-        if let Some(q) = throughput::quix(&rt, &topology, &input, run) {
-            quix.push(q);
+    // Throughput, on Avro input and on the same readings as JSON objects.
+    let json_input: Vec<(Vec<u8>, Vec<u8>)> = if scenario("json") {
+        input
+            .iter()
+            .map(|(k, v)| (k.clone(), as_json(&topology, v)))
+            .collect()
+    } else {
+        vec![]
+    };
+    let mut avro = Drains::default();
+    let mut json = Drains::default();
+    for run in 0..runs {
+        if scenario("throughput") {
+            avro.measure(&rt, &topology, &input, Input::Avro, true, run);
+        }
+        if scenario("json") {
+            json.measure(&rt, &topology, &json_input, Input::Json, false, run);
         }
     }
     let telemetry = &topology.topics.telemetry;
-    let rate = |v: &[throughput::Drain]| median(v.iter().map(|d| d.rate).collect());
     if scenario("throughput") {
         println!();
         println!(
             "1. throughput: {records} readings ({} B avg) of {assets} vehicles preloaded in {} ({} partitions); \
          records/s from the moment each could consume until its committed positions reached the end; \
-         commits every {} ms; mean commit: from taking the staged work to its store write (exactly-once: processing waits through it)",
+         commits every {} ms; mean commit: from taking the staged work to its store write (exactly-once: processing waits through it); \
+         CPU: seconds of the contender's process per million readings, start-up included",
             input_bytes / records.max(1),
             telemetry.name,
             telemetry.partitions,
             COMMIT_INTERVAL.as_millis()
         );
-        println!(
-            "| contender                                   | records/s  | vs passthrough | target | start-up | mean commit |"
-        );
-        println!(
-            "|---------------------------------------------|-----------:|---------------:|-------:|---------:|------------:|"
-        );
-        let startup = |v: &[throughput::Drain]| median(v.iter().map(|d| d.startup).collect());
-        let commit =
-            |v: &[throughput::Drain]| median(v.iter().filter_map(|d| d.commit_ms).collect());
-        let vs = |v: &[throughput::Drain], base: &[throughput::Drain]| {
-            median(v.iter().zip(base).map(|(a, b)| a.rate / b.rate).collect())
-        };
-        println!(
-            "| rdkafka passthrough (baseline)              | {:>10.0} |           1.00 |        |        – |           – |",
-            rate(&pass)
-        );
-        println!(
-            "| twinflow at-least-once                      | {:>10.0} | {:>14.2} | ≥ 0.70 | {:>6.2} s | {:>8.1} ms |",
-            rate(&alo),
-            vs(&alo, &pass),
-            startup(&alo),
-            commit(&alo)
-        );
-        println!(
-            "| twinflow exactly-once                       | {:>10.0} | {:>14.2} | ≥ 0.60 | {:>6.2} s | {:>8.1} ms |",
-            rate(&eos),
-            vs(&eos, &pass),
-            startup(&eos),
-            commit(&eos)
-        );
-        if quix.is_empty() {
-            println!("| Quix Streams peer: not set up (bash benches/quix/setup) | | | | | |");
-        } else {
-            println!(
-                "| Quix Streams 3.28.1 at-least-once (peer)    | {:>10.0} | {:>14.2} |        | {:>6.2} s |           – |",
-                rate(&quix),
-                vs(&quix, &pass),
-                startup(&quix)
-            );
-            println!(
-                "twinflow at-least-once / Quix Streams: {:.1} (target ≥ 20)",
-                vs(&alo, &quix)
-            );
-        }
+        avro.print("≥ 0.70", "≥ 0.60");
     }
-
+    if scenario("json") {
+        let json_bytes: usize = json_input.iter().map(|(_, v)| v.len()).sum();
+        println!();
+        println!(
+            "1b. throughput on JSON input: the same readings as JSON objects ({} B avg), twinflow's \"json\" telemetry format \
+         (it writes Avro); the peer reads and writes JSON with Quix Streams' own serializers",
+            json_bytes / records.max(1)
+        );
+        json.print("", "");
+    }
     // Restore.
     if scenario("restore") {
         let restores: Vec<_> = (0..runs)
@@ -173,15 +144,15 @@ fn main() {
 
     // Latency, at a quarter of the drain rates measured above (or given, without them).
     let given = env("TWINFLOW_BENCH_LATENCY_RATE", 40_000) as f64;
-    let quarter = if alo.is_empty() {
+    let quarter = if avro.alo.is_empty() {
         given
     } else {
-        rate(&alo) / 4.0
+        rate(&avro.alo) / 4.0
     };
-    let quarter_eos = if eos.is_empty() {
+    let quarter_eos = if avro.eos.is_empty() {
         given
     } else {
-        rate(&eos) / 4.0
+        rate(&avro.eos) / 4.0
     };
     let (mut lp, mut la, mut le) = (vec![], vec![], vec![]);
     for run in 0..runs {
@@ -225,4 +196,110 @@ fn main() {
         "samples per run: {} / {} / {}",
         lp[0].samples, la[0].samples, le[0].samples
     );
+}
+
+fn rate(v: &[Drain]) -> f64 {
+    median(v.iter().map(|d| d.rate).collect())
+}
+
+/// The JSON object a device would send for the Avro reading `value`.
+fn as_json(topology: &Topology, value: &[u8]) -> Vec<u8> {
+    let mut reading = Reading::default();
+    topology
+        .codec
+        .decode_reading(Format::Avro, value, &mut reading)
+        .expect("the simulated reading decodes");
+    serde_json::to_vec(&topology.codec.reading_json(&reading)).expect("JSON")
+}
+
+/// The drains of each contender over the runs, on one input.
+#[derive(Default)]
+struct Drains {
+    pass: Vec<Drain>,
+    alo: Vec<Drain>,
+    eos: Vec<Drain>,
+    quix: Vec<Drain>,
+}
+
+impl Drains {
+    fn measure(
+        &mut self,
+        rt: &Runtime,
+        topology: &Topology,
+        input: &[(Vec<u8>, Vec<u8>)],
+        format: Input,
+        exactly_once: bool,
+        run: usize,
+    ) {
+        self.pass
+            .push(throughput::passthrough(rt, topology, input, run));
+        let twinflow =
+            |guarantee| throughput::twinflow(rt, topology, input, format, guarantee, run);
+        self.alo.push(twinflow(Guarantee::AtLeastOnce));
+        if exactly_once {
+            self.eos.push(twinflow(Guarantee::ExactlyOnce));
+        }
+        if let Some(q) = throughput::quix(rt, topology, input, format, run) {
+            self.quix.push(q);
+        }
+    }
+
+    /// The table of the drains, with the at-least-once and exactly-once targets.
+    fn print(&self, alo_target: &str, eos_target: &str) {
+        println!(
+            "| contender                                   | records/s  | vs passthrough | target | start-up | mean commit | CPU s / 1M |"
+        );
+        println!(
+            "|---------------------------------------------|-----------:|---------------:|-------:|---------:|------------:|-----------:|"
+        );
+        let m = |v: &[Drain], f: fn(&Drain) -> f64| median(v.iter().map(f).collect());
+        let commit = |v: &[Drain]| median(v.iter().filter_map(|d| d.commit_ms).collect());
+        let vs = |v: &[Drain], base: &[Drain]| {
+            median(v.iter().zip(base).map(|(a, b)| a.rate / b.rate).collect())
+        };
+        let pass = &self.pass;
+        println!(
+            "| rdkafka passthrough (baseline)              | {:>10.0} |           1.00 |        |        – |           – | {:>10.2} |",
+            rate(pass),
+            m(pass, |d| d.cpu_per_million)
+        );
+        let twinflow = |name: &str, v: &[Drain], target: &str| {
+            println!(
+                "| {name:<43} | {:>10.0} | {:>14.2} | {target:>6} | {:>6.2} s | {:>8.1} ms | {:>10.2} |",
+                rate(v),
+                vs(v, pass),
+                m(v, |d| d.startup),
+                commit(v),
+                m(v, |d| d.cpu_per_million)
+            );
+        };
+        twinflow("twinflow at-least-once", &self.alo, alo_target);
+        if !self.eos.is_empty() {
+            twinflow("twinflow exactly-once", &self.eos, eos_target);
+        }
+        if self.quix.is_empty() {
+            println!(
+                "| Quix Streams peer: left out (TWINFLOW_BENCH_QUIX=0) or not set up (bash benches/quix/setup) | | | | | | |"
+            );
+            return;
+        }
+        println!(
+            "| Quix Streams 3.28.1 at-least-once (peer)    | {:>10.0} | {:>14.2} |        | {:>6.2} s |           – | {:>10.2} |",
+            rate(&self.quix),
+            vs(&self.quix, pass),
+            m(&self.quix, |d| d.startup),
+            m(&self.quix, |d| d.cpu_per_million)
+        );
+        let per_cpu = median(
+            self.alo
+                .iter()
+                .zip(&self.quix)
+                .map(|(t, q)| q.cpu_per_million / t.cpu_per_million)
+                .collect(),
+        );
+        println!(
+            "twinflow at-least-once / Quix Streams: {:.1} by records/s, {per_cpu:.1} per CPU second (target ≥ 20)",
+            vs(&self.alo, &self.quix)
+        );
+    }
 }

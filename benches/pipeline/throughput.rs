@@ -13,7 +13,7 @@ use twinflow::config::Guarantee;
 use twinflow::topology::Topology;
 
 use crate::harness::{
-    self, Instance, POLL, broker_with, caught_up, client, committed, timeout_for,
+    self, Instance, POLL, broker_with, caught_up, client, committed, cpu_seconds, timeout_for,
 };
 
 /// One contender's drain.
@@ -26,6 +26,16 @@ pub struct Drain {
     /// Mean time of one commit in ms (twinflow only: under exactly-once the workers wait
     /// through it, under at-least-once they go on).
     pub commit_ms: Option<f64>,
+    /// CPU seconds the contender's process used per million input records, start-up
+    /// included (the broker's are nobody's).
+    pub cpu_per_million: f64,
+}
+
+/// The input's format: the peer is told, twinflow reads it as its topology says.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Input {
+    Avro,
+    Json,
 }
 
 /// The passthrough: consume the telemetry topic, produce the same bytes to the changelog.
@@ -38,6 +48,7 @@ pub fn passthrough(
     let topic = &topology.topics.telemetry.name;
     let (broker, ends) = broker_with(rt, topology, topic, input);
     let started = Instant::now();
+    let cpu = cpu_seconds(None);
     harness::passthrough(
         &broker.bootstrap,
         &format!("bench-passthrough-{run}"),
@@ -49,7 +60,12 @@ pub fn passthrough(
         rate: input.len() as f64 / started.elapsed().as_secs_f64(),
         startup: 0.0,
         commit_ms: None,
+        cpu_per_million: per_million(cpu_seconds(None) - cpu, input.len()),
     }
+}
+
+fn per_million(cpu: f64, records: usize) -> f64 {
+    cpu * 1e6 / records as f64
 }
 
 /// A twinflow instance (fresh store and group) under `guarantee`.
@@ -57,6 +73,7 @@ pub fn twinflow(
     rt: &Runtime,
     topology: &Topology,
     input: &[(Vec<u8>, Vec<u8>)],
+    format: Input,
     guarantee: Guarantee,
     run: usize,
 ) -> Drain {
@@ -65,11 +82,13 @@ pub fn twinflow(
     let (broker, ends) = broker_with(rt, topology, topic, input);
     let store = tempfile::tempdir().expect("a store directory");
     let group = format!("bench-{guarantee:?}-{run}").to_lowercase();
+    let mut config = harness::config(&broker.bootstrap, &group, guarantee, store.path());
+    if format == Input::Json {
+        config.topology = harness::json_topology();
+    }
     let started = Instant::now();
-    let mut instance = Instance::start(
-        rt,
-        &harness::config(&broker.bootstrap, &group, guarantee, store.path()),
-    );
+    let cpu = cpu_seconds(None);
+    let mut instance = Instance::start(rt, &config);
     instance.wait_until(rt, "assignment", timeout_for(0), |m| {
         m.assigned_partitions.get() == i64::from(partitions)
     });
@@ -78,6 +97,7 @@ pub fn twinflow(
         caught_up(m, &ends)
     });
     let rate = input.len() as f64 / assigned.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(None) - cpu;
     let commits = &instance.metrics.commit_seconds;
     let commit_ms = 1000.0 * commits.get_sample_sum() / commits.get_sample_count().max(1) as f64;
     instance.stop(rt);
@@ -85,6 +105,7 @@ pub fn twinflow(
         rate,
         startup: (assigned - started).as_secs_f64(),
         commit_ms: Some(commit_ms),
+        cpu_per_million: per_million(cpu, input.len()),
     }
 }
 
@@ -97,14 +118,15 @@ pub fn quix(
     rt: &Runtime,
     topology: &Topology,
     input: &[(Vec<u8>, Vec<u8>)],
+    format: Input,
     run: usize,
 ) -> Option<Drain> {
     let python = quix_python()?;
-    match quix_once(&python, rt, topology, input, run) {
+    match quix_once(&python, rt, topology, input, format, run) {
         Ok(drain) => Some(drain),
         Err(status) => {
             eprintln!("the Quix Streams application stopped early ({status}); running it again");
-            let again = quix_once(&python, rt, topology, input, run);
+            let again = quix_once(&python, rt, topology, input, format, run);
             Some(again.unwrap_or_else(|status| {
                 panic!("the Quix Streams application stopped early twice: {status}")
             }))
@@ -118,6 +140,7 @@ fn quix_once(
     rt: &Runtime,
     topology: &Topology,
     input: &[(Vec<u8>, Vec<u8>)],
+    format: Input,
     run: usize,
 ) -> Result<Drain, std::process::ExitStatus> {
     let topic = &topology.topics.telemetry.name;
@@ -138,6 +161,14 @@ fn quix_once(
         )
         .env("TWINS_STATE_DIR", state.path())
         .env("TWINS_GUARANTEE", "at-least-once")
+        .env(
+            "TWINS_FORMAT",
+            if format == Input::Json {
+                "json"
+            } else {
+                "avro"
+            },
+        )
         .env(
             "TWINS_COMMIT_INTERVAL",
             harness::COMMIT_INTERVAL.as_secs_f64().to_string(),
@@ -170,12 +201,14 @@ fn quix_once(
         std::thread::sleep(POLL * 10);
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_seconds(Some(peer.id()));
     let _ = peer.kill();
     let _ = peer.wait();
     Ok(Drain {
         rate: input.len() as f64 / elapsed.as_secs_f64(),
         startup: first.map_or(f64::NAN, |d| d.as_secs_f64()),
         commit_ms: None,
+        cpu_per_million: per_million(cpu, input.len()),
     })
 }
 

@@ -4,13 +4,16 @@ The benchmark peer of twinflow (see README.md beside this file): it reads the sa
 telemetry topic, keeps one twin per asset in Quix's RocksDB state and writes the same
 twin changelog and alert events, so both can drain the same input on the same broker.
 
-Per reading (keyed by asset id, a plain Avro datum of schemas/vehicle_telemetry.avsc):
+Per reading (keyed by asset id, a plain Avro datum of schemas/vehicle_telemetry.avsc, or
+with TWINS_FORMAT=json one JSON object with the same field names, as twinflow's "json"
+telemetry format reads it):
 a reading outside the model's valid ranges is dropped and counted; otherwise each
 non-null property whose stored value is not newer in event time is taken, the version
 grows by one, the status is ACTIVE while speed is above the model's threshold (IDLE
 otherwise; twinflow's idle and offline timers are left out), and the model's rules raise
 and clear edge-triggered alerts. The twin goes to the changelog (schemas/vehicle_twin.avsc),
-each transition to the alert topic (schemas/alert_event.avsc). Model, rules and topic
+each transition to the alert topic (schemas/alert_event.avsc); with TWINS_FORMAT=json both
+are written as JSON, Quix Streams' own serializer, as its examples do. Model, rules and topic
 names come from topology/vehicle.toml and topology/topics.toml.
 
 Environment:
@@ -20,6 +23,7 @@ Environment:
     TWINS_GUARANTEE        at-least-once (default) or exactly-once
     TWINS_COMMIT_INTERVAL  seconds between commits, float (default 0.1, as twinflow)
     TWINS_TOPOLOGY         the model file (default topology/vehicle.toml)
+    TWINS_FORMAT           avro (default) or json: the input's format, and the outputs'
 
 Runs until SIGTERM or SIGINT.
 """
@@ -164,12 +168,14 @@ def main():
         producer_extra_config=FETCH_LIMIT,
         loglevel=logging.WARNING,
     )
-    telemetry = app.topic(TOPICS["telemetry"]["name"],
-                          value_deserializer=AvroDeserializer(schema=TELEMETRY))
-    changelog = app.topic(TOPICS["changelog"]["name"],
-                          value_serializer=AvroSerializer(TWIN))
-    alerts = app.topic(TOPICS["alerts"]["name"],
-                       value_serializer=AvroSerializer(ALERT))
+    if os.environ.get("TWINS_FORMAT", "avro") == "json":
+        reading, twin, alert = "json", "json", "json"
+    else:
+        reading = AvroDeserializer(schema=TELEMETRY)
+        twin, alert = AvroSerializer(TWIN), AvroSerializer(ALERT)
+    telemetry = app.topic(TOPICS["telemetry"]["name"], value_deserializer=reading)
+    changelog = app.topic(TOPICS["changelog"]["name"], value_serializer=twin)
+    alerts = app.topic(TOPICS["alerts"]["name"], value_serializer=alert)
 
     sdf = app.dataframe(telemetry)
     sdf = sdf.filter(valid)
