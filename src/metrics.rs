@@ -125,6 +125,10 @@ pub struct Metrics {
     pub delivery_failures: IntCounter,
     /// Time to make one commit durable (deliveries or transaction, then the store).
     pub commit_seconds: Histogram,
+    /// The commit's time by phase: `deliveries` (the outputs acknowledged), `prepare` (the
+    /// prepared copy, exactly-once), `transaction` (its commit round trips, exactly-once),
+    /// `store` (the store write).
+    pub commit_phase_seconds: HistogramVec,
     restored: IntCounterVec,
     promotions: IntCounterVec,
     /// Twins promoted from the fleet view into the pipeline's store by takeovers.
@@ -366,6 +370,22 @@ impl Metrics {
                         "Time to make one commit durable, store write included.",
                     )
                     .buckets(buckets),
+                )
+                .expect("metric names are static and valid");
+                r.register(Box::new(h.clone()))
+                    .expect("each family registers once");
+                h
+            },
+            commit_phase_seconds: {
+                let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)
+                    .expect("static buckets are valid");
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "twinflow_commit_phase_duration_seconds",
+                        "A commit's time by phase: deliveries, prepare (exactly-once), transaction (exactly-once), store.",
+                    )
+                    .buckets(buckets),
+                    &["phase"],
                 )
                 .expect("metric names are static and valid");
                 r.register(Box::new(h.clone()))

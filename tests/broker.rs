@@ -89,6 +89,11 @@ async fn topology_apply_pipeline_and_python_consumers() {
     );
     assert!(alerts > 0, "the simulated fleet breaches rules");
     let raised_expected = m.counter("twinflow_alerts_emitted_total", &[("state", "RAISED")]);
+    // At-least-once commits neither prepare a copy nor run a transaction.
+    for phase in ["prepare", "transaction"] {
+        let timed = m.commit_phase_seconds.with_label_values(&[phase]);
+        assert_eq!(timed.get_sample_count(), 0, "no {phase} phase");
+    }
 
     // What twinflow says the twins are.
     let ours = p.changelog(updates as usize);
@@ -267,6 +272,15 @@ async fn timer_and_ack_output_commit_in_the_transaction_under_exactly_once() {
         committed, 1,
         "the desired input's offset commits with the transaction"
     );
+    // Commits are serial, and later ones made these records visible: the first commits
+    // have shown their time in every phase, the prepared copy and the transaction included.
+    let phases = &p.metrics().commit_phase_seconds;
+    for phase in ["deliveries", "prepare", "transaction", "store"] {
+        assert!(
+            phases.with_label_values(&[phase]).get_sample_count() > 0,
+            "the commits' {phase} phase is timed"
+        );
+    }
     p.stop().await;
 
     // Restarted, the same write again is a counted no-op (its command is open) that changes

@@ -277,6 +277,25 @@ impl Drains {
         if !self.eos.is_empty() {
             twinflow("twinflow exactly-once", &self.eos, eos_target);
         }
+        for (name, v) in [("at-least-once", &self.alo), ("exactly-once", &self.eos)] {
+            if v.is_empty() {
+                continue;
+            }
+            let phases: Vec<String> = throughput::PHASES
+                .iter()
+                .enumerate()
+                .map(|(i, phase)| {
+                    format!(
+                        "{phase} {:.1} ms",
+                        median(v.iter().map(|d| d.phases_ms[i]).collect())
+                    )
+                })
+                .collect();
+            println!(
+                "twinflow {name}, mean commit by phase: {}",
+                phases.join(", ")
+            );
+        }
         if self.quix.is_empty() {
             println!(
                 "| Quix Streams peer: left out (TWINFLOW_BENCH_QUIX=0) or not set up (bash benches/quix/setup) | | | | | | |"

@@ -26,10 +26,15 @@ pub struct Drain {
     /// Mean time of one commit in ms (twinflow only: under exactly-once the workers wait
     /// through it, under at-least-once they go on).
     pub commit_ms: Option<f64>,
+    /// Mean time of each commit phase in ms, as [`PHASES`] lists them (twinflow only).
+    pub phases_ms: Vec<f64>,
     /// CPU seconds the contender's process used per million input records, start-up
     /// included (the broker's are nobody's).
     pub cpu_per_million: f64,
 }
+
+/// The phases of a commit, as `twinflow_commit_phase_duration_seconds` labels them.
+pub const PHASES: [&str; 4] = ["deliveries", "prepare", "transaction", "store"];
 
 /// The input's format: the peer is told, twinflow reads it as its topology says.
 #[derive(Clone, Copy, PartialEq)]
@@ -60,6 +65,7 @@ pub fn passthrough(
         rate: input.len() as f64 / started.elapsed().as_secs_f64(),
         startup: 0.0,
         commit_ms: None,
+        phases_ms: vec![],
         cpu_per_million: per_million(cpu_seconds(None) - cpu, input.len()),
     }
 }
@@ -100,11 +106,22 @@ pub fn twinflow(
     let cpu = cpu_seconds(None) - cpu;
     let commits = &instance.metrics.commit_seconds;
     let commit_ms = 1000.0 * commits.get_sample_sum() / commits.get_sample_count().max(1) as f64;
+    let phases_ms = PHASES
+        .iter()
+        .map(|phase| {
+            let h = instance
+                .metrics
+                .commit_phase_seconds
+                .with_label_values(&[*phase]);
+            1000.0 * h.get_sample_sum() / h.get_sample_count().max(1) as f64
+        })
+        .collect();
     instance.stop(rt);
     Drain {
         rate,
         startup: (assigned - started).as_secs_f64(),
         commit_ms: Some(commit_ms),
+        phases_ms,
         cpu_per_million: per_million(cpu, input.len()),
     }
 }
@@ -208,6 +225,7 @@ fn quix_once(
         rate: input.len() as f64 / elapsed.as_secs_f64(),
         startup: first.map_or(f64::NAN, |d| d.as_secs_f64()),
         commit_ms: None,
+        phases_ms: vec![],
         cpu_per_million: per_million(cpu, input.len()),
     })
 }

@@ -166,8 +166,16 @@ impl Committer {
             self.settling.store(true, Ordering::SeqCst);
             exclusive = None;
         }
+        let phase = |name: &str, since: Instant| {
+            self.shared
+                .metrics
+                .commit_phase_seconds
+                .with_label_values(&[name])
+                .observe(since.elapsed().as_secs_f64());
+        };
         let result = async {
             let deliveries = self.deliveries(generation).await?;
+            phase("deliveries", started);
             let topics = &self.shared.topology.topics;
             let mut offsets = TopicPartitionList::new();
             for (slot, batch) in &mut staged {
@@ -193,8 +201,12 @@ impl Committer {
                     .ok_or_else(|| {
                         Error::Config("exactly-once needs the consumer's group metadata".into())
                     })?;
+                let prepared = Instant::now();
                 self.prepare(&mut staged).await?;
+                phase("prepare", prepared);
+                let transaction = Instant::now();
                 self.commit_transaction(offsets, group).await?;
+                phase("transaction", transaction);
             }
             Ok::<_, Error>(())
         }
@@ -216,6 +228,7 @@ impl Committer {
         drop(exclusive);
         // One blocking task for all partitions: on a busy machine every hand-over to the
         // blocking pool can cost a scheduler slice.
+        let stored = Instant::now();
         let writes: Vec<_> = staged
             .iter_mut()
             .map(|(slot, batch)| {
@@ -233,6 +246,7 @@ impl Committer {
         // Kafka holds work the store could not take: stop, and let the restart restore it.
         written
             .map_err(|e| Error::Fatal(format!("cannot write committed work to the store: {e}")))?;
+        phase("store", stored);
         let topics = &self.shared.topology.topics;
         for (slot, batch) in staged {
             slot.metrics
