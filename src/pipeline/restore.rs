@@ -11,8 +11,8 @@
 //!
 //! A store that never had the partition, or had it long ago, first takes the fleet view's
 //! copy of its twins when the view has read further ([`PartitionStore::promote`]): the
-//! changelog is then read only after the view's position. Restores write without RocksDB's
-//! log and flush once at the end.
+//! changelog is then read only after the view's position. Restores longer than a batch write
+//! without RocksDB's log and flush once at the end; shorter ones write with the log.
 
 use std::collections::HashMap;
 use std::ops::Range;
