@@ -171,14 +171,23 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
     c
 }
 
+/// A per-partition histogram of durations from 0.1 ms to about 3 s.
 fn histogram(registry: &Registry, name: &str, help: &str) -> HistogramVec {
+    durations(registry, name, help, &["partition"], 16)
+}
+
+/// A histogram of durations in `count` buckets doubling from 0.1 ms, by `labels`.
+fn durations(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    count: usize,
+) -> HistogramVec {
     let buckets =
-        prometheus::exponential_buckets(0.0001, 2.0, 16).expect("static buckets are valid");
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets),
-        &["partition"],
-    )
-    .expect("metric names are static and valid");
+        prometheus::exponential_buckets(0.0001, 2.0, count).expect("static buckets are valid");
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("metric names are static and valid");
     registry
         .register(Box::new(h.clone()))
         .expect("each family registers once");
@@ -376,22 +385,13 @@ impl Metrics {
                     .expect("each family registers once");
                 h
             },
-            commit_phase_seconds: {
-                let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)
-                    .expect("static buckets are valid");
-                let h = HistogramVec::new(
-                    HistogramOpts::new(
-                        "twinflow_commit_phase_duration_seconds",
-                        "A commit's time by phase: deliveries, prepare (exactly-once), transaction (exactly-once), store.",
-                    )
-                    .buckets(buckets),
-                    &["phase"],
-                )
-                .expect("metric names are static and valid");
-                r.register(Box::new(h.clone()))
-                    .expect("each family registers once");
-                h
-            },
+            commit_phase_seconds: durations(
+                r,
+                "twinflow_commit_phase_duration_seconds",
+                "A commit's time by phase: deliveries, prepare (exactly-once), transaction (exactly-once), store.",
+                &["phase"],
+                18,
+            ),
             restored: counter(
                 r,
                 "twinflow_restore_records_total",
